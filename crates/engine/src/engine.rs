@@ -1,0 +1,238 @@
+//! The public entry point: load a model directory once, embed many texts per call.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+
+use crate::config::ModelConfig;
+use crate::error::{catch_panic, Error, Result};
+use crate::model::{normalize, Encoder, Placement, SentenceHead};
+use crate::options::{DeviceChoice, EngineOptions, Precision, Request};
+use crate::planner::{self, Plan};
+use crate::stats::Stats;
+use crate::tokenize::{TextTokenizer, TokenizedText};
+
+/// Matryoshka sizes the model was trained for, besides its full width.
+const MATRYOSHKA_DIMS: [usize; 3] = [512, 256, 128];
+
+/// Facts about a loaded engine, for `embeddinggemma_info()` and the CLI.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub model_dir: PathBuf,
+    /// Verified files and their sha256.
+    pub checksums: Vec<(String, String)>,
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub dims: Vec<usize>,
+    pub max_seq_length: usize,
+    pub prompts: Vec<(String, String)>,
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    pub load_time: Duration,
+    /// Weights copied into this process (the token embedding table is shared, not counted).
+    pub weight_bytes: usize,
+    pub version: &'static str,
+}
+
+pub struct Engine {
+    config: ModelConfig,
+    tokenizer: TextTokenizer,
+    encoder: Encoder,
+    head: SentenceHead,
+    pool: rayon::ThreadPool,
+    info: EngineInfo,
+}
+
+/// Every file whose contents we load must have a known checksum.
+fn loaded_files(config: &ModelConfig, dir: &Path) -> Vec<String> {
+    let mut files = vec!["model.safetensors".to_string(), "tokenizer.json".to_string()];
+    for dense in &config.dense {
+        let rel = dense.dir.join("model.safetensors");
+        files.push(rel.strip_prefix(dir).unwrap_or(&rel).to_string_lossy().into_owned());
+    }
+    files
+}
+
+fn resolve_device(choice: DeviceChoice) -> Result<Device> {
+    let cuda = |n: usize| {
+        Device::new_cuda(n).map_err(|e| Error::Device { device: format!("cuda:{n}"), reason: e.to_string() })
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => cuda(n),
+        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => cuda(0).or(Ok(Device::Cpu)),
+        DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+fn resolve_dtype(precision: Precision, device: &Device) -> DType {
+    match (precision, device) {
+        (Precision::F32, _) => DType::F32,
+        (Precision::Bf16, _) => DType::BF16,
+        (Precision::Auto, Device::Cpu) => DType::F32,
+        (Precision::Auto, _) => DType::BF16,
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+impl Engine {
+    /// Verifies the checksums, then loads config, tokenizer and weights from a
+    /// sentence-transformers directory.
+    pub fn load(dir: &Path, options: &EngineOptions) -> Result<Engine> {
+        catch_panic(|| Engine::load_inner(dir, options))
+    }
+
+    fn load_inner(dir: &Path, options: &EngineOptions) -> Result<Engine> {
+        let started = Instant::now();
+        let dir = dir.canonicalize().map_err(|e| Error::file(dir, e))?;
+        if options.max_batch_tokens == 0 {
+            return Err(Error::InvalidOption("max_batch_tokens must be positive".into()));
+        }
+        let config = ModelConfig::from_dir(&dir)?;
+        for file in loaded_files(&config, &dir) {
+            if !options.checksums.covers(&file) {
+                return Err(Error::file(dir.join(&file), "no sha256 is known for this file, so it cannot be verified"));
+            }
+        }
+        options.checksums.verify(&dir)?;
+
+        let device = resolve_device(options.device)?;
+        let weights = resolve_dtype(options.precision, &device);
+        // CPUs compute in float32 whatever the weights are stored in (candle has no bf16 matmul there).
+        let activations = if device.is_cpu() { DType::F32 } else { weights };
+        let at = Placement { device: device.clone(), weights, activations };
+
+        let enc = &config.encoder;
+        let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), enc.bos_token_id, enc.eos_token_id, config.max_seq_length)?;
+        let file = crate::weights::SafeTensorsFile::open(&dir.join("model.safetensors"))?;
+        let encoder = Encoder::load(&file, enc, &at)?;
+        let head = SentenceHead::load(&config.dense, &at)?;
+
+        let threads = if options.threads == 0 { candle_core::utils::get_num_threads() } else { options.threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("embeddinggemma-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidOption(format!("cannot start {threads} threads: {e}")))?;
+
+        let full = config.output_dim();
+        let dims = std::iter::once(full).chain(MATRYOSHKA_DIMS.into_iter().filter(|&d| d < full)).collect();
+        let info = EngineInfo {
+            model_dir: dir.clone(),
+            checksums: options.checksums.entries().map(|(p, h)| (p.to_string(), h.to_string())).collect(),
+            device: device_name(&device),
+            dtype: if weights == DType::BF16 { "bf16".into() } else { "f32".into() },
+            threads,
+            dims,
+            max_seq_length: config.max_seq_length,
+            prompts: config.prompts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            max_batch_tokens: options.max_batch_tokens,
+            max_batch_size: options.max_batch_size.max(1),
+            load_time: started.elapsed(),
+            weight_bytes: encoder.bytes() + head.bytes(),
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        Ok(Engine { config, tokenizer, encoder, head, pool, info })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Task names accepted by `embed`: the model's prompt names, then "none".
+    pub fn tasks(&self) -> Vec<String> {
+        self.config.prompts.keys().cloned().chain(["none".to_string()]).collect()
+    }
+
+    /// The prompt text for a task name.
+    pub fn prompt(&self, task: &str) -> Result<&str> {
+        if task == "none" {
+            return Ok("");
+        }
+        self.config.prompts.get(task).map(String::as_str).ok_or_else(|| Error::UnknownTask {
+            name: task.to_string(),
+            valid: self.tasks().join(", "),
+        })
+    }
+
+    pub fn check_dim(&self, dim: i64) -> Result<usize> {
+        match usize::try_from(dim) {
+            Ok(d) if self.info.dims.contains(&d) => Ok(d),
+            _ => Err(Error::InvalidDim {
+                dim,
+                valid: self.info.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// Token ids the model will see for each text (after truncation).
+    pub fn tokenize(&self, texts: &[&str], task: &str) -> Result<Vec<TokenizedText>> {
+        let prompt = self.prompt(task)?;
+        catch_panic(|| self.pool.install(|| self.tokenizer.encode_all(prompt, texts)))
+    }
+
+    /// The buckets `embed` would run for texts of these token counts.
+    pub fn plan(&self, lengths: &[usize]) -> Plan {
+        planner::plan(lengths, self.info.max_batch_tokens, self.info.max_batch_size)
+    }
+
+    /// Embeds `texts`, returning unit vectors of `request.dim` values in input order.
+    /// `cancel` is polled between forward passes and between layers; when it returns true the
+    /// call stops with `Error::Cancelled`.
+    pub fn embed(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
+        catch_panic(|| self.embed_inner(texts, request, cancel))
+    }
+
+    fn embed_inner(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
+        let prompt = self.prompt(request.task)?;
+        let dim = self.check_dim(request.dim as i64)?;
+        let mut stats = Stats { texts: texts.len() as u64, ..Stats::default() };
+
+        let started = Instant::now();
+        let tokenized = self.pool.install(|| self.tokenizer.encode_all(prompt, texts))?;
+        stats.tokenize_time = started.elapsed();
+        if let Some((index, t)) = tokenized.iter().enumerate().find(|(_, t)| t.truncated()) {
+            if !request.truncate {
+                return Err(Error::TooLong { index, tokens: t.full_len, limit: self.tokenizer.max_len() });
+            }
+        }
+        stats.truncated = tokenized.iter().filter(|t| t.truncated()).count() as u64;
+
+        let lengths: Vec<usize> = tokenized.iter().map(|t| t.ids.len()).collect();
+        let plan = self.plan(&lengths);
+        stats.real_tokens = plan.real_tokens as u64;
+        stats.padded_tokens = plan.padded_tokens as u64;
+
+        let started = Instant::now();
+        let mut vectors = vec![Vec::new(); texts.len()];
+        for bucket in &plan.buckets {
+            if cancel() {
+                return Err(Error::Cancelled);
+            }
+            let seqs: Vec<&[u32]> = bucket.members.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
+            let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+            let full = self.pool.install(|| {
+                let hidden = self.encoder.forward(&seqs, bucket.padded_len, cancel)?;
+                self.head.forward(&hidden, &lens, bucket.padded_len)
+            })?;
+            for (&i, v) in bucket.members.iter().zip(full) {
+                vectors[i] = if dim == v.len() { v } else { normalize(&v[..dim]) };
+            }
+            stats.forward_passes += 1;
+        }
+        stats.forward_time = started.elapsed();
+        Ok((vectors, stats))
+    }
+}

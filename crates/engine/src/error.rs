@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at. Messages name the thing at fault so that a
+/// caller (CLI, PostgreSQL) can show them as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: PathBuf, reason: String },
+
+    #[error("checksum mismatch for {path}: expected sha256 {expected}, found {actual}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("unknown task {name:?}; valid tasks: {valid}")]
+    UnknownTask { name: String, valid: String },
+
+    #[error("invalid dimension {dim}; valid dimensions: {valid}")]
+    InvalidDim { dim: i64, valid: String },
+
+    #[error("text {index} has {tokens} tokens, more than the model's limit of {limit}")]
+    TooLong {
+        index: usize,
+        tokens: usize,
+        limit: usize,
+    },
+
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("inference failed: {0}")]
+    Inference(String),
+
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error("internal error: {0}")]
+    Panic(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Error::ModelFile {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Inference(e.to_string())
+    }
+}
+
+/// Runs `f`, turning a panic into `Error::Panic` so that none crosses the public API.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            Err(Error::Panic(msg))
+        }
+    }
+}

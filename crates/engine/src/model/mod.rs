@@ -1,0 +1,11 @@
+//! EmbeddingGemma: the encoder and the sentence head.
+
+mod attention;
+mod batch;
+mod encoder;
+mod head;
+mod layers;
+
+pub use encoder::Encoder;
+pub use head::{normalize, SentenceHead};
+pub use layers::Placement;

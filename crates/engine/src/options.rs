@@ -1,0 +1,110 @@
+//! How to load the model: device, precision, threads, batching limits, expected checksums.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::manifest::Manifest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The first CUDA device when the build has CUDA and one is present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}; valid devices: auto, cpu, cuda, cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// float32 on a CPU (exact), bfloat16 on CUDA (fast).
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Precision::Auto),
+            "f32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown dtype {s:?}; valid dtypes: auto, f32, bf16")),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Padded tokens per forward pass. Chosen by measurement (README, "Batching"): larger buckets
+/// stop paying once matrix products are big enough to keep both cores busy.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// CPU threads for one call; 0 means one per core.
+    pub threads: usize,
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    /// Files whose sha256 must match before anything is loaded.
+    pub checksums: Manifest,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: DeviceChoice::Auto,
+            precision: Precision::Auto,
+            threads: 0,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            checksums: Manifest::embeddinggemma_300m(),
+        }
+    }
+}
+
+/// What one call asks for.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// A prompt name of the model, or "none" for raw text.
+    pub task: &'a str,
+    pub dim: usize,
+    /// Truncate texts over the model's limit (counted in the stats) instead of refusing them.
+    pub truncate: bool,
+}

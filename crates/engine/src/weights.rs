@@ -1,0 +1,139 @@
+//! Memory-mapped safetensors: tensors are copied out on request, except the token embedding
+//! table, whose rows are read straight from the mapping so every process shares one copy in
+//! the page cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::{Advice, Mmap};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+pub struct SafeTensorsFile {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+    data_start: usize,
+    entries: HashMap<String, Entry>,
+}
+
+fn element_size(dtype: &str) -> Option<usize> {
+    match dtype {
+        "F32" => Some(4),
+        "BF16" | "F16" => Some(2),
+        _ => None,
+    }
+}
+
+impl SafeTensorsFile {
+    pub fn open(path: &Path) -> Result<SafeTensorsFile> {
+        let bad = |reason: String| Error::file(path, reason);
+        let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+        // SAFETY: the file is opened read-only; its checksum was verified before loading, and a
+        // concurrent writer would be an operator error we cannot guard against in any reader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
+        if mmap.len() < 8 {
+            return Err(bad("too short to be a safetensors file".into()));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
+        let data_start = 8usize
+            .checked_add(header_len)
+            .filter(|&s| s <= mmap.len())
+            .ok_or_else(|| bad("header length exceeds the file".into()))?;
+        let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
+            .map_err(|e| bad(format!("invalid header: {e}")))?;
+        entries.remove("__metadata__");
+        let entries = entries
+            .into_iter()
+            .map(|(name, v)| {
+                let entry: Entry = serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+                let (begin, end) = entry.data_offsets;
+                let expected = element_size(&entry.dtype).map(|s| s * entry.shape.iter().product::<usize>());
+                if begin > end || data_start + end > mmap.len() || expected.is_some_and(|n| n != end - begin) {
+                    return Err(bad(format!("tensor {name}: data offsets do not fit its shape or the file")));
+                }
+                Ok((name, entry))
+            })
+            .collect::<Result<_>>()?;
+        Ok(SafeTensorsFile { path: path.to_path_buf(), mmap: Arc::new(mmap), data_start, entries })
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| Error::file(&self.path, format!("tensor {name} is missing")))
+    }
+
+    fn bytes(&self, entry: &Entry) -> &[u8] {
+        &self.mmap[self.data_start + entry.data_offsets.0..self.data_start + entry.data_offsets.1]
+    }
+
+    /// Copies a tensor to `device` as `dtype`, checking its shape.
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        if entry.shape != shape {
+            return Err(Error::file(&self.path, format!("tensor {name} has shape {:?}, expected {shape:?}", entry.shape)));
+        }
+        let bytes = self.bytes(entry);
+        let tensor = match entry.dtype.as_str() {
+            "F32" => Tensor::from_vec(decode_f32(bytes), shape, &Device::Cpu)?,
+            "BF16" => Tensor::from_vec(decode_u16(bytes).map(half::bf16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?,
+            "F16" => Tensor::from_vec(decode_u16(bytes).map(half::f16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?,
+            other => return Err(Error::file(&self.path, format!("tensor {name} has unsupported dtype {other}"))),
+        };
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// A view of a float32 [rows, cols] table that reads rows from the mapping on demand.
+    pub fn embedding_table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable> {
+        let entry = self.entry(name)?;
+        if entry.shape != [rows, cols] || entry.dtype != "F32" {
+            return Err(Error::file(&self.path, format!(
+                "tensor {name} is {} {:?}, expected F32 [{rows}, {cols}]", entry.dtype, entry.shape
+            )));
+        }
+        let offset = self.data_start + entry.data_offsets.0;
+        // Each token reads one row: read-ahead would only pull in rows nobody asked for.
+        let _ = self.mmap.advise_range(Advice::Random, offset, rows * cols * 4);
+        Ok(EmbeddingTable { mmap: self.mmap.clone(), offset, rows, cols })
+    }
+}
+
+fn decode_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn decode_u16(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    bytes.chunks_exact(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
+}
+
+/// Token embedding rows served from the shared, read-only file mapping.
+pub struct EmbeddingTable {
+    mmap: Arc<Mmap>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl EmbeddingTable {
+    /// Appends row `id` times `scale` to `out`.
+    pub fn gather_row(&self, id: u32, scale: f32, out: &mut Vec<f32>) -> Result<()> {
+        let id = id as usize;
+        if id >= self.rows {
+            return Err(Error::Inference(format!("token id {id} is outside the vocabulary of {}", self.rows)));
+        }
+        let start = self.offset + id * self.cols * 4;
+        let row = &self.mmap[start..start + self.cols * 4];
+        out.extend(row.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) * scale));
+        Ok(())
+    }
+}
