@@ -87,6 +87,28 @@ fn device_name(device: &Device) -> String {
     }
 }
 
+/// Hands the activations' freed memory back to the system, so an idle process (a PostgreSQL
+/// backend between statements) holds little more than the weights.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Large activations are allocated and freed many times per forward pass; glibc would map and
+/// unmap each one, paying page faults and zeroing every time. Keeping them on the heap lets
+/// them be reused; `release_free_memory` returns them after each call.
+fn keep_large_allocations_on_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 impl Engine {
     /// Verifies the checksums, then loads config, tokenizer and weights from a
     /// sentence-transformers directory.
@@ -96,6 +118,7 @@ impl Engine {
 
     fn load_inner(dir: &Path, options: &EngineOptions) -> Result<Engine> {
         let started = Instant::now();
+        keep_large_allocations_on_heap();
         let dir = dir.canonicalize().map_err(|e| Error::file(dir, e))?;
         if options.max_batch_tokens == 0 {
             return Err(Error::InvalidOption("max_batch_tokens must be positive".into()));
@@ -112,7 +135,7 @@ impl Engine {
         let weights = resolve_dtype(options.precision, &device);
         // CPUs compute in float32 whatever the weights are stored in (candle has no bf16 matmul there).
         let activations = if device.is_cpu() { DType::F32 } else { weights };
-        let at = Placement { device: device.clone(), weights, activations };
+        let at = Placement { device: device.clone(), weights, activations, portable: options.portable_kernels };
 
         let enc = &config.encoder;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), enc.bos_token_id, enc.eos_token_id, config.max_seq_length)?;
@@ -188,11 +211,30 @@ impl Engine {
         planner::plan(lengths, self.info.max_batch_tokens, self.info.max_batch_size)
     }
 
+    /// Changes the bucket limits of later calls.
+    pub fn set_batch_limits(&mut self, max_batch_tokens: usize, max_batch_size: usize) {
+        self.info.max_batch_tokens = max_batch_tokens.max(1);
+        self.info.max_batch_size = max_batch_size.max(1);
+    }
+
     /// Embeds `texts`, returning unit vectors of `request.dim` values in input order.
     /// `cancel` is polled between forward passes and between layers; when it returns true the
     /// call stops with `Error::Cancelled`.
     pub fn embed(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
-        catch_panic(|| self.embed_inner(texts, request, cancel))
+        self.embed_in(&self.pool, texts, request, cancel)
+    }
+
+    /// `embed` on the caller's thread pool, whose size sets how many CPU threads the call uses.
+    pub fn embed_in(
+        &self,
+        pool: &rayon::ThreadPool,
+        texts: &[&str],
+        request: &Request,
+        cancel: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(Vec<Vec<f32>>, Stats)> {
+        let result = catch_panic(|| pool.install(|| self.embed_inner(texts, request, cancel)));
+        release_free_memory();
+        result
     }
 
     fn embed_inner(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
@@ -201,7 +243,7 @@ impl Engine {
         let mut stats = Stats { texts: texts.len() as u64, ..Stats::default() };
 
         let started = Instant::now();
-        let tokenized = self.pool.install(|| self.tokenizer.encode_all(prompt, texts))?;
+        let tokenized = self.tokenizer.encode_all(prompt, texts)?;
         stats.tokenize_time = started.elapsed();
         if let Some((index, t)) = tokenized.iter().enumerate().find(|(_, t)| t.truncated()) {
             if !request.truncate {
@@ -223,10 +265,8 @@ impl Engine {
             }
             let seqs: Vec<&[u32]> = bucket.members.iter().map(|&i| tokenized[i].ids.as_slice()).collect();
             let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-            let full = self.pool.install(|| {
-                let hidden = self.encoder.forward(&seqs, bucket.padded_len, cancel)?;
-                self.head.forward(&hidden, &lens, bucket.padded_len)
-            })?;
+            let hidden = self.encoder.forward(&seqs, bucket.padded_len, cancel)?;
+            let full = self.head.forward(&hidden, &lens, bucket.padded_len)?;
             for (&i, v) in bucket.members.iter().zip(full) {
                 vectors[i] = if dim == v.len() { v } else { normalize(&v[..dim]) };
             }

@@ -84,6 +84,9 @@ pub struct EngineOptions {
     pub max_batch_size: usize,
     /// Files whose sha256 must match before anything is loaded.
     pub checksums: Manifest,
+    /// Run attention and the MLP gate on candle's generic ops instead of the float32 CPU
+    /// kernels: the code path GPUs take, kept testable on a CPU.
+    pub portable_kernels: bool,
 }
 
 impl Default for EngineOptions {
@@ -95,6 +98,7 @@ impl Default for EngineOptions {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             checksums: Manifest::embeddinggemma_300m(),
+            portable_kernels: false,
         }
     }
 }

@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::batch::Batch;
+use super::cpu_kernels;
 use super::layers::{Linear, Placement, RmsNorm};
 use crate::config::{GemmaConfig, LayerType};
 use crate::error::Result;
@@ -50,29 +51,46 @@ impl Attention {
             + self.k_norm.bytes()
     }
 
-    /// Projects x: [B·T, hidden] to heads [B, heads, T, head_dim], normed and rotated.
-    fn heads(&self, proj: &Linear, norm: Option<&RmsNorm>, x: &Tensor, n: usize, batch: &Batch, kind: LayerType) -> Result<Tensor> {
+    /// Projects x: [B·T, hidden] to [B, T, n, head_dim], normed and rotated when `norm` is given.
+    fn project(&self, proj: &Linear, norm: Option<&RmsNorm>, x: &Tensor, n: usize, batch: &Batch, kind: LayerType) -> Result<Tensor> {
         let y = proj.forward(x)?.reshape((batch.size, batch.len, n, self.head_dim))?;
         let Some(norm) = norm else {
-            return Ok(y.transpose(1, 2)?.contiguous()?);
+            return Ok(y);
         };
-        let y = norm.forward(&y)?.transpose(1, 2)?.contiguous()?;
         let rope = batch.rope(kind);
-        Ok(candle_nn::rotary_emb::rope(&y, &rope.cos, &rope.sin)?)
+        Ok(candle_nn::rotary_emb::rope_thd(&norm.forward(&y)?, &rope.cos, &rope.sin)?)
     }
 
     /// x: [B·T, hidden] → [B·T, hidden].
     pub fn forward(&self, x: &Tensor, batch: &Batch, kind: LayerType) -> Result<Tensor> {
+        let q = self.project(&self.q, Some(&self.q_norm), x, self.heads, batch, kind)?;
+        let k = self.project(&self.k, Some(&self.k_norm), x, self.kv_heads, batch, kind)?;
+        let v = self.project(&self.v, None, x, self.kv_heads, batch, kind)?;
+        let out = match &batch.masks {
+            None => {
+                let op = cpu_kernels::Attention {
+                    lengths: batch.lengths.clone(),
+                    window: (kind == LayerType::Sliding).then_some(batch.window),
+                    scale: self.scale as f32,
+                };
+                q.apply_op3_no_bwd(&k, &v, &op)?
+            }
+            Some(masks) => self.attend_portable(&q, &k, &v, masks.get(kind), batch)?,
+        };
+        self.o.forward(&out.reshape((batch.size * batch.len, self.heads * self.head_dim))?)
+    }
+
+    /// Attention on candle's generic ops with additive masks: q [B, T, heads, d], k and v
+    /// [B, T, kv_heads, d] → [B, T, heads · d].
+    fn attend_portable(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, batch: &Batch) -> Result<Tensor> {
         let (b, t, hd) = (batch.size, batch.len, self.head_dim);
         let (nh, nkv) = (self.heads, self.kv_heads);
         let group = nh / nkv;
-        let q = (self.heads(&self.q, Some(&self.q_norm), x, nh, batch, kind)? * self.scale)?;
         // Query heads sharing a key/value head are stacked along the row axis, so one matrix
         // product per kv head serves the whole group without repeating keys and values.
-        let q = q.reshape((b, nkv, group * t, hd))?;
-        let k = self.heads(&self.k, Some(&self.k_norm), x, nkv, batch, kind)?;
-        let v = self.heads(&self.v, None, x, nkv, batch, kind)?;
-        let mask = batch.mask(kind);
+        let q = (q.transpose(1, 2)? * self.scale)?.reshape((b, nkv, group * t, hd))?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
 
         let chunk = (SCORES_PER_CHUNK / (nh * t * t)).clamp(1, b);
         let mut outputs = Vec::with_capacity(b.div_ceil(chunk));
@@ -84,10 +102,6 @@ impl Attention {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             outputs.push(probs.reshape((n, nkv, group * t, t))?.matmul(&v)?);
         }
-        let out = Tensor::cat(&outputs, 0)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
-        self.o.forward(&out)
+        Ok(Tensor::cat(&outputs, 0)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.contiguous()?)
     }
 }

@@ -1,7 +1,9 @@
-//! Per-forward-pass inputs shared by every layer: RoPE tables and attention masks.
+//! Per-forward-pass inputs shared by every layer: sequence lengths, RoPE tables and, for the
+//! portable path, attention masks.
 
 use candle_core::{DType, Device, Tensor};
 
+use super::layers::Placement;
 use crate::config::{GemmaConfig, LayerType};
 use crate::error::Result;
 
@@ -39,31 +41,23 @@ impl Rope {
     }
 }
 
-/// A bucket of right-padded sequences of equal padded length `len`. Masks are float32, as the
-/// softmax they feed.
-pub struct Batch {
-    pub size: usize,
-    pub len: usize,
-    pub rope_full: Rope,
-    pub rope_sliding: Rope,
-    /// [size, 1, 1, len]: hides padding keys.
-    pub mask_full: Tensor,
-    /// [size, 1, len, len]: hides padding keys and keys outside the sliding window; `None`
-    /// when the window covers the whole sequence.
-    pub mask_sliding: Option<Tensor>,
+/// Float32 additive masks for candle's generic attention: [B, 1, 1, T] hiding padding keys,
+/// and [B, 1, T, T] also hiding keys outside the sliding window (`None` when the window covers
+/// the whole sequence).
+pub struct Masks {
+    full: Tensor,
+    sliding: Option<Tensor>,
 }
 
-impl Batch {
-    pub fn new(lengths: &[usize], len: usize, cfg: &GemmaConfig, dtype: DType, device: &Device) -> Result<Batch> {
+impl Masks {
+    fn new(lengths: &[usize], len: usize, window: usize, device: &Device) -> Result<Masks> {
         let size = lengths.len();
-        let key_mask: Vec<f32> = lengths
+        let keys: Vec<f32> = lengths
             .iter()
             .flat_map(|&n| (0..len).map(move |k| if k < n { 0.0 } else { MASKED }))
             .collect();
-        let mask_full = Tensor::from_vec(key_mask, (size, 1, 1, len), &Device::Cpu)?;
-
-        let window = cfg.sliding_half_window();
-        let mask_sliding = if len > window {
+        let full = Tensor::from_vec(keys, (size, 1, 1, len), &Device::Cpu)?.to_device(device)?;
+        let sliding = if len > window {
             let mut m = Vec::with_capacity(size * len * len);
             for &n in lengths {
                 for q in 0..len {
@@ -74,13 +68,42 @@ impl Batch {
         } else {
             None
         };
+        Ok(Masks { full, sliding })
+    }
+
+    pub fn get(&self, kind: LayerType) -> &Tensor {
+        match (kind, &self.sliding) {
+            (LayerType::Sliding, Some(m)) => m,
+            _ => &self.full,
+        }
+    }
+}
+
+/// A bucket of right-padded sequences of equal padded length `len`.
+pub struct Batch {
+    pub size: usize,
+    pub len: usize,
+    pub lengths: Vec<usize>,
+    /// Keys a sliding layer's query sees: |q − k| < window.
+    pub window: usize,
+    pub rope_full: Rope,
+    pub rope_sliding: Rope,
+    /// Set when attention runs on candle's generic ops (GPU, or forced for testing).
+    pub masks: Option<Masks>,
+}
+
+impl Batch {
+    pub fn new(lengths: &[usize], len: usize, cfg: &GemmaConfig, at: &Placement) -> Result<Batch> {
+        let window = cfg.sliding_half_window();
+        let masks = if at.cpu_kernels() { None } else { Some(Masks::new(lengths, len, window, &at.device)?) };
         Ok(Batch {
-            size,
+            size: lengths.len(),
             len,
-            rope_full: Rope::new(cfg.rope_theta_full, cfg.head_dim, len, dtype, device)?,
-            rope_sliding: Rope::new(cfg.rope_theta_sliding, cfg.head_dim, len, dtype, device)?,
-            mask_full: mask_full.to_device(device)?,
-            mask_sliding,
+            lengths: lengths.to_vec(),
+            window,
+            rope_full: Rope::new(cfg.rope_theta_full, cfg.head_dim, len, at.activations, &at.device)?,
+            rope_sliding: Rope::new(cfg.rope_theta_sliding, cfg.head_dim, len, at.activations, &at.device)?,
+            masks,
         })
     }
 
@@ -88,13 +111,6 @@ impl Batch {
         match kind {
             LayerType::Full => &self.rope_full,
             LayerType::Sliding => &self.rope_sliding,
-        }
-    }
-
-    pub fn mask(&self, kind: LayerType) -> &Tensor {
-        match (kind, &self.mask_sliding) {
-            (LayerType::Sliding, Some(m)) => m,
-            _ => &self.mask_full,
         }
     }
 }

@@ -4,35 +4,43 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::Attention;
+use super::cpu_kernels;
 use super::batch::Batch;
 use super::layers::{Linear, Placement, RmsNorm};
 use crate::config::{GemmaConfig, LayerType};
 use crate::error::{Error, Result};
 use crate::weights::{EmbeddingTable, SafeTensorsFile};
 
+/// down(gelu_tanh(gate(x)) · up(x)), gate and up computed as one stacked projection.
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: Linear,
     down: Linear,
+    width: usize,
 }
 
 impl Mlp {
     fn load(file: &SafeTensorsFile, prefix: &str, cfg: &GemmaConfig, at: &Placement) -> Result<Mlp> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let names = [format!("{prefix}.gate_proj.weight"), format!("{prefix}.up_proj.weight")];
         Ok(Mlp {
-            gate: Linear::load(file, &format!("{prefix}.gate_proj.weight"), i, h, at)?,
-            up: Linear::load(file, &format!("{prefix}.up_proj.weight"), i, h, at)?,
+            gate_up: Linear::load_stacked(file, &[&names[0], &names[1]], i, h, at)?,
             down: Linear::load(file, &format!("{prefix}.down_proj.weight"), h, i, at)?,
+            width: i,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate.forward(x)?.gelu()? * self.up.forward(x)?)?;
+    fn forward(&self, x: &Tensor, at: &Placement) -> Result<Tensor> {
+        let gate_up = self.gate_up.forward(x)?;
+        let gated = if at.cpu_kernels() {
+            gate_up.apply_op1_no_bwd(&cpu_kernels::GeluGate)?
+        } else {
+            (gate_up.narrow(1, 0, self.width)?.gelu()? * gate_up.narrow(1, self.width, self.width)?)?
+        };
         self.down.forward(&gated)
     }
 
     fn bytes(&self) -> usize {
-        self.gate.bytes() + self.up.bytes() + self.down.bytes()
+        self.gate_up.bytes() + self.down.bytes()
     }
 }
 
@@ -61,10 +69,10 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, batch: &Batch) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, batch: &Batch, at: &Placement) -> Result<Tensor> {
         let attended = self.attention.forward(&self.input_norm.forward(x)?, batch, self.kind)?;
         let x = (x + self.post_attention_norm.forward(&attended)?)?;
-        let fed = self.mlp.forward(&self.pre_feedforward_norm.forward(&x)?)?;
+        let fed = self.mlp.forward(&self.pre_feedforward_norm.forward(&x)?, at)?;
         Ok((x + self.post_feedforward_norm.forward(&fed)?)?)
     }
 
@@ -121,12 +129,12 @@ impl Encoder {
             .to_dtype(self.at.activations)?
             .to_device(&self.at.device)?;
         let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let batch = Batch::new(&lengths, len, &self.cfg, self.at.activations, &self.at.device)?;
+        let batch = Batch::new(&lengths, len, &self.cfg, &self.at)?;
         for layer in &self.layers {
             if cancel() {
                 return Err(Error::Cancelled);
             }
-            x = layer.forward(&x, &batch)?;
+            x = layer.forward(&x, &batch, &self.at)?;
         }
         self.norm.forward(&x)
     }

@@ -11,6 +11,15 @@ pub struct Placement {
     pub device: Device,
     pub weights: DType,
     pub activations: DType,
+    /// Use candle's generic ops even where a CPU kernel exists (the path GPUs take).
+    pub portable: bool,
+}
+
+impl Placement {
+    /// Whether the float32 CPU kernels (`cpu_kernels`) run attention and the MLP gate.
+    pub fn cpu_kernels(&self) -> bool {
+        self.device.is_cpu() && self.activations == DType::F32 && !self.portable
+    }
 }
 
 /// Gemma's RMSNorm: x · rsqrt(mean(x²) + eps) · (1 + w), always computed in float32.
@@ -44,6 +53,15 @@ pub struct Linear {
 impl Linear {
     pub fn load(file: &SafeTensorsFile, name: &str, out_dim: usize, in_dim: usize, at: &Placement) -> Result<Linear> {
         Ok(Linear { weight: file.load(name, &[out_dim, in_dim], at.weights, &at.device)? })
+    }
+
+    /// Several projections of the same input stacked into one, outputs side by side.
+    pub fn load_stacked(file: &SafeTensorsFile, names: &[&str], out_dim: usize, in_dim: usize, at: &Placement) -> Result<Linear> {
+        let parts = names
+            .iter()
+            .map(|n| file.load(n, &[out_dim, in_dim], at.weights, &at.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear { weight: Tensor::cat(&parts, 0)? })
     }
 
     /// x: [n, in] → [n, out], in the activations' precision.

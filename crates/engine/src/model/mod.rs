@@ -2,6 +2,7 @@
 
 mod attention;
 mod batch;
+mod cpu_kernels;
 mod encoder;
 mod head;
 mod layers;

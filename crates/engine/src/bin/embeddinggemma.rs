@@ -1,0 +1,188 @@
+//! `embeddinggemma embed|bench`: the engine from the command line.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use embeddinggemma_engine::{Engine, EngineOptions, Manifest, Request};
+
+const USAGE: &str = "usage:
+  embeddinggemma embed --model DIR [--task NAME|none] [--dim N] [--dtype auto|f32|bf16] [--device auto|cpu|cuda|cuda:N]
+                       [--threads N] [--max-batch-tokens N] [--checksums FILE] [--no-truncate]
+      reads one JSON string per line on stdin, writes one JSON array per line on stdout
+  embeddinggemma bench --model DIR --corpus FILE.jsonl [--limit N] [--task NAME] [--dim N] [--dtype …] [--device …]
+                       [--threads N] [--max-batch-tokens N] [--checksums FILE]
+      embeds the corpus and ends with one line of throughput figures";
+
+struct Args {
+    command: String,
+    model: Option<PathBuf>,
+    corpus: Option<PathBuf>,
+    limit: Option<usize>,
+    task: String,
+    dim: usize,
+    truncate: bool,
+    options: EngineOptions,
+}
+
+fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+    v.parse().map_err(|e| format!("{flag} {v:?}: {e}"))
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let command = it.next().ok_or("missing command")?;
+    if command != "embed" && command != "bench" {
+        return Err(format!("unknown command {command:?}"));
+    }
+    let mut args = Args {
+        command,
+        model: None,
+        corpus: None,
+        limit: None,
+        task: "document".into(),
+        dim: 768,
+        truncate: true,
+        options: EngineOptions::default(),
+    };
+    while let Some(flag) = it.next() {
+        let o = &mut args.options;
+        match flag.as_str() {
+            "--model" => args.model = Some(value(&flag, it.next())?),
+            "--corpus" => args.corpus = Some(value(&flag, it.next())?),
+            "--limit" => args.limit = Some(value(&flag, it.next())?),
+            "--task" => args.task = value(&flag, it.next())?,
+            "--dim" => args.dim = value(&flag, it.next())?,
+            "--dtype" => o.precision = value(&flag, it.next())?,
+            "--device" => o.device = value(&flag, it.next())?,
+            "--threads" => o.threads = value(&flag, it.next())?,
+            "--max-batch-tokens" => o.max_batch_tokens = value(&flag, it.next())?,
+            "--max-batch-size" => o.max_batch_size = value(&flag, it.next())?,
+            "--checksums" => o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?,
+            "--no-truncate" => args.truncate = false,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn never() -> bool {
+    false
+}
+
+/// (VmHWM, RssAnon) of this process in MiB, from /proc/self/status.
+fn memory_mb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    };
+    (field("VmHWM:"), field("RssAnon:"))
+}
+
+fn embed(engine: &Engine, args: &Args) -> Result<(), String> {
+    let request = Request { task: &args.task, dim: args.dim, truncate: args.truncate };
+    let stdin = std::io::stdin().lock();
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut lines = stdin.lines().enumerate().peekable();
+    while lines.peek().is_some() {
+        let mut texts = Vec::new();
+        for (n, line) in lines.by_ref().take(1024) {
+            let line = line.map_err(|e| format!("stdin: {e}"))?;
+            texts.push(serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?);
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (vectors, _) = engine.embed(&refs, &request, &never).map_err(|e| e.to_string())?;
+        for v in vectors {
+            serde_json::to_writer(&mut out, &v).map_err(|e| e.to_string())?;
+            out.write_all(b"\n").map_err(|e| e.to_string())?;
+        }
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+fn bench(engine: &Engine, args: &Args) -> Result<(), String> {
+    let corpus = args.corpus.as_ref().ok_or("bench needs --corpus")?;
+    let file = std::fs::File::open(corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+    let mut texts = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        if args.limit.is_some_and(|l| texts.len() >= l) {
+            break;
+        }
+        let line = line.map_err(|e| format!("{}: {e}", corpus.display()))?;
+        texts.push(serde_json::from_str::<String>(&line).map_err(|e| format!("{}:{}: {e}", corpus.display(), n + 1))?);
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let request = Request { task: &args.task, dim: args.dim, truncate: true };
+    engine.embed(&refs[..refs.len().min(8)], &request, &never).map_err(|e| e.to_string())?;
+
+    let started = Instant::now();
+    let (_, stats) = engine.embed(&refs, &request, &never).map_err(|e| e.to_string())?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (peak, anon) = memory_mb();
+    eprintln!(
+        "forward_passes={} padded_tokens={} truncated={} tokenize_s={:.2} forward_s={:.2}",
+        stats.forward_passes,
+        stats.padded_tokens,
+        stats.truncated,
+        stats.tokenize_time.as_secs_f64(),
+        stats.forward_time.as_secs_f64()
+    );
+    println!(
+        "passages={} tokens={} seconds={:.2} passages_per_s={:.2} tokens_per_s={:.0} fill={:.3} peak_rss_mb={} anon_mb={}",
+        stats.texts,
+        stats.real_tokens,
+        seconds,
+        stats.texts as f64 / seconds,
+        stats.real_tokens as f64 / seconds,
+        stats.fill_ratio(),
+        peak,
+        anon
+    );
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let model = args.model.as_ref().ok_or("--model DIR is required")?;
+    let engine = Engine::load(model, &args.options).map_err(|e| e.to_string())?;
+    let info = engine.info();
+    eprintln!(
+        "loaded {} in {:.2}s: device={} dtype={} threads={} max_batch_tokens={} weights_mb={} anon_mb={}",
+        info.model_dir.display(),
+        info.load_time.as_secs_f64(),
+        info.device,
+        info.dtype,
+        info.threads,
+        info.max_batch_tokens,
+        info.weight_bytes >> 20,
+        memory_mb().1
+    );
+    match args.command.as_str() {
+        "embed" => embed(&engine, &args),
+        _ => bench(&engine, &args),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("embeddinggemma: error: {e}\n{USAGE}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! CPU kernels for the steps where candle's generic ops leave most of the time on the table:
+//! attention that computes only what a query may see (no padding, only its sliding window),
+//! and the fused gelu-tanh gate of the MLP. Both are float32 and run on the current rayon pool.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// exp(x) for float32, accurate to about one ulp on [-87, 88], written so loops vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// gelu with the tanh approximation: 0.5·x·(1 + tanh(u)) = x / (1 + e^(−2u)).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + exp(-2.0 * u))
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: expected float32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// gelu_tanh(gate) · up for contiguous `[n, 2·width]` rows that hold gate then up.
+pub struct GeluGate;
+
+impl CustomOp1 for GeluGate {
+    fn name(&self) -> &'static str {
+        "gelu-gate"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gate_up = contiguous_f32(s, l, "gelu-gate")?;
+        let (n, double) = l.shape().dims2()?;
+        let width = double / 2;
+        let mut out = vec![0f32; n * width];
+        out.par_chunks_mut(width)
+            .zip(gate_up.par_chunks(double))
+            .with_min_len(16)
+            .for_each(|(o, row)| {
+                let (gate, up) = row.split_at(width);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = gelu_tanh(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, width))))
+    }
+}
+
+/// Bidirectional attention over right-padded sequences.
+///
+/// q: [B, T, heads, d], k and v: [B, T, kv_heads, d], all contiguous float32; the result is
+/// [B, T, heads · d]. A query at position p of a sequence of real length L sees keys k < L, and
+/// with a `window` only those with |p − k| < window. Padded query rows come out as zeros: no
+/// real position ever reads them.
+pub struct Attention {
+    pub lengths: Vec<usize>,
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+/// One unit of work: `rows` queries of one sequence against one kv head's group of heads.
+struct Task {
+    seq: usize,
+    kv_head: usize,
+    rows: std::ops::Range<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint rows/heads of the output.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method, so closures capture the whole wrapper rather than its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the output buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl Attention {
+    fn tasks(&self, kv_heads: usize) -> Vec<Task> {
+        let real: usize = self.lengths.iter().sum();
+        // Small query blocks keep a window's key range tight; enough of them keep every thread busy.
+        let mut block = 128;
+        while block > 16 && real.div_ceil(block) * kv_heads < 4 * rayon::current_num_threads() {
+            block /= 2;
+        }
+        let mut tasks = Vec::new();
+        for (seq, &len) in self.lengths.iter().enumerate() {
+            for kv_head in 0..kv_heads {
+                for start in (0..len).step_by(block) {
+                    tasks.push(Task { seq, kv_head, rows: start..(start + block).min(len) });
+                }
+            }
+        }
+        tasks
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "embeddinggemma-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(sq, lq, "attention q")?;
+        let k = contiguous_f32(sk, lk, "attention k")?;
+        let v = contiguous_f32(sv, lv, "attention v")?;
+        let (b, t, heads, d) = lq.shape().dims4()?;
+        let (kb, kt, kv_heads, kd) = lk.shape().dims4()?;
+        if (kb, kt, kd) != (b, t, d) || lv.shape() != lk.shape() || self.lengths.len() != b || heads % kv_heads != 0 {
+            candle_core::bail!("attention: inconsistent shapes {:?} {:?} {:?}", lq.shape(), lk.shape(), lv.shape())
+        }
+        if self.lengths.iter().any(|&l| l > t) {
+            candle_core::bail!("attention: a length exceeds the padded length {t}")
+        }
+        let group = heads / kv_heads;
+        let (q_row, kv_row) = (heads * d, kv_heads * d);
+        let mut out = vec![0f32; b * t * heads * d];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+
+        self.tasks(kv_heads).par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+            let len = self.lengths[task.seq];
+            let (k0, k1) = match self.window {
+                Some(w) => (task.rows.start.saturating_sub(w - 1), (task.rows.end + w - 1).min(len)),
+                None => (0, len),
+            };
+            let (m, n) = (task.rows.len(), k1 - k0);
+            scores.resize(m * n, 0.0);
+            let seq_q = task.seq * t * q_row;
+            let seq_kv = task.seq * t * kv_row + task.kv_head * d;
+            for head in task.kv_head * group..(task.kv_head + 1) * group {
+                let q_at = seq_q + task.rows.start * q_row + head * d;
+                // SAFETY: every pointer/stride pair stays inside its slice: rows < len ≤ t,
+                // keys in k0..k1 ≤ len, head < heads, and d columns from each row start.
+                unsafe {
+                    gemm(
+                        m, n, d,
+                        scores.as_mut_ptr(), 1, n as isize, false,
+                        q.as_ptr().add(q_at), 1, q_row as isize,
+                        k.as_ptr().add(seq_kv + k0 * kv_row), kv_row as isize, 1,
+                        0.0, self.scale, false, false, false, Parallelism::None,
+                    );
+                }
+                for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+                    let p = task.rows.start + i;
+                    let (lo, hi) = match self.window {
+                        Some(w) => (p.saturating_sub(w - 1).max(k0) - k0, (p + w).min(k1) - k0),
+                        None => (0, n),
+                    };
+                    softmax_in_place(row, lo, hi);
+                }
+                // SAFETY: as above; this task alone writes rows `task.rows` of `head`.
+                unsafe {
+                    gemm(
+                        m, d, n,
+                        out_ptr.at(seq_q + task.rows.start * q_row + head * d), 1, q_row as isize, false,
+                        scores.as_ptr(), 1, n as isize,
+                        v.as_ptr().add(seq_kv + k0 * kv_row), 1, kv_row as isize,
+                        0.0, 1.0, false, false, false, Parallelism::None,
+                    );
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
+    }
+}
+
+/// Softmax over `row[lo..hi]`; everything outside becomes 0.
+fn softmax_in_place(row: &mut [f32], lo: usize, hi: usize) {
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+    let live = &mut row[lo..hi];
+    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for x in live.iter_mut() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((exp(x) as f64) - (x as f64).exp()).abs() / (x as f64).exp();
+            worst = worst.max(rel);
+            x += 0.001;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        for i in -2000..2000 {
+            let x = i as f32 / 100.0;
+            let want = 0.5 * x as f64 * (1.0 + ((2.0f64 / std::f64::consts::PI).sqrt() * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
+            assert!((gelu_tanh(x) as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "x={x}");
+        }
+    }
+}
