@@ -8,6 +8,7 @@ mod functions;
 mod guc;
 mod model;
 mod stats;
+mod triggers;
 mod vector;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -37,12 +37,26 @@ impl IntoDatum for PgVector {
     }
 
     fn type_oid() -> pg_sys::Oid {
-        pg_sys::InvalidOid
+        vector_type_oid()
     }
+}
 
-    /// The SQL declarations say `vector`; PostgreSQL checks them, not us.
-    fn is_compatible_with(_other: pg_sys::Oid) -> bool {
-        true
+/// The OID of pgvector's `vector` type, in the schema the `vector` extension lives in.
+/// Looked up each time: the extension can be dropped and created again within a session.
+pub fn vector_type_oid() -> pg_sys::Oid {
+    // SAFETY: catalog lookups by name on the backend's main thread; get_extension_oid with
+    // missing_ok = false raises an ERROR when pgvector is not installed.
+    unsafe {
+        let extension = pg_sys::get_extension_oid(c"vector".as_ptr(), false);
+        let schema = pg_sys::get_extension_schema(extension);
+        pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
+            pg_sys::Datum::from(c"vector".as_ptr()),
+            pg_sys::Datum::from(schema),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
     }
 }
 

@@ -127,3 +127,18 @@ pub fn sql_error(e: postgres::Error) -> (String, String, Option<String>) {
     let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e}"));
     (db.code().code().to_string(), db.message().to_string(), db.hint().map(str::to_string))
 }
+
+/// `embed(text, task, dim)` as floats.
+pub fn embed(client: &mut Client, text: &str, task: &str, dim: i32) -> Vec<f32> {
+    client.query_one("SELECT embed($1, $2, $3)::real[]", &[&text, &task, &dim]).unwrap().get(0)
+}
+
+/// This backend's `embeddinggemma_stats()` column `name`.
+pub fn stat<T: for<'a> postgres::types::FromSql<'a>>(client: &mut Client, name: &str) -> T {
+    client.query_one(&format!("SELECT {name} FROM embeddinggemma_stats()"), &[]).unwrap().get(0)
+}
+
+/// Runs `sql` and returns (SQLSTATE, message, hint) of the error it must raise.
+pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<String>) {
+    sql_error(client.batch_execute(sql).expect_err(sql))
+}

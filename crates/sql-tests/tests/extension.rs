@@ -10,10 +10,6 @@ const F32_TOLERANCE: f64 = 1e-5;
 /// Same text, same model, another batch or process: the engine's batch-invariance bound.
 const SAME_TEXT: f64 = 1e-6;
 
-fn embed(client: &mut Client, text: &str, task: &str, dim: i32) -> Vec<f32> {
-    client.query_one("SELECT embed($1, $2, $3)::real[]", &[&text, &task, &dim]).unwrap().get(0)
-}
-
 fn embed_batch(client: &mut Client, texts: &[Option<&str>], task: &str, dim: i32) -> Vec<(i32, Option<Vec<f32>>)> {
     client
         .query("SELECT ord, embedding::real[] FROM embed_batch($1::text[], $2, $3)", &[&texts, &task, &dim])
@@ -24,7 +20,7 @@ fn embed_batch(client: &mut Client, texts: &[Option<&str>], task: &str, dim: i32
 }
 
 fn forward_passes(client: &mut Client) -> i64 {
-    client.query_one("SELECT forward_passes FROM embeddinggemma_stats()", &[]).unwrap().get(0)
+    stat(client, "forward_passes")
 }
 
 #[test]
@@ -229,11 +225,6 @@ fn changing_the_model_reloads_it() {
     client.batch_execute("RESET embeddinggemma.model_path; RESET embeddinggemma.model_checksums").unwrap();
     assert_eq!(embed(&mut client, "x", "none", 768).len(), 768);
     assert_eq!(loads(&mut client), before + 2);
-}
-
-/// Runs `sql` and returns (SQLSTATE, message, hint) of the error it must raise.
-fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<String>) {
-    sql_error(client.batch_execute(sql).expect_err(sql))
 }
 
 #[test]

@@ -1,0 +1,109 @@
+//! `embeddinggemma_trigger()`: keeps a vector column in step with a text column, row by row,
+//! and the column check it shares with the statement trigger and the backfill (sql/).
+
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
+
+use crate::errors::raise;
+use crate::model;
+use crate::vector::{vector_type_oid, PgVector};
+
+const TEXT_TYPES: [pg_sys::Oid; 3] = [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::BPCHAROID];
+
+fn type_name(oid: pg_sys::Oid, typmod: i32) -> String {
+    // SAFETY: format_type_with_typemod returns a palloc'd NUL-terminated string.
+    unsafe { CStr::from_ptr(pg_sys::format_type_with_typemod(oid, typmod)).to_string_lossy().into_owned() }
+}
+
+/// Raises an ERROR naming the column unless `source` is a text column and `target` a
+/// `vector` column that can hold `dim` values.
+pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) {
+    let table = relation.name().to_string();
+    let desc = relation.tuple_desc();
+    let find = |name: &str, role: &str| {
+        desc.iter().find(|a| !a.attisdropped && a.name() == name).unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("embeddinggemma: {role} column \"{name}\" does not exist in table \"{table}\""),
+                "Pass the names of the text column and of the vector column, e.g. ('body', 'v').",
+            )
+        })
+    };
+    let src = find(source, "source");
+    if !TEXT_TYPES.contains(&src.atttypid) {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("embeddinggemma: source column \"{source}\" of \"{table}\" is {}, not text", type_name(src.atttypid, src.atttypmod)),
+            "The source column must be text, varchar or char.",
+        )
+    }
+    let dst = find(target, "target");
+    if dst.atttypid != vector_type_oid() {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("embeddinggemma: target column \"{target}\" of \"{table}\" is {}, not vector", type_name(dst.atttypid, dst.atttypmod)),
+            format!("ALTER TABLE {table} ADD COLUMN {target} vector({dim});"),
+        )
+    }
+    if dst.atttypmod > 0 && dst.atttypmod != dim {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("embeddinggemma: target column \"{target}\" of \"{table}\" is vector({}), but dim is {dim}", dst.atttypmod),
+            "Pass the column's dimension as the trigger's dim argument, or change the column type.",
+        )
+    }
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_check_columns(tbl: pg_sys::Oid, source: &str, target: &str, dim: i32) {
+    // SAFETY: get_rel_name only reads the catalog; NULL means no such relation.
+    if unsafe { pg_sys::get_rel_name(tbl) }.is_null() {
+        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("embeddinggemma: no relation with OID {}", tbl.to_u32()), "Pass a table name, e.g. 'docs'::regclass.")
+    }
+    // SAFETY: the relation exists (checked above) and is opened with a lock held to the end of
+    // the transaction.
+    let relation = unsafe { PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    check_columns(&relation, source, target, dim);
+}
+
+const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
+
+#[pg_trigger(sql = "")]
+fn embeddinggemma_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
+    let misuse = |what: &str| -> ! { raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_trigger(): {what}"), USAGE) };
+    let op = trigger.op()?;
+    let row_level = matches!(trigger.level(), PgTriggerLevel::Row);
+    let before = matches!(trigger.when()?, PgTriggerWhen::Before);
+    if !row_level || !before || !matches!(op, PgTriggerOperation::Insert | PgTriggerOperation::Update) {
+        misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
+    }
+    let args = trigger.extra_args()?;
+    if !(2..=4).contains(&args.len()) {
+        misuse("takes a source column, a target column, and optionally a task and a dimension")
+    }
+    let (source, target) = (&args[0], &args[1]);
+    let task = args.get(2).map_or("document", String::as_str);
+    let dim = match args.get(3).map(|d| d.trim().parse::<i32>()) {
+        None => 768,
+        Some(Ok(d)) => d,
+        Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
+    };
+    check_columns(&trigger.relation()?, source, target, dim);
+
+    let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
+    let text: Option<String> = row.get_by_name(source).unwrap_or_else(|e| misuse(&e.to_string()));
+    if matches!(op, PgTriggerOperation::Update) {
+        let old = trigger.old().expect("UPDATE row triggers have OLD");
+        let old_text: Option<String> = old.get_by_name(source).unwrap_or_else(|e| misuse(&e.to_string()));
+        if old_text == text {
+            return Ok(Some(row));
+        }
+    }
+    let vector = text.map(|t| PgVector::from_slice(&model::embed(&[&t], task, dim)[0]));
+    row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));
+    Ok(Some(row))
+}
