@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::{Advice, Mmap};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -90,7 +90,22 @@ impl SafeTensorsFile {
             "F16" => Tensor::from_vec(decode_u16(bytes).map(half::f16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?,
             other => return Err(Error::file(&self.path, format!("tensor {name} has unsupported dtype {other}"))),
         };
-        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+        let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
+        self.release(entry);
+        Ok(tensor)
+    }
+
+    /// Drops a copied tensor's pages from this process's mapping (they stay in the page cache),
+    /// so resident memory shows what the process holds rather than what it once read.
+    fn release(&self, entry: &Entry) {
+        const PAGE: usize = 4096;
+        let start = (self.data_start + entry.data_offsets.0).next_multiple_of(PAGE);
+        let end = (self.data_start + entry.data_offsets.1) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is read-only and file-backed, so DONTNEED only unmaps pages;
+            // a later read faults them back in unchanged from the file.
+            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        }
     }
 
     /// A view of a float32 [rows, cols] table that reads rows from the mapping on demand.
