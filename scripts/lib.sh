@@ -53,6 +53,16 @@ ensure_postgres() {
     export PG_HOME PG_BIN PG_CONFIG
 }
 
+# The reference implementation, for benchmarks only (pinned as in the reference outputs).
+REF_VENV=$EG_OPT/refvenv
+ensure_reference_venv() {
+    if ! "$REF_VENV/bin/python" -c 'import sentence_transformers, psycopg' 2>/dev/null; then
+        say "installing the reference (torch, sentence-transformers) into $REF_VENV"
+        as_root python3 -m venv "$REF_VENV"
+        as_root "$REF_VENV/bin/python" -m pip install -q torch==2.15.0 sentence-transformers==6.2.0 transformers==5.24.0 "psycopg[binary]==3.2.*"
+    fi
+}
+
 ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $CARGO_PGRX_VERSION\$"; then
         say "installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes)"
