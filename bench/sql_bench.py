@@ -7,6 +7,8 @@ usage: sql_bench.py DSN MODEL_DIR CORPUS N ENGINE_BIN
 (c) UPDATE docs SET v = e.embedding FROM embed_batch(ids, bodies) e WHERE docs.id = e.id
 (d) a client pipeline: read rows, sentence-transformers (float32, batch 32), write back
 (e) the engine's own bench on the same texts, the yardstick for (a)-(c)
+(f) write paths: INSERT … SELECT through the row trigger vs the statement trigger, on these
+    texts and on 1000 one-line sentences
 Each prints rows/s and tokens/s (real tokens, as embeddinggemma_stats() counts them).
 """
 import json
@@ -96,3 +98,26 @@ engine_tps = float(re.search(r"tokens_per_s=([0-9.]+)", out).group(1))
 print(f"(e) engine bench: {out}")
 for name, dt, tok, _, _ in results:
     print(f"    {name}: {tok/dt/engine_tps:.2f} × the engine")
+
+
+ROW_TRIGGER = ("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON w FOR EACH ROW "
+               "EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')")
+STATEMENT_TRIGGER = ("CREATE TRIGGER e AFTER INSERT ON w REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
+                     "EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v')")
+conn.execute("DROP TABLE IF EXISTS sentences")
+conn.execute("CREATE TABLE sentences AS SELECT g::bigint AS id, format('Sentence %s: the quick brown fox jumps over the lazy dog.', g) AS body "
+             "FROM generate_series(1, 1000) g")
+print("(f) write paths, INSERT INTO w SELECT id, body FROM …:")
+for source in ["docs", "sentences"]:
+    for name, trigger in [("row trigger", ROW_TRIGGER), ("statement trigger", STATEMENT_TRIGGER)]:
+        conn.execute("DROP TABLE IF EXISTS w")
+        conn.execute("CREATE TABLE w (id bigint PRIMARY KEY, body text, v vector(768))")
+        conn.execute(trigger)
+        conn.execute("SELECT embeddinggemma_stats_reset()")
+        t0 = time.perf_counter()
+        conn.execute(f"INSERT INTO w SELECT id, body FROM {source}")
+        dt = time.perf_counter() - t0
+        rows = conn.execute("SELECT count(*) FROM w WHERE v IS NOT NULL").fetchone()[0]
+        passes, tok, fill = stats()
+        print(f"    {source} ({rows} rows), {name}: seconds={dt:.1f} rows_per_s={rows/dt:.1f} "
+              f"tokens_per_s={tok/dt:.0f} forward_passes={passes} fill={fill:.3f}", flush=True)

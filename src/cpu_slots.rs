@@ -1,6 +1,10 @@
 //! A cluster-wide cap on CPU threads used for embedding. Each of `embeddinggemma.max_threads`
 //! slots is one byte of a lock file in the data directory, held with an open-file-description
 //! lock while a backend embeds: the kernel drops it when the backend exits, however it exits.
+//!
+//! Fairness: a backend that finds no free slot marks itself waiting (a shared lock on the
+//! byte before the slots). A backend about to take slots while others wait joins them instead,
+//! so one that embeds call after call cannot starve the rest.
 
 use std::cell::OnceCell;
 use std::fs::File;
@@ -28,7 +32,10 @@ impl Slots {
     }
 }
 
-fn lock(fd: i32, byte: i64, kind: i32) -> bool {
+/// The byte waiting backends hold shared; slots follow it.
+const WAITING: i64 = 0;
+
+fn fcntl_lock(fd: i32, command: i32, byte: i64, kind: i32) -> Option<libc::flock> {
     // SAFETY: a plain fcntl on a descriptor we own, with a zero-initialised flock.
     unsafe {
         let mut fl: libc::flock = std::mem::zeroed();
@@ -36,8 +43,17 @@ fn lock(fd: i32, byte: i64, kind: i32) -> bool {
         fl.l_whence = libc::SEEK_SET as i16;
         fl.l_start = byte;
         fl.l_len = 1;
-        libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) == 0
+        (libc::fcntl(fd, command, &mut fl) == 0).then_some(fl)
     }
+}
+
+fn lock(fd: i32, byte: i64, kind: i32) -> bool {
+    fcntl_lock(fd, libc::F_OFD_SETLK, byte, kind).is_some()
+}
+
+/// Whether another backend holds the waiting mark (our own lock never conflicts with us).
+fn others_waiting(fd: i32) -> bool {
+    fcntl_lock(fd, libc::F_OFD_GETLK, WAITING, libc::F_WRLCK as i32).is_some_and(|fl| fl.l_type != libc::F_UNLCK as i16)
 }
 
 impl Drop for Slots {
@@ -45,7 +61,7 @@ impl Drop for Slots {
         FILE.with(|f| {
             if let Some(file) = f.get() {
                 for &byte in &self.held {
-                    lock(file.as_raw_fd(), byte, libc::F_UNLCK);
+                    lock(file.as_raw_fd(), byte, libc::F_UNLCK as i32);
                 }
             }
         });
@@ -68,23 +84,38 @@ fn open() -> File {
         })
 }
 
+/// This backend's waiting mark; dropped when it gets its slots or an ERROR unwinds the wait.
+struct WaitingMark(i32);
+
+impl Drop for WaitingMark {
+    fn drop(&mut self) {
+        lock(self.0, WAITING, libc::F_UNLCK as i32);
+    }
+}
+
 /// Takes up to `want` of `total` slots, waiting (interruptibly) until at least one is free.
 pub fn acquire(want: usize, total: usize) -> Slots {
     let want = want.clamp(1, total.max(1));
     FILE.with(|f| {
         let fd = f.get_or_init(open).as_raw_fd();
+        let mut waiting: Option<WaitingMark> = None;
         loop {
-            let mut held = Vec::with_capacity(want);
-            for byte in 0..total as i64 {
-                if held.len() == want {
-                    break;
+            if waiting.is_some() || !others_waiting(fd) {
+                let mut held = Vec::with_capacity(want);
+                for byte in 1..=total as i64 {
+                    if held.len() == want {
+                        break;
+                    }
+                    if lock(fd, byte, libc::F_WRLCK as i32) {
+                        held.push(byte);
+                    }
                 }
-                if lock(fd, byte, libc::F_WRLCK) {
-                    held.push(byte);
+                if !held.is_empty() {
+                    return Slots { held };
                 }
             }
-            if !held.is_empty() {
-                return Slots { held };
+            if waiting.is_none() && lock(fd, WAITING, libc::F_RDLCK as i32) {
+                waiting = Some(WaitingMark(fd));
             }
             // SAFETY: waiting on our own latch from the backend's main thread.
             unsafe {

@@ -45,6 +45,12 @@ pub struct Engine {
     info: EngineInfo,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
 /// Every file whose contents we load must have a known checksum.
 fn loaded_files(config: &ModelConfig, dir: &Path) -> Vec<String> {
     let mut files = vec!["model.safetensors".to_string(), "tokenizer.json".to_string()];

@@ -77,3 +77,16 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error() {
+        let r: Result<()> = catch_panic(|| panic!("boom {}", 1));
+        assert!(matches!(r, Err(Error::Panic(m)) if m == "boom 1"));
+        let r: Result<()> = catch_panic(|| std::panic::panic_any(42));
+        assert!(matches!(r, Err(Error::Panic(_))));
+    }
+}

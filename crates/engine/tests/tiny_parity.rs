@@ -46,6 +46,40 @@ fn all_cases_in_one_batch_match_the_reference() {
 }
 
 #[test]
+fn all_24_cases_in_one_call_match_the_reference() {
+    let engine = tiny_engine();
+    let cases = cases("tiny/golden.json");
+    // A named task is its prompt put before the text: with task "none" and the prompt written
+    // out, all three tasks share one call.
+    let inputs: Vec<String> = cases.iter().map(|c| format!("{}{}", engine.prompt(c.task()).unwrap(), c.text)).collect();
+    let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let (vectors, stats) = engine.embed(&texts, &Request { task: "none", dim: 48, truncate: true }, &never).unwrap();
+    assert_eq!(stats.texts, 24);
+    assert!(stats.forward_passes < 24);
+    for (case, v) in cases.iter().zip(&vectors) {
+        let diff = max_abs_diff(v, &case.embedding);
+        assert!(diff <= TOLERANCE, "{}: max abs diff {diff}", case.label());
+    }
+}
+
+#[test]
+fn portable_kernels_match_the_reference_too() {
+    // The path GPUs take (candle's generic ops with masks), checked on the CPU.
+    let options = embeddinggemma_engine::EngineOptions { portable_kernels: true, ..tiny_options() };
+    let engine = embeddinggemma_engine::Engine::load(&data("tiny/model"), &options).unwrap();
+    let cases = cases("tiny/golden.json");
+    for task in ["none", "query", "document"] {
+        let group: Vec<_> = cases.iter().filter(|c| c.task() == task).collect();
+        let texts: Vec<&str> = group.iter().map(|c| c.text.as_str()).collect();
+        let (vectors, _) = engine.embed(&texts, &Request { task, dim: 48, truncate: true }, &never).unwrap();
+        for (case, v) in group.iter().zip(&vectors) {
+            let diff = max_abs_diff(v, &case.embedding);
+            assert!(diff <= TOLERANCE, "{}: max abs diff {diff}", case.label());
+        }
+    }
+}
+
+#[test]
 fn long_text_is_truncated_with_eos_last_and_counted() {
     let engine = tiny_engine();
     let long = "word ".repeat(500);

@@ -21,7 +21,8 @@ struct Args {
     corpus: Option<PathBuf>,
     limit: Option<usize>,
     task: String,
-    dim: usize,
+    /// None: the model's full width.
+    dim: Option<usize>,
     truncate: bool,
     options: EngineOptions,
 }
@@ -46,7 +47,7 @@ fn parse_args() -> Result<Args, String> {
         corpus: None,
         limit: None,
         task: "document".into(),
-        dim: 768,
+        dim: None,
         truncate: true,
         options: EngineOptions::default(),
     };
@@ -57,7 +58,7 @@ fn parse_args() -> Result<Args, String> {
             "--corpus" => args.corpus = Some(value(&flag, it.next())?),
             "--limit" => args.limit = Some(value(&flag, it.next())?),
             "--task" => args.task = value(&flag, it.next())?,
-            "--dim" => args.dim = value(&flag, it.next())?,
+            "--dim" => args.dim = Some(value(&flag, it.next())?),
             "--dtype" => o.precision = value(&flag, it.next())?,
             "--device" => o.device = value(&flag, it.next())?,
             "--threads" => o.threads = value(&flag, it.next())?,
@@ -89,8 +90,12 @@ fn memory_mb() -> (u64, u64) {
     (field("VmHWM:"), field("RssAnon:"))
 }
 
+fn dim(engine: &Engine, args: &Args) -> usize {
+    args.dim.unwrap_or(engine.info().dims[0])
+}
+
 fn embed(engine: &Engine, args: &Args) -> Result<(), String> {
-    let request = Request { task: &args.task, dim: args.dim, truncate: args.truncate };
+    let request = Request { task: &args.task, dim: dim(engine, args), truncate: args.truncate };
     let stdin = std::io::stdin().lock();
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut lines = stdin.lines().enumerate().peekable();
@@ -122,7 +127,7 @@ fn bench(engine: &Engine, args: &Args) -> Result<(), String> {
         texts.push(serde_json::from_str::<String>(&line).map_err(|e| format!("{}:{}: {e}", corpus.display(), n + 1))?);
     }
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let request = Request { task: &args.task, dim: args.dim, truncate: true };
+    let request = Request { task: &args.task, dim: dim(engine, args), truncate: true };
     engine.embed(&refs[..refs.len().min(8)], &request, &never).map_err(|e| e.to_string())?;
 
     let started = Instant::now();
