@@ -23,11 +23,14 @@ as_root() {
 }
 
 ensure_debian_packages() {
-    local missing=()
-    command -v clang >/dev/null || missing+=(clang)
-    [ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || missing+=(libclang-dev)
-    command -v sudo >/dev/null || missing+=(sudo)
-    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v cargo >/dev/null || die "no Rust toolchain: install one with rustup (https://rustup.rs), then run this again"
+    local missing=() pkg
+    # bindgen needs libclang; cargo-pgrx needs OpenSSL; the venvs need venv and pip.
+    for pkg in clang libclang-dev libssl-dev pkg-config sudo; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing Debian packages: ${missing[*]}"
         as_root apt-get update -qq
@@ -87,13 +90,17 @@ ensure_pg_user() {
 ensure_model() {
     say "model: checking $MODEL_DIR"
     as_root mkdir -p "$EMBEDDINGGEMMA_CACHE"
-    MODEL_DIR=$(as_root env EMBEDDINGGEMMA_CACHE="$EMBEDDINGGEMMA_CACHE" "$ROOT/scripts/fetch-model" | tail -n 1)
+    MODEL_DIR=$(as_root env EMBEDDINGGEMMA_CACHE="$EMBEDDINGGEMMA_CACHE" ${HF_TOKEN:+HF_TOKEN="$HF_TOKEN"} \
+        "$ROOT/scripts/fetch-model" | tail -n 1)
     export MODEL_DIR
 }
 
 install_extension() {
     say "building and installing the extension (release)"
-    (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(--sudo)  # the PostgreSQL tree belongs to root
+    (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" \
+        ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
 }
 
 setup_all() {
@@ -112,7 +119,7 @@ as_pg_user() {
 # pg_start DATADIR PORT: initdb if needed, configure, start.
 pg_start() {
     local data=$1 port=$2
-    if [ ! -f "$data/PG_VERSION" ]; then
+    if ! as_root test -f "$data/PG_VERSION"; then
         say "initdb $data"
         as_root mkdir -p "$data"
         as_root chown "$PG_USER:" "$data"
@@ -127,13 +134,13 @@ CONF
     fi
     if ! as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         as_pg_user "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w start >/dev/null \
-            || { tail -n 30 "$data/server.log" >&2; die "the server did not start"; }
+            || { as_root tail -n 30 "$data/server.log" >&2 || true; die "the server did not start"; }
     fi
 }
 
 pg_stop() {
     local data=$1
-    if [ -f "$data/PG_VERSION" ] && as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    if as_root test -f "$data/PG_VERSION" && as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         as_pg_user "$PG_BIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null
     fi
 }

@@ -123,18 +123,20 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n WHERE n.%2$I IS NOT NULL', key_col, source);
     ELSE
-        -- Also how the UPDATE this trigger issues below ends: it changes no source text.
-        EXECUTE format('SELECT EXISTS (SELECT FROM new_rows n JOIN old_rows o ON o.%1$I = n.%1$I
-                                        WHERE n.%2$I IS DISTINCT FROM o.%2$I)', key_col, source)
-           INTO any_change;
+        -- A row's text changed unless an old row with the same key had the same text (so an
+        -- UPDATE of the key is seen too). The UPDATE this trigger issues below changes no
+        -- text, so its own firing of this trigger stops here.
+        changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n
+                            WHERE NOT EXISTS (SELECT FROM old_rows o
+                                               WHERE o.%1$I = n.%1$I AND o.%2$I IS NOT DISTINCT FROM n.%2$I)',
+                          key_col, source);
+        EXECUTE format('SELECT EXISTS (%s)', changed) INTO any_change;
         IF NOT any_change THEN
             RETURN NULL;
         END IF;
-        changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n JOIN old_rows o ON o.%1$I = n.%1$I
-                            WHERE n.%2$I IS DISTINCT FROM o.%2$I AND n.%2$I IS NOT NULL', key_col, source);
-        EXECUTE format('UPDATE %1$s t SET %2$I = NULL FROM new_rows n JOIN old_rows o ON o.%3$I = n.%3$I
-                         WHERE t.%3$I = n.%3$I AND n.%4$I IS NULL AND o.%4$I IS NOT NULL',
-                       TG_RELID::regclass, target, key_col, source);
+        EXECUTE format('UPDATE %1$s t SET %2$I = NULL FROM (%3$s) c WHERE t.%4$I = c.k AND c.body IS NULL',
+                       TG_RELID::regclass, target, changed, key_col);
+        changed := format('SELECT * FROM (%s) c WHERE c.body IS NOT NULL', changed);
     END IF;
     EXECUTE format($q$
         WITH changed AS (%1$s),
@@ -145,6 +147,9 @@ BEGIN
     $q$, changed, TG_RELID::regclass, target, key_col) USING task, dim;
     RETURN NULL;
 EXCEPTION WHEN undefined_table THEN
+    IF SQLERRM NOT LIKE '%new_rows%' AND SQLERRM NOT LIKE '%old_rows%' THEN
+        RAISE;
+    END IF;
     RAISE EXCEPTION 'embeddinggemma_statement_trigger(): %', SQLERRM
         USING ERRCODE = 'triggered_action_exception',
               HINT = 'Name the transition tables new_rows (and old_rows for UPDATE): REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows.';
@@ -174,10 +179,18 @@ GRANT SELECT, INSERT, UPDATE ON embeddinggemma_backfill_progress TO PUBLIC;
 COMMENT ON TABLE embeddinggemma_backfill_progress IS
 'One row per embeddinggemma_backfill() run, updated in the same transaction as each batch it commits: rows_done counts committed rows exactly.';
 
+-- pg_stat_activity hides other roles' backend_start from ordinary users; this only answers
+-- whether the session that started a run is still there.
+CREATE FUNCTION embeddinggemma_backend_alive(pid int, since timestamptz)
+RETURNS boolean
+STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog
+LANGUAGE sql AS $$
+    SELECT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = $1 AND a.backend_start <= $2)
+$$;
+
 CREATE VIEW embeddinggemma_backfills AS
 SELECT p.*,
-       p.finished_at IS NULL AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
-                                          WHERE a.pid = p.pid AND a.backend_start <= p.started_at) AS running
+       p.finished_at IS NULL AND @extschema@.embeddinggemma_backend_alive(p.pid, p.started_at) AS running
   FROM embeddinggemma_backfill_progress p;
 GRANT SELECT ON embeddinggemma_backfills TO PUBLIC;
 
@@ -204,13 +217,14 @@ DECLARE
     count_sql text := format('SELECT count(*) FROM %s WHERE %I IS NULL AND %I IS NOT NULL', tbl, target, source);
     batch_sql text := format($q$
         WITH batch AS (
-                SELECT ctid AS rid, %2$I AS body FROM %1$s
+                SELECT tableoid AS rel, ctid AS rid, %2$I AS body FROM %1$s
                  WHERE %3$I IS NULL AND %2$I IS NOT NULL
                  LIMIT $1 FOR UPDATE SKIP LOCKED),
-             arrays AS (SELECT array_agg(rid) AS rids, array_agg(body) AS bodies FROM batch),
-             embedded AS (SELECT a.rids[e.ord] AS rid, e.embedding
+             arrays AS (SELECT array_agg(rel) AS rels, array_agg(rid) AS rids, array_agg(body) AS bodies FROM batch),
+             embedded AS (SELECT a.rels[e.ord] AS rel, a.rids[e.ord] AS rid, e.embedding
                             FROM arrays a, @extschema@.embed_batch(a.bodies, $2, $3) e)
-        UPDATE %1$s t SET %3$I = e.embedding FROM embedded e WHERE t.ctid = e.rid
+        -- ctid is unique only within one relation: with partitions or inheritance, match both.
+        UPDATE %1$s t SET %3$I = e.embedding FROM embedded e WHERE t.tableoid = e.rel AND t.ctid = e.rid
     $q$, tbl, source, target);
 BEGIN
     IF batch_size < 1 THEN
@@ -223,8 +237,8 @@ BEGIN
                       AND tgfoid IN ('@extschema@.embeddinggemma_trigger()'::regprocedure,
                                      '@extschema@.embeddinggemma_statement_trigger()'::regprocedure)) THEN
         RAISE WARNING 'embeddinggemma_backfill: no embeddinggemma trigger on %: rows whose % changes later keep a stale %', tbl, source, target
-            USING HINT = format('CREATE TRIGGER %s_embed BEFORE INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger(%L, %L, %L, %s);',
-                                pg_catalog.replace(tbl::text, '.', '_'), tbl, source, target, task, dim);
+            USING HINT = format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger(%L, %L, %L, %L);',
+                                (SELECT relname || '_embed' FROM pg_catalog.pg_class WHERE oid = tbl), tbl, source, target, task, dim);
     END IF;
     EXECUTE count_sql INTO remaining;
     INSERT INTO @extschema@.embeddinggemma_backfill_progress

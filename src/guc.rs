@@ -77,9 +77,9 @@ pub fn register() {
         GucRegistry::define_string_guc_with_hooks(
             c"embeddinggemma.device",
             c"Where to run the model: auto, cpu, cuda or cuda:N.",
-            c"auto picks the first CUDA device when the extension was built with CUDA and one is present.",
+            c"Only superusers may change it: device and dtype are part of the model, and embed() is IMMUTABLE.",
             &DEVICE,
-            GucContext::Userset,
+            GucContext::Suset,
             GucFlags::default(),
             Some(check_device),
             None,
@@ -89,9 +89,9 @@ pub fn register() {
     GucRegistry::define_enum_guc(
         c"embeddinggemma.dtype",
         c"Precision of the weights: auto (f32 on CPU, bf16 on CUDA), f32 or bf16.",
-        c"",
+        c"Only superusers may change it: device and dtype are part of the model, and embed() is IMMUTABLE.",
         &DTYPE,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

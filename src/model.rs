@@ -83,8 +83,8 @@ pub fn loaded_model() -> Option<ModelFacts> {
 struct Loaded {
     settings: LoadSettings,
     engine: Engine,
-    /// Thread pools by size, built on first need.
-    pools: Vec<Option<rayon::ThreadPool>>,
+    /// The last thread pool, rebuilt when a call gets another number of threads.
+    pool: Option<rayon::ThreadPool>,
 }
 
 thread_local! {
@@ -105,7 +105,7 @@ fn cores() -> usize {
 }
 
 /// Runs `f` with the engine for the current settings, loading it first if needed.
-pub fn with_engine<R>(f: impl FnOnce(&mut Engine, &mut Vec<Option<rayon::ThreadPool>>) -> R) -> R {
+pub fn with_engine<R>(f: impl FnOnce(&mut Engine, &mut Option<rayon::ThreadPool>) -> R) -> R {
     let settings = LoadSettings::current();
     LOADED.with(|cell| {
         let mut loaded = cell.borrow_mut();
@@ -119,11 +119,22 @@ pub fn with_engine<R>(f: impl FnOnce(&mut Engine, &mut Vec<Option<rayon::ThreadP
                 s.loads += 1;
                 s.load_time += started.elapsed();
             });
-            *loaded = Some(Loaded { settings, engine, pools: Vec::new() });
+            *loaded = Some(Loaded { settings, engine, pool: None });
         }
         let l = loaded.as_mut().expect("loaded above");
-        f(&mut l.engine, &mut l.pools)
+        f(&mut l.engine, &mut l.pool)
     })
+}
+
+/// Worker threads take no signals: PostgreSQL's handlers expect to interrupt the backend's
+/// own thread.
+fn block_signals() {
+    // SAFETY: fills a local sigset and changes only the calling thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
 }
 
 /// A cancel or terminate request is pending. Only reads flags the signal handlers set, so it
@@ -148,7 +159,7 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         0 => total,
         n => n as usize,
     };
-    with_engine(|engine, pools| {
+    with_engine(|engine, pool| {
         engine.set_batch_limits(max_batch_tokens, embeddinggemma_engine::DEFAULT_MAX_BATCH_SIZE);
         let dim = engine.check_dim(dim as i64).unwrap_or_else(|e| raise_engine(e));
         engine.prompt(task).unwrap_or_else(|e| raise_engine(e));
@@ -156,16 +167,24 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         let slots = cpu_slots::acquire(want, total);
         let wait_time = waiting.elapsed();
         let threads = slots.count();
-        if pools.len() < threads {
-            pools.resize_with(threads, || None);
+        if pool.as_ref().is_none_or(|p| p.current_num_threads() != threads) {
+            *pool = None;
+            *pool = Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("embeddinggemma-{i}"))
+                    .start_handler(|_| block_signals())
+                    .build()
+                    .unwrap_or_else(|e| {
+                        raise(
+                            PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+                            format!("embeddinggemma: cannot start {threads} threads: {e}"),
+                            "Lower embeddinggemma.threads.",
+                        )
+                    }),
+            );
         }
-        let pool = pools[threads - 1].get_or_insert_with(|| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("embeddinggemma-{i}"))
-                .build()
-                .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES, format!("embeddinggemma: cannot start {threads} threads: {e}"), "Lower embeddinggemma.threads."))
-        });
+        let pool = pool.as_ref().expect("built above");
         let request = Request { task, dim, truncate };
         let result = engine.embed_in(pool, texts, &request, &interrupt_requested);
         drop(slots);

@@ -44,7 +44,7 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
             format!("embeddinggemma: target column \"{target}\" of \"{table}\" is {}, not vector", type_name(dst.atttypid, dst.atttypmod)),
-            format!("ALTER TABLE {table} ADD COLUMN {target} vector({dim});"),
+            format!("The target must be a vector({dim}) column, e.g. ALTER TABLE {table} ADD COLUMN embedding vector({dim});"),
         )
     }
     if dst.atttypmod > 0 && dst.atttypmod != dim {

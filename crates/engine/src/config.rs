@@ -85,6 +85,7 @@ struct RawGemma {
     rope_theta: Option<f64>,
     rope_local_base_freq: Option<f64>,
     rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
     hidden_activation: Option<String>,
     attn_logit_softcapping: Option<f64>,
     use_bidirectional_attention: Option<bool>,
@@ -112,6 +113,12 @@ impl GemmaConfig {
             if act != "gelu_pytorch_tanh" {
                 return Err(bad(format!("hidden_activation {act:?} is not supported")));
             }
+        }
+        let scaled = |v: &Value| v.get("rope_type").and_then(Value::as_str).is_some_and(|t| t != "default");
+        let rope_scaled = raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null())
+            || raw.rope_parameters.as_ref().and_then(Value::as_object).is_some_and(|p| p.values().any(scaled));
+        if rope_scaled {
+            return Err(bad("RoPE scaling is not supported (only rope_type \"default\")".into()));
         }
         if raw.attn_logit_softcapping.is_some() {
             return Err(bad("attn_logit_softcapping is not supported".into()));

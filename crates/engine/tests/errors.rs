@@ -156,6 +156,10 @@ fn corrupt_model_files_are_errors_naming_them() {
             std::fs::write(p, text).unwrap();
         })),
         ("modules.json", Box::new(|p: &Path| std::fs::write(p, b"[]").unwrap())),
+        ("config.json", Box::new(|p: &Path| {
+            let text = std::fs::read_to_string(p).unwrap().replacen("\"rope_type\": \"default\"", "\"rope_type\": \"linear\", \"factor\": 2.0", 1);
+            std::fs::write(p, text).unwrap();
+        })),
     ];
     for (file, corrupt) in cases {
         let err = load_corrupted(file, corrupt);

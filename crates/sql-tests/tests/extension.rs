@@ -292,12 +292,14 @@ fn only_a_superuser_may_point_at_model_files() {
     // Once the library is loaded, SET itself is refused.
     let mut user = connect_as_ordinary_user();
     assert_eq!(embed(&mut user, "ordinary users can embed", "query", 128).len(), 128);
-    for setting in ["model_path", "model_checksums"] {
-        let (code, msg, _) = expect_error(&mut user, &format!("SET embeddinggemma.{setting} = '/tmp'"));
-        assert_eq!(code, "42501", "{msg}");
+    // The model's files, and its device and precision (embed() is IMMUTABLE), are the
+    // superuser's to choose.
+    for (setting, value) in [("model_path", "/tmp"), ("model_checksums", "/tmp/x"), ("dtype", "bf16"), ("device", "cpu")] {
+        let (code, msg, _) = expect_error(&mut user, &format!("SET embeddinggemma.{setting} = '{value}'"));
+        assert_eq!(code, "42501", "{setting}: {msg}");
     }
-    // Everything else is open to ordinary users.
-    user.batch_execute("SET embeddinggemma.dtype = 'f32'; SET embeddinggemma.threads = 1; SET embeddinggemma.truncate = off").unwrap();
+    // How a session batches and how many threads it uses are its own business.
+    user.batch_execute("SET embeddinggemma.threads = 1; SET embeddinggemma.truncate = off; SET embeddinggemma.max_batch_tokens = 1024").unwrap();
     assert_eq!(embed(&mut user, "still embedding", "query", 128).len(), 128);
 
     // Before the library is loaded the setting is only a placeholder; PostgreSQL discards a

@@ -136,6 +136,38 @@ fn statement_trigger_embeds_300_docstrings_in_few_passes() {
     assert_vectors_match_embed(&mut c, "st_docs", "id < 5");
 }
 
+#[test]
+fn statement_trigger_follows_key_changes_and_null_text() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sk_docs;
+         CREATE TABLE sk_docs (id bigint PRIMARY KEY DEFERRABLE, body text, v vector(768));
+         CREATE TRIGGER e AFTER INSERT ON sk_docs REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');
+         CREATE TRIGGER r AFTER UPDATE ON sk_docs REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');
+         INSERT INTO sk_docs VALUES (1, 'one'), (2, 'two'), (3, 'three'), (4, NULL);
+         UPDATE sk_docs SET id = id + 10, body = body || ' moved' WHERE id = 1;
+         -- Swapping two keys (checked at statement end) gives each key the other's text.
+         UPDATE sk_docs SET id = CASE id WHEN 2 THEN 3 ELSE 2 END WHERE id IN (2, 3);
+         UPDATE sk_docs SET body = NULL WHERE id = 11;
+         UPDATE sk_docs SET body = 'four' WHERE id = 4;",
+    )
+    .unwrap();
+    assert!(c.query_one("SELECT v IS NULL FROM sk_docs WHERE id = 11", &[]).unwrap().get::<_, bool>(0));
+    assert_eq!(assert_vectors_match_embed(&mut c, "sk_docs", "true"), 4);
+    // Misnamed transition tables get the hint; other missing tables keep their own error.
+    c.batch_execute(
+        "CREATE TEMP TABLE sk_bad (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TRIGGER e AFTER INSERT ON sk_bad REFERENCING NEW TABLE AS inserted
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');",
+    )
+    .unwrap();
+    let (code, msg, hint) = expect_error(&mut c, "INSERT INTO sk_bad VALUES (1, 'x')");
+    assert_eq!(code, "09000", "{msg}");
+    assert!(hint.unwrap().contains("REFERENCING NEW TABLE AS new_rows"));
+}
+
 /// A table of `n` rows to backfill, with an audit of every committed write of `v`.
 fn backfill_table(c: &mut Client, name: &str, n: usize) {
     c.batch_execute(&format!(
@@ -271,6 +303,27 @@ fn two_sessions_backfill_one_table_without_overlap_and_a_third_sees_progress() {
     assert!(claimed <= N as i64 && claimed >= N as i64 - edited, "rows claimed by the sessions: {claimed}");
     // No vector is stale, edited rows included.
     assert_eq!(assert_vectors_match_embed(&mut c, "bf_two", "true"), N);
+}
+
+#[test]
+fn backfill_of_a_partitioned_table_writes_each_row_its_own_vector() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS bp_docs;
+         CREATE TABLE bp_docs (id bigint, body text, v vector(768)) PARTITION BY RANGE (id);
+         CREATE TABLE bp_docs_a PARTITION OF bp_docs FOR VALUES FROM (0) TO (100);
+         CREATE TABLE bp_docs_b PARTITION OF bp_docs FOR VALUES FROM (100) TO (200);
+         INSERT INTO bp_docs (id, body) VALUES (1, 'first partition'), (2, 'also the first'), (101, 'second partition'), (102, NULL);
+         -- the second partition's first row already has a vector: it must not be overwritten
+         UPDATE bp_docs SET v = embed('keep me') WHERE id = 101;",
+    )
+    .unwrap();
+    c.batch_execute("CALL embeddinggemma_backfill('bp_docs', 'body', 'v')").unwrap();
+    let kept: Vec<f32> = c.query_one("SELECT v::real[] FROM bp_docs WHERE id = 101", &[]).unwrap().get(0);
+    assert!(cosine_distance(&kept, &embed(&mut c, "keep me", "document", 768)) <= SAME_TEXT);
+    assert_vectors_match_embed(&mut c, "bp_docs", "id <> 101");
+    let done: i64 = c.query_one("SELECT rows_done FROM embeddinggemma_backfills WHERE relation = 'bp_docs'::regclass", &[]).unwrap().get(0);
+    assert_eq!(done, 2);
 }
 
 #[test]
