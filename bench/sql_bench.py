@@ -23,7 +23,7 @@ dsn, model_dir, corpus, n, engine_bin = sys.argv[1], sys.argv[2], sys.argv[3], i
 texts = [json.loads(line) for line in open(corpus)][:n]
 
 with psycopg.connect(dsn + " dbname=postgres", autocommit=True) as admin:
-    if not admin.execute("SELECT FROM pg_database WHERE datname = 'embeddinggemma_bench'").fetchone():
+    if not admin.execute("SELECT 1 FROM pg_database WHERE datname = 'embeddinggemma_bench'").fetchone():
         admin.execute("CREATE DATABASE embeddinggemma_bench")
 bench_dsn = dsn + " dbname=embeddinggemma_bench"
 
