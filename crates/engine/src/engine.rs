@@ -63,7 +63,7 @@ fn loaded_files(config: &ModelConfig, dir: &Path) -> Vec<String> {
 
 fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     let cuda = |n: usize| {
-        Device::new_cuda(n).map_err(|e| Error::Device { device: format!("cuda:{n}"), reason: e.to_string() })
+        Device::new_cuda(n).map_err(|e| Error::Device { device: format!("cuda:{n}"), reason: crate::error::candle_message(e) })
     };
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),

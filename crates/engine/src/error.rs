@@ -59,7 +59,16 @@ impl Error {
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::Inference(e.to_string())
+        Error::Inference(candle_message(e))
+    }
+}
+
+/// candle's message without the backtrace it attaches when RUST_BACKTRACE is set: callers show
+/// the message to users (an ERROR in PostgreSQL), where a stack dump does not belong.
+pub(crate) fn candle_message(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(*inner),
+        other => other.to_string(),
     }
 }
 
@@ -81,6 +90,16 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candle_errors_lose_their_backtrace() {
+        let e: Error = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("no CUDA-capable device".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+        .into();
+        assert_eq!(e.to_string(), "inference failed: no CUDA-capable device");
+    }
 
     #[test]
     fn a_panic_becomes_an_error() {
