@@ -168,7 +168,7 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         let wait_time = waiting.elapsed();
         let threads = slots.count();
         if pool.as_ref().is_none_or(|p| p.current_num_threads() != threads) {
-            *pool = None;
+            *pool = None; // join the old threads before starting the new ones
             *pool = Some(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
