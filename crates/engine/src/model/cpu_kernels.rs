@@ -90,15 +90,16 @@ struct Task {
     rows: std::ops::Range<usize>,
 }
 
+/// An output buffer shared by parallel tasks.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint rows/heads of the output.
+pub struct SendPtr(pub *mut f32);
+// SAFETY: parallel tasks write disjoint parts of the output.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     // A method, so closures capture the whole wrapper rather than its raw field.
-    fn at(self, offset: usize) -> *mut f32 {
+    pub fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: callers pass offsets inside the output buffer.
         unsafe { self.0.add(offset) }
     }

@@ -1,8 +1,8 @@
 //! Building blocks shared by the encoder and the sentence head.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::SafeTensorsFile;
 
 /// Where and in which precision weights live, and the precision activations flow in.
@@ -47,35 +47,81 @@ impl RmsNorm {
 
 /// A bias-free linear layer, weight stored [out, in] as in the checkpoint.
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
+}
+
+enum Weight {
+    Tensor(Tensor),
+    /// bf16 weights on a CPU with AVX512-BF16, packed for `bf16_gemm`.
+    #[cfg(target_arch = "x86_64")]
+    Packed(super::bf16_gemm::PackedBf16),
+}
+
+/// Set to `off` (or `0`) to keep bf16 weights widened to float32 per product even where the
+/// CPU has AVX512-BF16: the path CPUs without it take, kept testable everywhere.
+pub const BF16_KERNEL_ENV: &str = "EMBEDDINGGEMMA_BF16_KERNEL";
+
+/// Whether bf16 weights at `at` are packed for the AVX512-BF16 kernel.
+pub fn bf16_kernel(at: &Placement) -> bool {
+    let disabled = std::env::var(BF16_KERNEL_ENV).is_ok_and(|v| matches!(v.trim(), "off" | "0" | "false"));
+    #[cfg(target_arch = "x86_64")]
+    let supported = super::bf16_gemm::supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    let supported = false;
+    at.device.is_cpu() && at.weights == DType::BF16 && at.activations == DType::F32 && supported && !disabled
 }
 
 impl Linear {
     pub fn load(file: &SafeTensorsFile, name: &str, out_dim: usize, in_dim: usize, at: &Placement) -> Result<Linear> {
-        Ok(Linear { weight: file.load(name, &[out_dim, in_dim], at.weights, &at.device)? })
+        Linear::load_stacked(file, &[name], out_dim, in_dim, at)
     }
 
     /// Several projections of the same input stacked into one, outputs side by side.
     pub fn load_stacked(file: &SafeTensorsFile, names: &[&str], out_dim: usize, in_dim: usize, at: &Placement) -> Result<Linear> {
-        let parts = names
+        #[cfg(target_arch = "x86_64")]
+        if bf16_kernel(at) {
+            // Read as float32 and round once while packing: no bf16 tensor in between.
+            let tensors = names
+                .iter()
+                .map(|n| file.load(n, &[out_dim, in_dim], DType::F32, &Device::Cpu))
+                .collect::<Result<Vec<_>>>()?;
+            let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+            let parts = guards
+                .iter()
+                .map(|(s, l)| match (&**s, l.contiguous_offsets()) {
+                    (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+                    _ => Err(Error::Inference(format!("{}: expected contiguous float32 weights on the CPU", names[0]))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let row = |i: usize| &parts[i / out_dim][(i % out_dim) * in_dim..(i % out_dim + 1) * in_dim];
+            let packed = super::bf16_gemm::PackedBf16::pack(names.len() * out_dim, in_dim, row);
+            return Ok(Linear { weight: Weight::Packed(packed) });
+        }
+        let mut parts = names
             .iter()
             .map(|n| file.load(n, &[out_dim, in_dim], at.weights, &at.device))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Linear { weight: Tensor::cat(&parts, 0)? })
+        let weight = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 0)? };
+        Ok(Linear { weight: Weight::Tensor(weight) })
     }
 
     /// x: [n, in] → [n, out], in the activations' precision.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dtype() == x.dtype() {
-            return Ok(x.matmul(&self.weight.t()?)?);
+        match &self.weight {
+            Weight::Tensor(w) if w.dtype() == x.dtype() => Ok(x.matmul(&w.t()?)?),
+            // bfloat16 weights on a CPU without the kernel: candle has no bf16 matrix product
+            // there, so the stored weights are widened per call and the product runs in float32.
+            Weight::Tensor(w) => Ok(x.matmul(&w.to_dtype(x.dtype())?.t()?)?),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Packed(p) => Ok(x.contiguous()?.apply_op1_no_bwd(p)?),
         }
-        // bfloat16 weights on a CPU: candle has no bf16 matrix product there, so the stored
-        // weights are widened per call and the product runs in float32.
-        let w = self.weight.to_dtype(x.dtype())?;
-        Ok(x.matmul(&w.t()?)?)
     }
 
     pub fn bytes(&self) -> usize {
-        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+        match &self.weight {
+            Weight::Tensor(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Packed(p) => p.bytes(),
+        }
     }
 }

@@ -2,6 +2,8 @@
 
 mod attention;
 mod batch;
+#[cfg(target_arch = "x86_64")]
+mod bf16_gemm;
 mod cpu_kernels;
 mod encoder;
 mod head;
