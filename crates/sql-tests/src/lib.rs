@@ -142,3 +142,52 @@ pub fn stat<T: for<'a> postgres::types::FromSql<'a>>(client: &mut Client, name: 
 pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<String>) {
     sql_error(client.batch_execute(sql).expect_err(sql))
 }
+
+/// Makes `role` an ordinary login role whose default model is the tiny fixture model. An
+/// ordinary role cannot `SET embeddinggemma.model_path` (superuser-only), but a superuser's
+/// `ALTER ROLE … SET` applies at every login of the role, so its sessions load the tiny model
+/// without any privilege. A dedicated role leaves every other test's sessions unaffected.
+pub fn tiny_model_role(role: &str) {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let ident = format!("\"{}\"", role.replace('"', "\"\""));
+    connect()
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {role_lit}) THEN
+                 CREATE ROLE {ident} LOGIN;
+               END IF;
+             END $$;
+             GRANT USAGE ON SCHEMA public TO {ident};
+             ALTER ROLE {ident} SET embeddinggemma.model_path = {path};
+             ALTER ROLE {ident} SET embeddinggemma.model_checksums = {sums};",
+            role_lit = quote(role),
+            path = quote(&tiny_model_dir().display().to_string()),
+            sums = quote(&tiny_checksums().display().to_string()),
+        ))
+        .unwrap();
+}
+
+/// A session as `role` (see [`tiny_model_role`]).
+pub fn connect_as(role: &str) -> Client {
+    Client::connect(&format!("{} user={role}", dsn()), NoTls).unwrap_or_else(|e| panic!("cannot connect as {role}: {e}"))
+}
+
+/// The test server's log file, where `scripts/test` says it is (`EMBEDDINGGEMMA_TEST_SERVER_LOG`)
+/// and this process may read it.
+pub fn server_log() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("EMBEDDINGGEMMA_TEST_SERVER_LOG")?);
+    std::fs::File::open(&path).ok().map(|_| path)
+}
+
+/// Lines of the server log that show a backend crash or a crash recovery.
+pub fn crash_lines(log: &str) -> Vec<String> {
+    const SIGNS: [&str; 6] = [
+        "terminated by signal",
+        "was terminated by exception",
+        "exited with exit code",
+        "all server processes terminated; reinitializing",
+        "terminating any other active server processes",
+        "PANIC:",
+    ];
+    log.lines().filter(|l| SIGNS.iter().any(|s| l.contains(s))).map(str::to_string).collect()
+}
