@@ -21,20 +21,8 @@ fn reference() -> &'static [Case] {
     CASES.get_or_init(|| cases("embeddinggemma-300m.json"))
 }
 
-/// Embeds every case, one call per task (so each call holds all texts of that task).
 fn embed_batched(engine: &Engine, dim: usize) -> Vec<Vec<f32>> {
-    let cases = reference();
-    let mut out = vec![Vec::new(); cases.len()];
-    for task in ["none", "query", "document"] {
-        let idx: Vec<usize> = (0..cases.len()).filter(|&i| cases[i].task() == task).collect();
-        let texts: Vec<&str> = idx.iter().map(|&i| cases[i].text.as_str()).collect();
-        let (vectors, stats) = engine.embed(&texts, &Request { task, dim, truncate: true }, &never).unwrap();
-        assert!(stats.forward_passes < texts.len() as u64, "batched call ran one pass per text");
-        for (i, v) in idx.into_iter().zip(vectors) {
-            out[i] = v;
-        }
-    }
-    out
+    common::embed_batched(engine, reference(), dim)
 }
 
 #[test]
@@ -82,16 +70,71 @@ fn matryoshka_dimensions_match_the_truncated_reference() {
     }
 }
 
+/// bf16 on this CPU: the AVX512-BF16 kernel where the CPU has it (bf16 weights and
+/// activations, f32 accumulation), else float32 products of widened bf16 weights.
+fn bf16_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| real_engine(Precision::Bf16))
+}
+
 #[test]
-fn bf16_batched_is_close_to_the_reference() {
-    let engine = real_engine(Precision::Bf16);
+fn bf16_batched_is_close_to_the_reference_at_every_width() {
+    let engine = bf16_engine();
     assert_eq!(engine.info().dtype, "bf16");
-    let got = embed_batched(&engine, 768);
-    let mut worst = 0.0f64;
-    for (case, v) in reference().iter().zip(&got) {
-        let d = cosine_distance(v, &case.embedding);
-        assert!(d <= BF16_TOLERANCE, "{} bf16: cosine distance {d:e}", case.label());
-        worst = worst.max(d);
+    let got = embed_batched(engine, 768);
+    for (dim, worst, label) in worst_distances(reference(), &got) {
+        eprintln!("bf16: worst cosine distance to reference at {dim}: {worst:e} ({label})");
+        assert!(worst <= BF16_TOLERANCE, "{label} bf16 at {dim}: cosine distance {worst:e}");
     }
-    eprintln!("bf16: worst cosine distance to reference {worst:e}");
+}
+
+/// Ranks `docs` by cosine similarity to `query` (all unit vectors), best first.
+fn ranking(query: &[f32], docs: &[Vec<f32>]) -> Vec<usize> {
+    let dot = |d: &Vec<f32>| d.iter().zip(query).map(|(a, b)| a * b).sum::<f32>();
+    let mut order: Vec<usize> = (0..docs.len()).collect();
+    order.sort_by(|&a, &b| dot(&docs[b]).total_cmp(&dot(&docs[a])));
+    order
+}
+
+#[test]
+fn bf16_keeps_the_model_card_ranking() {
+    const QUERY: &str = "Which planet is known as the Red Planet?";
+    const PLANETS: [&str; 4] = [
+        "Venus is often called Earth's twin because of its similar size and proximity.",
+        "Mars, known for its reddish appearance, is often referred to as the Red Planet.",
+        "Jupiter, the largest planet in our solar system, has a prominent red spot.",
+        "Saturn, famous for its rings, is sometimes mistaken for the Red Planet.",
+    ];
+    let rank = |engine: &Engine| {
+        let (q, _) = engine.embed(&[QUERY], &Request { task: "query", dim: 768, truncate: true }, &never).unwrap();
+        let (docs, _) = engine.embed(&PLANETS, &Request { task: "document", dim: 768, truncate: true }, &never).unwrap();
+        ranking(&q[0], &docs)
+    };
+    let (f32_order, bf16_order) = (rank(engine()), rank(bf16_engine()));
+    assert_eq!(f32_order[0], 1, "f32 ranks Mars first: {f32_order:?}");
+    assert_eq!(bf16_order, f32_order);
+}
+
+/// Retrieval on real passages: each of the first 50 docstrings queries the first 100 (itself
+/// left out, `document` prompt on both sides); bf16's top 10 must share ≥ 95 % with f32's.
+/// (bench/retrieval-bf16 measures the same over all 1000 passages.)
+#[test]
+fn bf16_retrieval_matches_f32_on_docstrings() {
+    let corpus = docstrings(100);
+    let texts: Vec<&str> = corpus.iter().map(String::as_str).collect();
+    let request = Request { task: "document", dim: 768, truncate: true };
+    let (f32_vectors, _) = engine().embed(&texts, &request, &never).unwrap();
+    let (bf16_vectors, _) = bf16_engine().embed(&texts, &request, &never).unwrap();
+    let top10 = |vectors: &[Vec<f32>], q: usize| -> Vec<usize> {
+        ranking(&vectors[q], vectors).into_iter().filter(|&i| i != q).take(10).collect()
+    };
+    let shared: usize = (0..50)
+        .map(|q| {
+            let want = top10(&f32_vectors, q);
+            top10(&bf16_vectors, q).iter().filter(|i| want.contains(i)).count()
+        })
+        .sum();
+    let overlap = shared as f64 / 500.0;
+    eprintln!("bf16 vs f32: top-10 overlap {:.1} % (50 queries, 100 passages)", overlap * 100.0);
+    assert!(overlap >= 0.95, "top-10 overlap {overlap}");
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use super::attention::Attention;
 use super::cpu_kernels;
 use super::batch::Batch;
-use super::layers::{Linear, Placement, RmsNorm};
+use super::layers::{self, Linear, Placement, RmsNorm};
 use crate::config::{GemmaConfig, LayerType};
 use crate::error::{Error, Result};
 use crate::weights::{EmbeddingTable, SafeTensorsFile};
@@ -100,6 +100,7 @@ impl Encoder {
         let layers = (0..cfg.layer_types.len())
             .map(|i| Layer::load(file, i, cfg, at))
             .collect::<Result<Vec<_>>>()?;
+        layers::release_load_transients();
         Ok(Encoder {
             embeddings: file.embedding_table("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?,
             embed_scale: (cfg.hidden_size as f32).sqrt(),

@@ -21,6 +21,7 @@ impl SentenceHead {
                 Linear::load(&file, "linear.weight", c.out_features, c.in_features, at)
             })
             .collect::<Result<Vec<_>>>()?;
+        super::layers::release_load_transients();
         Ok(SentenceHead { dense, at: at.clone() })
     }
 

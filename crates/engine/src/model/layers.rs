@@ -45,6 +45,17 @@ impl RmsNorm {
     }
 }
 
+/// Returns the heap pages freed while loading (float32 copies of bf16 weights, the parts of
+/// stacked weights) to the system: the engine keeps freed memory on the heap for reuse, so
+/// without this they would stay resident for the life of the process.
+pub fn release_load_transients() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A bias-free linear layer, weight stored [out, in] as in the checkpoint.
 pub struct Linear {
     weight: Weight,

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Manifest, Precision};
+use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Manifest, Precision, Request};
 use serde::Deserialize;
 
 pub fn data(rel: &str) -> PathBuf {
@@ -95,4 +95,42 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn matryoshka(v: &[f32], dim: usize) -> Vec<f32> {
     let norm = v[..dim].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
     v[..dim].iter().map(|&x| (x as f64 / norm) as f32).collect()
+}
+
+/// Embeds every case, one call per task (so each call holds all texts of that task).
+pub fn embed_batched(engine: &Engine, cases: &[Case], dim: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![Vec::new(); cases.len()];
+    for task in ["none", "query", "document"] {
+        let idx: Vec<usize> = (0..cases.len()).filter(|&i| cases[i].task() == task).collect();
+        let texts: Vec<&str> = idx.iter().map(|&i| cases[i].text.as_str()).collect();
+        let (vectors, stats) = engine.embed(&texts, &Request { task, dim, truncate: true }, &never).unwrap();
+        assert!(stats.forward_passes < texts.len() as u64, "batched call ran one pass per text");
+        for (i, v) in idx.into_iter().zip(vectors) {
+            out[i] = v;
+        }
+    }
+    out
+}
+
+/// The worst cosine distance of `got` to the reference at 768 and each Matryoshka width (the
+/// 768-wide vectors truncated and normalised again), with the case it occurs on.
+pub fn worst_distances(cases: &[Case], got: &[Vec<f32>]) -> Vec<(usize, f64, String)> {
+    [768, 512, 256, 128]
+        .into_iter()
+        .map(|dim| {
+            let (d, label) = cases
+                .iter()
+                .zip(got)
+                .map(|(c, v)| (cosine_distance(&matryoshka(v, dim), &matryoshka(&c.embedding, dim)), c.label()))
+                .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+            (dim, d, label)
+        })
+        .collect()
+}
+
+/// The first `n` passages of bench/docstrings.jsonl.
+pub fn docstrings(n: usize) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/docstrings.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines().take(n).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
