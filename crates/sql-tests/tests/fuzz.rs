@@ -581,12 +581,12 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
                     Expect::Vector(Some(dim0)),
                 )
             } else {
+                // Keys of their own per case (arrays hold fewer than 100,000 texts).
                 let texts = text_array(&mut rng, false);
-                let n = texts.len();
                 case(
                     Kind::Trigger,
-                    "WITH d AS (DELETE FROM fz_stmt) INSERT INTO fz_stmt (id, body) SELECT o + $2::int * 100000, t FROM unnest($1::text[]) WITH ORDINALITY u(t, o)",
-                    vec![Param::Texts(Some(texts)), Param::Int(Some(rng.range(0, 1000) as i32 + n as i32))],
+                    "INSERT INTO fz_stmt (id, body) SELECT o + $2::bigint * 100000, t FROM unnest($1::text[]) WITH ORDINALITY u(t, o)",
+                    vec![Param::Texts(Some(texts)), Param::Long(Some(index as i64))],
                     Expect::Anything,
                 )
             };
@@ -853,7 +853,7 @@ fn open_session(slot: usize, targets: &Mutex<Vec<Option<(CancelToken, i32)>>>, d
              CREATE TEMP TABLE fz_row (id int PRIMARY KEY, body text, v vector({dim}));
              CREATE TRIGGER fz_row_embed BEFORE INSERT OR UPDATE ON fz_row
                FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v', 'query', '{dim}');
-             CREATE TEMP TABLE fz_stmt (id int PRIMARY KEY, body text, v vector({dim}));
+             CREATE TEMP TABLE fz_stmt (id bigint PRIMARY KEY, body text, v vector({dim}));
              CREATE TRIGGER fz_stmt_embed AFTER INSERT ON fz_stmt REFERENCING NEW TABLE AS new_rows
                FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v', 'document', '{dim}');"
         ))
