@@ -7,6 +7,24 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+/// Reads a model file: the engine passes one that checks each file's bytes against the
+/// manifest as it reads them, so what is parsed is what was verified.
+pub type Reader<'a> = &'a dyn Fn(&Path) -> Result<Vec<u8>>;
+
+/// A `Reader` that refuses files the manifest does not cover or whose sha256 differs.
+pub fn verified_reader<'a>(dir: &'a Path, manifest: &'a Manifest) -> impl Fn(&Path) -> Result<Vec<u8>> + 'a {
+    move |path: &Path| {
+        let relative = path.strip_prefix(dir).unwrap_or(path).to_string_lossy().into_owned();
+        if !manifest.covers(&relative) {
+            return Err(Error::file(path, "no sha256 is known for this file, so it cannot be verified"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+        manifest.check_bytes(path, &relative, &bytes)?;
+        Ok(bytes)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerType {
@@ -58,9 +76,12 @@ pub struct ModelConfig {
     pub prompts: BTreeMap<String, String>,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+fn read_json(read: Reader, path: &Path) -> Result<Value> {
+    json_from_slice(path, &read(path)?)
+}
+
+fn json_from_slice(path: &Path, bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path, value: Value) -> Result<T> {
@@ -103,8 +124,9 @@ fn rope_theta(raw: &RawGemma, kind: &str, legacy: Option<f64>) -> Option<f64> {
 }
 
 impl GemmaConfig {
-    pub fn from_file(path: &Path) -> Result<GemmaConfig> {
-        let raw: RawGemma = parse(path, read_json(path)?)?;
+    /// Parses `config.json`'s contents (`path` names it in errors).
+    pub fn from_slice(path: &Path, bytes: &[u8]) -> Result<GemmaConfig> {
+        let raw: RawGemma = parse(path, json_from_slice(path, bytes)?)?;
         let bad = |reason: String| Error::file(path, reason);
         if raw.use_bidirectional_attention == Some(false) {
             return Err(bad("use_bidirectional_attention is false: not an embedding model".into()));
@@ -197,8 +219,8 @@ fn module_kind(kind: &str) -> &str {
     kind.rsplit('.').next().unwrap_or(kind)
 }
 
-fn check_pooling(path: &Path) -> Result<()> {
-    let v = read_json(path)?;
+fn check_pooling(read: Reader, path: &Path) -> Result<()> {
+    let v = read_json(read, path)?;
     let mean = v.get("pooling_mode").and_then(Value::as_str) == Some("mean")
         || v.get("pooling_mode_mean_tokens").and_then(Value::as_bool) == Some(true);
     let include_prompt = v.get("include_prompt").and_then(Value::as_bool).unwrap_or(true);
@@ -210,14 +232,14 @@ fn check_pooling(path: &Path) -> Result<()> {
 
 /// sentence-transformers' rule: `sentence_bert_config.json`'s max_seq_length, else the smaller
 /// of the tokenizer's model_max_length and the encoder's max_position_embeddings.
-fn max_seq_length(dir: &Path, encoder: &GemmaConfig) -> Result<usize> {
+fn max_seq_length(read: Reader, dir: &Path, encoder: &GemmaConfig) -> Result<usize> {
     let st_path = dir.join("sentence_bert_config.json");
-    let configured = read_json(&st_path)?.get("max_seq_length").and_then(Value::as_u64);
+    let configured = read_json(read, &st_path)?.get("max_seq_length").and_then(Value::as_u64);
     let limit = match configured {
         Some(n) => n as usize,
         None => {
             let tok_path = dir.join("tokenizer_config.json");
-            let from_tokenizer = read_json(&tok_path)?.get("model_max_length").and_then(Value::as_u64);
+            let from_tokenizer = read_json(read, &tok_path)?.get("model_max_length").and_then(Value::as_u64);
             [from_tokenizer.map(|n| n as usize), encoder.max_position_embeddings]
                 .into_iter()
                 .flatten()
@@ -232,26 +254,32 @@ fn max_seq_length(dir: &Path, encoder: &GemmaConfig) -> Result<usize> {
 }
 
 impl ModelConfig {
-    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
-        let encoder = GemmaConfig::from_file(&dir.join("config.json"))?;
+    /// Reads the directory's JSON files through `read`.
+    pub fn from_dir(dir: &Path, read: Reader) -> Result<ModelConfig> {
+        let config_path = dir.join("config.json");
+        let encoder = GemmaConfig::from_slice(&config_path, &read(&config_path)?)?;
 
         let modules_path = dir.join("modules.json");
-        let modules: Vec<RawModule> = parse(&modules_path, read_json(&modules_path)?)?;
+        let modules: Vec<RawModule> = parse(&modules_path, read_json(read, &modules_path)?)?;
         let kinds: Vec<&str> = modules.iter().map(|m| module_kind(&m.kind)).collect();
         let mut dense = Vec::new();
         let mut pooling = false;
         let mut normalize = false;
         for (module, kind) in modules.iter().zip(&kinds) {
-            let mdir = dir.join(&module.path);
+            let relative = Path::new(&module.path);
+            if relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err(Error::file(&modules_path, format!("module path {:?} leaves the model directory", module.path)));
+            }
+            let mdir = dir.join(relative);
             match *kind {
                 "Transformer" if module.path.is_empty() => {}
                 "Pooling" => {
-                    check_pooling(&mdir.join("config.json"))?;
+                    check_pooling(read, &mdir.join("config.json"))?;
                     pooling = true;
                 }
                 "Dense" => {
                     let cfg_path = mdir.join("config.json");
-                    let raw: RawDense = parse(&cfg_path, read_json(&cfg_path)?)?;
+                    let raw: RawDense = parse(&cfg_path, read_json(read, &cfg_path)?)?;
                     let identity = raw
                         .activation_function
                         .as_deref()
@@ -278,10 +306,10 @@ impl ModelConfig {
             width = d.out_features;
         }
 
-        let max_seq_length = max_seq_length(dir, &encoder)?;
+        let max_seq_length = max_seq_length(read, dir, &encoder)?;
 
         let prompts_path = dir.join("config_sentence_transformers.json");
-        let prompts = match read_json(&prompts_path) {
+        let prompts = match read_json(read, &prompts_path) {
             Ok(v) => match v.get("prompts") {
                 Some(p) => parse(&prompts_path, p.clone())?,
                 None => BTreeMap::new(),

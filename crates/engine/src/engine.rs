@@ -9,9 +9,17 @@ use crate::config::ModelConfig;
 use crate::error::{catch_panic, Error, Result};
 use crate::model::{normalize, Encoder, Placement, SentenceHead};
 use crate::options::{DeviceChoice, EngineOptions, Precision, Request};
-use crate::planner::{self, Plan};
+use crate::planner::{self, MemoryModel, Plan};
 use crate::stats::Stats;
+use crate::threads::JoinedPool;
 use crate::tokenize::{TextTokenizer, TokenizedText};
+
+/// Texts tokenized, planned and embedded together: bounds what one step of a call holds
+/// (ids, plan, vectors) whatever the number of texts.
+pub const WINDOW_TEXTS: usize = 4096;
+
+/// Memory of a call besides its forward passes: a window's ids and vectors, tokenizer work.
+const CALL_OVERHEAD_BYTES: usize = 64 << 20;
 
 /// Matryoshka sizes the model was trained for, besides its full width.
 const MATRYOSHKA_DIMS: [usize; 3] = [512, 256, 128];
@@ -41,7 +49,10 @@ pub struct Engine {
     tokenizer: TextTokenizer,
     encoder: Encoder,
     head: SentenceHead,
-    pool: rayon::ThreadPool,
+    /// `EngineOptions::own_thread_pool`.
+    pool: Option<JoinedPool>,
+    memory: MemoryModel,
+    max_memory: usize,
     info: EngineInfo,
 }
 
@@ -51,7 +62,8 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Every file whose contents we load must have a known checksum.
+/// The large files loaded after the JSON (which is checked as it is read): each must have a
+/// known checksum.
 fn loaded_files(config: &ModelConfig, dir: &Path) -> Vec<String> {
     let mut files = vec!["model.safetensors".to_string(), "tokenizer.json".to_string()];
     for dense in &config.dense {
@@ -115,6 +127,18 @@ fn keep_large_allocations_on_heap() {
     }
 }
 
+/// candle 0.11 runs large elementwise ops on a process-wide pool of its own, started on first
+/// use with one thread per core and kept for the process's life. A host process that gives
+/// the engine its own pool (a PostgreSQL backend) must not get those idle threads, so unless
+/// the operator set CANDLE_NUM_THREADS, the pool is made empty: those ops then run on the
+/// calling thread, and the matrix products and attention still run on the caller's pool.
+fn no_candle_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called while loading, before any candle op; nothing else reads the environment then.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 impl Engine {
     /// Verifies the checksums, then loads config, tokenizer and weights from a
     /// sentence-transformers directory.
@@ -124,12 +148,17 @@ impl Engine {
 
     fn load_inner(dir: &Path, options: &EngineOptions) -> Result<Engine> {
         let started = Instant::now();
-        keep_large_allocations_on_heap();
+        if options.tune_allocator {
+            keep_large_allocations_on_heap();
+        }
+        if !options.own_thread_pool {
+            no_candle_threads();
+        }
         let dir = dir.canonicalize().map_err(|e| Error::file(dir, e))?;
         if options.max_batch_tokens == 0 {
             return Err(Error::InvalidOption("max_batch_tokens must be positive".into()));
         }
-        let config = ModelConfig::from_dir(&dir)?;
+        let config = ModelConfig::from_dir(&dir, &crate::config::verified_reader(&dir, &options.checksums))?;
         for file in loaded_files(&config, &dir) {
             if !options.checksums.covers(&file) {
                 return Err(Error::file(dir.join(&file), "no sha256 is known for this file, so it cannot be verified"));
@@ -150,11 +179,17 @@ impl Engine {
         let head = SentenceHead::load(&config.dense, &at)?;
 
         let threads = if options.threads == 0 { candle_core::utils::get_num_threads() } else { options.threads };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("embeddinggemma-{i}"))
-            .build()
-            .map_err(|e| Error::InvalidOption(format!("cannot start {threads} threads: {e}")))?;
+        let pool = if options.own_thread_pool { Some(JoinedPool::new(threads, "embeddinggemma")?) } else { None };
+        let memory = MemoryModel {
+            hidden: enc.hidden_size,
+            intermediate: enc.intermediate_size,
+            heads: enc.num_attention_heads,
+            kv_heads: enc.num_key_value_heads,
+            head_dim: enc.head_dim,
+            window: enc.sliding_half_window(),
+            portable: !at.cpu_kernels(),
+            threads,
+        };
 
         let full = config.output_dim();
         let dims = std::iter::once(full).chain(MATRYOSHKA_DIMS.into_iter().filter(|&d| d < full)).collect();
@@ -173,7 +208,18 @@ impl Engine {
             weight_bytes: encoder.bytes() + head.bytes(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        Ok(Engine { config, tokenizer, encoder, head, pool, info })
+        Ok(Engine { config, tokenizer, encoder, head, pool, memory, max_memory: options.max_memory, info })
+    }
+
+    /// Runs `f` on the engine's own pool, or on one started for this call and joined after.
+    fn on_pool<R>(&self, f: impl FnOnce(&rayon::ThreadPool) -> Result<R>) -> Result<R> {
+        match &self.pool {
+            Some(pool) => f(pool),
+            None => {
+                let pool = JoinedPool::new(self.info.threads, "embeddinggemma")?;
+                f(&pool)
+            }
+        }
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -209,12 +255,36 @@ impl Engine {
     /// Token ids the model will see for each text (after truncation).
     pub fn tokenize(&self, texts: &[&str], task: &str) -> Result<Vec<TokenizedText>> {
         let prompt = self.prompt(task)?;
-        catch_panic(|| self.pool.install(|| self.tokenizer.encode_all(prompt, texts)))
+        self.on_pool(|pool| catch_panic(|| pool.install(|| self.tokenizer.encode_all(prompt, texts, &|| false))))
     }
 
-    /// The buckets `embed` would run for texts of these token counts.
+    /// The buckets `embed` would run for texts of these token counts (of one window).
     pub fn plan(&self, lengths: &[usize]) -> Plan {
-        planner::plan(lengths, self.info.max_batch_tokens, self.info.max_batch_size)
+        let memory = MemoryModel { threads: self.info.threads, ..self.memory };
+        self.plan_with(lengths, &memory).unwrap_or_else(|p| p)
+    }
+
+    fn plan_with(&self, lengths: &[usize], memory: &MemoryModel) -> std::result::Result<Plan, Plan> {
+        let budget = self.max_memory.saturating_sub(CALL_OVERHEAD_BYTES);
+        let fits = |size: usize, len: usize| memory.pass_bytes(size, len) <= budget;
+        planner::plan_within(lengths, self.info.max_batch_tokens, self.info.max_batch_size, &fits)
+    }
+
+    /// Estimated peak bytes of one call's forward pass over `size` texts padded to `len`
+    /// tokens, plus the call's fixed overhead: what `max_memory` is compared with.
+    pub fn estimate_memory(&self, size: usize, len: usize) -> usize {
+        let memory = MemoryModel { threads: self.info.threads, ..self.memory };
+        memory.pass_bytes(size, len).saturating_add(CALL_OVERHEAD_BYTES)
+    }
+
+    /// Bytes one call may use beyond the weights: buckets shrink to fit, and a text whose pass
+    /// alone would need more is refused. 0 leaves no room for any pass.
+    pub fn set_memory_limit(&mut self, bytes: usize) {
+        self.max_memory = bytes;
+    }
+
+    pub fn memory_limit(&self) -> usize {
+        self.max_memory
     }
 
     /// Changes the bucket limits of later calls.
@@ -224,10 +294,10 @@ impl Engine {
     }
 
     /// Embeds `texts`, returning unit vectors of `request.dim` values in input order.
-    /// `cancel` is polled between forward passes and between layers; when it returns true the
-    /// call stops with `Error::Cancelled`.
+    /// `cancel` is polled per text while tokenizing, between forward passes and between
+    /// layers; when it returns true the call stops with `Error::Cancelled`.
     pub fn embed(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
-        self.embed_in(&self.pool, texts, request, cancel)
+        self.on_pool(|pool| self.embed_in(pool, texts, request, cancel))
     }
 
     /// `embed` on the caller's thread pool, whose size sets how many CPU threads the call uses.
@@ -238,28 +308,80 @@ impl Engine {
         request: &Request,
         cancel: &(dyn Fn() -> bool + Sync),
     ) -> Result<(Vec<Vec<f32>>, Stats)> {
-        let result = catch_panic(|| pool.install(|| self.embed_inner(texts, request, cancel)));
+        let mut vectors = Vec::new();
+        vectors.try_reserve_exact(texts.len()).map_err(|e| Error::out_of_memory(format!("{} vectors: {e}", texts.len())))?;
+        let stats = self.embed_stream_in(pool, texts, request, cancel, &mut |_, chunk| {
+            vectors.extend(chunk);
+            Ok(())
+        })?;
+        Ok((vectors, stats))
+    }
+
+    /// `embed_in` for arrays of any length: texts are embedded `WINDOW_TEXTS` at a time and
+    /// each window's vectors (input order) go to `sink(first_index, vectors)` before the next
+    /// window starts, so the call holds one window at a time. `sink` runs on the calling
+    /// thread (never on a pool thread); an error from it stops the call.
+    pub fn embed_stream_in(
+        &self,
+        pool: &rayon::ThreadPool,
+        texts: &[&str],
+        request: &Request,
+        cancel: &(dyn Fn() -> bool + Sync),
+        sink: &mut dyn FnMut(usize, Vec<Vec<f32>>) -> Result<()>,
+    ) -> Result<Stats> {
+        let result = (|| {
+            let prompt = self.prompt(request.task)?;
+            let dim = self.check_dim(request.dim as i64)?;
+            let mut stats = Stats::default();
+            for (n, window) in texts.chunks(WINDOW_TEXTS).enumerate() {
+                if cancel() {
+                    return Err(Error::Cancelled);
+                }
+                let first = n * WINDOW_TEXTS;
+                let (vectors, window_stats) =
+                    catch_panic(|| pool.install(|| self.embed_window(first, window, prompt, dim, request.truncate, cancel)))?;
+                stats += window_stats;
+                sink(first, vectors)?;
+            }
+            Ok(stats)
+        })();
         release_free_memory();
         result
     }
 
-    fn embed_inner(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
-        let prompt = self.prompt(request.task)?;
-        let dim = self.check_dim(request.dim as i64)?;
+    fn embed_window(
+        &self,
+        first: usize,
+        texts: &[&str],
+        prompt: &str,
+        dim: usize,
+        truncate: bool,
+        cancel: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(Vec<Vec<f32>>, Stats)> {
         let mut stats = Stats { texts: texts.len() as u64, ..Stats::default() };
 
         let started = Instant::now();
-        let tokenized = self.tokenizer.encode_all(prompt, texts)?;
+        let tokenized = self.tokenizer.encode_all(prompt, texts, cancel)?;
         stats.tokenize_time = started.elapsed();
         if let Some((index, t)) = tokenized.iter().enumerate().find(|(_, t)| t.truncated()) {
-            if !request.truncate {
-                return Err(Error::TooLong { index, tokens: t.full_len, limit: self.tokenizer.max_len() });
+            if !truncate {
+                return Err(Error::TooLong { index: first + index, tokens: t.full_len, limit: self.tokenizer.max_len() });
             }
         }
         stats.truncated = tokenized.iter().filter(|t| t.truncated()).count() as u64;
 
         let lengths: Vec<usize> = tokenized.iter().map(|t| t.ids.len()).collect();
-        let plan = self.plan(&lengths);
+        let memory = MemoryModel { threads: rayon::current_num_threads(), ..self.memory };
+        let plan = self.plan_with(&lengths, &memory).map_err(|plan| {
+            let bucket = &plan.buckets[0];
+            Error::InvalidOption(format!(
+                "text {} ({} tokens) needs about {} MiB for its forward pass, more than the memory limit of {} MiB",
+                first + bucket.members[0],
+                bucket.padded_len,
+                (memory.pass_bytes(1, bucket.padded_len) + CALL_OVERHEAD_BYTES) >> 20,
+                self.max_memory >> 20
+            ))
+        })?;
         stats.real_tokens = plan.real_tokens as u64;
         stats.padded_tokens = plan.padded_tokens as u64;
 

@@ -20,7 +20,8 @@ pub enum Error {
     #[error("invalid dimension {dim}; valid dimensions: {valid}")]
     InvalidDim { dim: i64, valid: String },
 
-    #[error("text {index} has {tokens} tokens, more than the model's limit of {limit}")]
+    /// `tokens` counts the whole text, or for a text cut before tokenizing a lower bound.
+    #[error("text {index} has at least {tokens} tokens, more than the model's limit of {limit}")]
     TooLong {
         index: usize,
         tokens: usize,
@@ -46,9 +47,22 @@ pub enum Error {
     Panic(String),
 }
 
+const OUT_OF_MEMORY: &str = "out of memory";
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An allocation the engine could not make (instead of aborting the process). Reported as
+    /// `Inference` so that callers matching every variant keep compiling.
+    pub(crate) fn out_of_memory(what: impl std::fmt::Display) -> Self {
+        Error::Inference(format!("{OUT_OF_MEMORY}: {what}"))
+    }
+
+    /// Whether this error is an allocation failure (`Error::out_of_memory`).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Inference(m) if m.starts_with(OUT_OF_MEMORY))
+    }
+
     pub(crate) fn file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
         Error::ModelFile {
             path: path.into(),

@@ -4,18 +4,24 @@
 mod config;
 mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod manifest;
 mod model;
 mod options;
 pub mod planner;
 mod stats;
+mod threads;
 mod tokenize;
 mod weights;
 
-pub use engine::{Engine, EngineInfo};
+pub use engine::{Engine, EngineInfo, WINDOW_TEXTS};
 pub use error::{Error, Result};
 pub use manifest::{sha256_file, Manifest};
-pub use options::{DeviceChoice, EngineOptions, Precision, Request, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS};
-pub use planner::{Bucket, Plan};
+pub use options::{
+    DeviceChoice, EngineOptions, Precision, Request, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MEMORY,
+};
+pub use planner::{Bucket, MemoryModel, Plan};
 pub use stats::Stats;
-pub use tokenize::TokenizedText;
+pub use threads::JoinedPool;
+pub use tokenize::{TextTokenizer, TokenizedText};

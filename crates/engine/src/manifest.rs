@@ -61,6 +61,19 @@ impl Manifest {
         self.files.iter().map(|(p, h)| (p.as_str(), h.as_str()))
     }
 
+    /// Checks bytes read from `path` (listed as `relative`) against the manifest.
+    pub fn check_bytes(&self, path: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
+        let expected = self
+            .files
+            .get(relative)
+            .ok_or_else(|| Error::file(path, "no sha256 is known for this file, so it cannot be verified"))?;
+        let actual = format!("{:x}", Sha256::digest(bytes));
+        if &actual != expected {
+            return Err(Error::Checksum { path: path.to_path_buf(), expected: expected.clone(), actual });
+        }
+        Ok(())
+    }
+
     /// Hashes every listed file under `dir`; the first missing or different file is an error.
     pub fn verify(&self, dir: &Path) -> Result<()> {
         for (relative, expected) in &self.files {
@@ -97,9 +110,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builtin_manifest_lists_the_weights_and_tokenizer() {
+    fn builtin_manifest_lists_every_file_that_changes_vectors() {
         let m = Manifest::embeddinggemma_300m();
-        for f in ["model.safetensors", "2_Dense/model.safetensors", "3_Dense/model.safetensors", "tokenizer.json"] {
+        for f in [
+            "model.safetensors",
+            "2_Dense/model.safetensors",
+            "3_Dense/model.safetensors",
+            "tokenizer.json",
+            "config.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "config_sentence_transformers.json",
+            "1_Pooling/config.json",
+            "2_Dense/config.json",
+            "3_Dense/config.json",
+        ] {
             assert!(m.covers(f), "{f}");
         }
     }

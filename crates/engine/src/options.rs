@@ -74,6 +74,9 @@ impl fmt::Display for Precision {
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 256;
 
+/// Memory one call may use beyond the loaded weights, unless set otherwise.
+pub const DEFAULT_MAX_MEMORY: usize = 2 << 30;
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub device: DeviceChoice,
@@ -87,6 +90,16 @@ pub struct EngineOptions {
     /// Run attention and the MLP gate on candle's generic ops instead of the float32 CPU
     /// kernels: the code path GPUs take, kept testable on a CPU.
     pub portable_kernels: bool,
+    /// Bytes one call may use beyond the weights (activations, tokens, vectors); buckets are
+    /// planned to fit. See `Engine::set_memory_limit`.
+    pub max_memory: usize,
+    /// Keep a pool of `threads` threads for `embed` for the engine's life (the CLI). Off, `embed`
+    /// starts its threads per call and joins them before returning, so an idle process holds
+    /// none; `embed_in` always runs on the caller's pool.
+    pub own_thread_pool: bool,
+    /// Tune glibc's malloc for repeated large activations (mmap and trim thresholds at
+    /// 512 MiB). Process-wide, so off by default: a host such as PostgreSQL keeps its settings.
+    pub tune_allocator: bool,
 }
 
 impl Default for EngineOptions {
@@ -99,6 +112,9 @@ impl Default for EngineOptions {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             checksums: Manifest::embeddinggemma_300m(),
             portable_kernels: false,
+            max_memory: DEFAULT_MAX_MEMORY,
+            own_thread_pool: false,
+            tune_allocator: false,
         }
     }
 }

@@ -37,6 +37,18 @@ pub const PASS_COST_TOKENS: usize = 256;
 /// within `max_batch_tokens` unless it holds a single text, and it holds at most
 /// `max_batch_size` texts.
 pub fn plan(lengths: &[usize], max_batch_tokens: usize, max_batch_size: usize) -> Plan {
+    plan_within(lengths, max_batch_tokens, max_batch_size, &|_, _| true).unwrap_or_else(|p| p)
+}
+
+/// `plan`, where a bucket of `size` texts padded to `len` must also satisfy `fits(size, len)`
+/// (a memory bound). When some text fits in no pass even alone, returns Err with the plan,
+/// whose first bucket holds that text.
+pub fn plan_within(
+    lengths: &[usize],
+    max_batch_tokens: usize,
+    max_batch_size: usize,
+    fits: &dyn Fn(usize, usize) -> bool,
+) -> Result<Plan, Plan> {
     let max_batch_size = max_batch_size.max(1);
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
@@ -50,7 +62,7 @@ pub fn plan(lengths: &[usize], max_batch_tokens: usize, max_batch_size: usize) -
     for i in (0..n).rev() {
         for end in i + 1..=n.min(i + max_batch_size) {
             let padded = (end - i) * sorted[i];
-            if end > i + 1 && padded > max_batch_tokens {
+            if end > i + 1 && (padded > max_batch_tokens || !fits(end - i, sorted[i])) {
                 break;
             }
             let cost = padded + PASS_COST_TOKENS + best[end];
@@ -69,7 +81,63 @@ pub fn plan(lengths: &[usize], max_batch_tokens: usize, max_batch_size: usize) -
         plan.buckets.push(Bucket { members, padded_len: sorted[i] });
         i = next[i];
     }
-    plan
+    // Longest first: if any text fits in no pass, the first bucket's does not.
+    match plan.buckets.first() {
+        Some(b) if !fits(1, b.padded_len) => Err(plan),
+        _ => Ok(plan),
+    }
+}
+
+/// Elements of attention scores the portable path materialises at once (model/attention.rs).
+const PORTABLE_SCORES_PER_CHUNK: usize = 1 << 24;
+/// Query rows per task of the CPU attention kernel (model/cpu_kernels.rs), at most.
+const KERNEL_QUERY_BLOCK: usize = 128;
+
+/// Estimates the peak memory of one forward pass from its bucket shape, for the memory bound.
+/// Counts float32 activations (bfloat16 ones take less) that are alive together in a layer,
+/// with the temporaries candle allocates in RMSNorm, RoPE and the residual adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryModel {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys a sliding layer's query sees: |q − k| < window.
+    pub window: usize,
+    /// Attention on candle's generic ops (masks and whole score matrices) instead of the kernel.
+    pub portable: bool,
+    /// Threads running the kernel's tasks, each with its own score block.
+    pub threads: usize,
+}
+
+impl MemoryModel {
+    pub fn pass_bytes(&self, size: usize, len: usize) -> usize {
+        let tokens = size.saturating_mul(len);
+        let (h, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        // Attention half: x, its norm (+2 temporaries), q/k/v before and after norm and RoPE
+        // (+2 norm temporaries), the output, o_proj, post-norm, sum.
+        let attention = 8 * h + 5 * (q + 2 * kv);
+        // MLP half: x, its norm (+2), gate|up, gated, down, its norm (+2), sum.
+        let mlp = 8 * h + 3 * i;
+        // Gathered embeddings and the head's float32 copy of the last state.
+        let per_token = attention.max(mlp) + 2 * h;
+        let mut floats = tokens.saturating_mul(per_token);
+        let square = len.saturating_mul(len);
+        if self.portable {
+            let chunk = (PORTABLE_SCORES_PER_CHUNK / self.heads.max(1).saturating_mul(square).max(1)).clamp(1, size.max(1));
+            // scores, masked scores, probabilities and their cast; the sliding mask [B, 1, T, T].
+            floats = floats.saturating_add(4 * chunk * self.heads * square);
+            if len > self.window {
+                floats = floats.saturating_add(size.saturating_mul(square));
+            }
+        } else {
+            let keys = len.min(KERNEL_QUERY_BLOCK + 2 * self.window);
+            floats = floats.saturating_add(self.threads.max(1) * KERNEL_QUERY_BLOCK * keys);
+        }
+        floats.saturating_mul(4)
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +176,27 @@ mod tests {
         assert_eq!(p.buckets[0], Bucket { members: vec![0], padded_len: 5000 });
         assert_eq!(p.buckets.len(), 4);
         assert_eq!(p.padded_tokens, 5000 + 15);
+    }
+
+    #[test]
+    fn a_memory_bound_shrinks_buckets_and_names_a_text_too_big_alone() {
+        let lengths = vec![100; 64];
+        let fits = |size: usize, len: usize| size * len <= 1000;
+        let p = plan_within(&lengths, 1 << 20, 256, &fits).unwrap();
+        assert!(p.buckets.iter().all(|b| b.members.len() * b.padded_len <= 1000));
+        assert_eq!(p.buckets.iter().map(|b| b.members.len()).sum::<usize>(), 64);
+        let err = plan_within(&[10, 2000, 10], 1 << 20, 256, &fits).unwrap_err();
+        assert_eq!(err.buckets[0].members, vec![1]);
+    }
+
+    #[test]
+    fn memory_estimates_grow_with_the_bucket() {
+        let m = MemoryModel { hidden: 768, intermediate: 1152, heads: 3, kv_heads: 1, head_dim: 256, window: 257, portable: false, threads: 2 };
+        assert!(m.pass_bytes(1, 2048) < m.pass_bytes(2, 2048));
+        assert!(m.pass_bytes(4, 2048) >= 4 * 2048 * (8 * 768 + 3 * 1152) * 4);
+        let portable = MemoryModel { portable: true, ..m };
+        // Portable attention holds score matrices and the sliding mask: quadratic in length.
+        assert!(portable.pass_bytes(1, 2048) > m.pass_bytes(1, 2048) + 2048 * 2048 * 4);
     }
 
     #[test]

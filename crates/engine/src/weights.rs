@@ -34,36 +34,52 @@ fn element_size(dtype: &str) -> Option<usize> {
     }
 }
 
+/// Reads a safetensors file's header: where the data starts and each tensor's entry, every
+/// entry checked to lie inside `bytes` and to match its shape.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<(usize, HashMap<String, Entry>)> {
+    let bad = |reason: String| Error::file(path, reason);
+    if bytes.len() < 8 {
+        return Err(bad("too short to be a safetensors file".into()));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let data_start = usize::try_from(header_len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&s| s <= bytes.len())
+        .ok_or_else(|| bad("header length exceeds the file".into()))?;
+    let mut entries: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| bad(format!("invalid header: {e}")))?;
+    entries.remove("__metadata__");
+    let data_len = bytes.len() - data_start;
+    let entries = entries
+        .into_iter()
+        .map(|(name, v)| {
+            let entry: Entry = serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            let (begin, end) = entry.data_offsets;
+            let elements = entry.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let expected = element_size(&entry.dtype).map(|s| elements.and_then(|n| n.checked_mul(s)));
+            if begin > end || end > data_len || expected.is_some_and(|n| n != Some(end - begin)) {
+                return Err(bad(format!("tensor {name}: data offsets do not fit its shape or the file")));
+            }
+            Ok((name, entry))
+        })
+        .collect::<Result<_>>()?;
+    Ok((data_start, entries))
+}
+
+/// `parse_header` for fuzzing: the number of tensors, or the error.
+#[doc(hidden)]
+pub fn check_header(bytes: &[u8]) -> Result<usize> {
+    parse_header(Path::new("<fuzz>"), bytes).map(|(_, entries)| entries.len())
+}
+
 impl SafeTensorsFile {
     pub fn open(path: &Path) -> Result<SafeTensorsFile> {
-        let bad = |reason: String| Error::file(path, reason);
         let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         // SAFETY: the file is opened read-only; its checksum was verified before loading, and a
         // concurrent writer would be an operator error we cannot guard against in any reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
-        if mmap.len() < 8 {
-            return Err(bad("too short to be a safetensors file".into()));
-        }
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap()) as usize;
-        let data_start = 8usize
-            .checked_add(header_len)
-            .filter(|&s| s <= mmap.len())
-            .ok_or_else(|| bad("header length exceeds the file".into()))?;
-        let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&mmap[8..data_start])
-            .map_err(|e| bad(format!("invalid header: {e}")))?;
-        entries.remove("__metadata__");
-        let entries = entries
-            .into_iter()
-            .map(|(name, v)| {
-                let entry: Entry = serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
-                let (begin, end) = entry.data_offsets;
-                let expected = element_size(&entry.dtype).map(|s| s * entry.shape.iter().product::<usize>());
-                if begin > end || data_start + end > mmap.len() || expected.is_some_and(|n| n != end - begin) {
-                    return Err(bad(format!("tensor {name}: data offsets do not fit its shape or the file")));
-                }
-                Ok((name, entry))
-            })
-            .collect::<Result<_>>()?;
+        let (data_start, entries) = parse_header(path, &mmap)?;
         Ok(SafeTensorsFile { path: path.to_path_buf(), mmap: Arc::new(mmap), data_start, entries })
     }
 

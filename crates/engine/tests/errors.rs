@@ -31,10 +31,26 @@ fn load(dir: &Path) -> Result<Engine, Error> {
     Engine::load(dir, &tiny_options())
 }
 
+/// Every file of the tiny model that changes its vectors.
+const MODEL_FILES: [&str; 12] = [
+    "model.safetensors",
+    "2_Dense/model.safetensors",
+    "3_Dense/model.safetensors",
+    "tokenizer.json",
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "2_Dense/config.json",
+    "3_Dense/config.json",
+    // Read for max_seq_length, which the tiny sentence_bert_config.json leaves out.
+    "tokenizer_config.json",
+];
+
 /// A manifest matching the files as they are now in `dir`.
 fn manifest_of(dir: &Path) -> Manifest {
-    let files = ["model.safetensors", "2_Dense/model.safetensors", "3_Dense/model.safetensors", "tokenizer.json"];
-    let text: String = files.iter().map(|f| format!("{}  {f}\n", sha256_file(&dir.join(f)).unwrap())).collect();
+    let text: String = MODEL_FILES.iter().map(|f| format!("{}  {f}\n", sha256_file(&dir.join(f)).unwrap())).collect();
     Manifest::parse(&text).unwrap()
 }
 
@@ -130,6 +146,54 @@ fn a_manifest_must_cover_every_loaded_file() {
     let options = embeddinggemma_engine::EngineOptions { checksums: partial, ..tiny_options() };
     let err = Engine::load(&data("tiny/model"), &options).unwrap_err();
     assert!(err.to_string().contains("no sha256 is known"), "{err}");
+}
+
+#[test]
+fn the_tiny_manifest_lists_every_file_that_changes_vectors() {
+    let m = Manifest::from_file(&data("tiny/SHA256SUMS")).unwrap();
+    for f in MODEL_FILES {
+        assert!(m.covers(f), "{f}");
+    }
+}
+
+#[test]
+fn a_changed_prompt_is_refused_by_the_checksum() {
+    let dir = tiny_copy();
+    let path = dir.path().join("config_sentence_transformers.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("task: search result | query: "), "{text}");
+    std::fs::write(&path, text.replace("task: search result | query: ", "task: anything | query: ")).unwrap();
+    let err = load(dir.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Checksum { .. }), "{msg}");
+    assert!(msg.contains("config_sentence_transformers.json"), "{msg}");
+    // Unchanged, the same copy loads.
+    std::fs::write(&path, text).unwrap();
+    load(dir.path()).unwrap();
+}
+
+#[test]
+fn every_config_file_read_must_be_covered() {
+    let dir = tiny_copy();
+    for file in ["config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json", "3_Dense/config.json", "tokenizer_config.json"] {
+        let text: String = MODEL_FILES
+            .iter()
+            .filter(|f| **f != file)
+            .map(|f| format!("{}  {f}\n", sha256_file(&dir.path().join(f)).unwrap()))
+            .collect();
+        let options = embeddinggemma_engine::EngineOptions { checksums: Manifest::parse(&text).unwrap(), ..tiny_options() };
+        let err = Engine::load(dir.path(), &options).unwrap_err();
+        assert!(err.to_string().contains("no sha256 is known") && err.to_string().contains(file), "{file}: {err}");
+    }
+}
+
+#[test]
+fn a_module_path_outside_the_directory_is_refused() {
+    let err = load_corrupted("modules.json", |p| {
+        let text = std::fs::read_to_string(p).unwrap().replace("\"2_Dense\"", "\"../2_Dense\"");
+        std::fs::write(p, text).unwrap();
+    });
+    assert!(err.to_string().contains("leaves the model directory"), "{err}");
 }
 
 /// Corrupt files whose checksums were (re)computed: the loader itself must refuse them.

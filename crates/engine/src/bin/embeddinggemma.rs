@@ -9,10 +9,10 @@ use embeddinggemma_engine::{Engine, EngineOptions, Manifest, Request};
 
 const USAGE: &str = "usage:
   embeddinggemma embed --model DIR [--task NAME|none] [--dim N] [--dtype auto|f32|bf16] [--device auto|cpu|cuda|cuda:N]
-                       [--threads N] [--max-batch-tokens N] [--checksums FILE] [--no-truncate]
+                       [--threads N] [--max-batch-tokens N] [--max-memory-mb N] [--checksums FILE] [--no-truncate]
       reads one JSON string per line on stdin, writes one JSON array per line on stdout
   embeddinggemma bench --model DIR --corpus FILE.jsonl [--limit N] [--task NAME] [--dim N] [--dtype …] [--device …]
-                       [--threads N] [--max-batch-tokens N] [--checksums FILE]
+                       [--threads N] [--max-batch-tokens N] [--max-memory-mb N] [--checksums FILE]
       embeds the corpus and ends with one line of throughput figures";
 
 struct Args {
@@ -49,7 +49,8 @@ fn parse_args() -> Result<Args, String> {
         task: "document".into(),
         dim: None,
         truncate: true,
-        options: EngineOptions::default(),
+        // A process of its own: keep the threads and tune malloc for the activations.
+        options: EngineOptions { own_thread_pool: true, tune_allocator: true, ..EngineOptions::default() },
     };
     while let Some(flag) = it.next() {
         let o = &mut args.options;
@@ -64,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => o.threads = value(&flag, it.next())?,
             "--max-batch-tokens" => o.max_batch_tokens = value(&flag, it.next())?,
             "--max-batch-size" => o.max_batch_size = value(&flag, it.next())?,
+            "--max-memory-mb" => o.max_memory = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
             "--checksums" => o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?,
             "--no-truncate" => args.truncate = false,
             "-h" | "--help" => return Err(String::new()),
