@@ -293,6 +293,22 @@ impl Engine {
         self.info.max_batch_size = max_batch_size.max(1);
     }
 
+    /// One forward pass over token ids (a bucket of `plan`, ids as `tokenize` gives them),
+    /// padded to the longest: unit vectors of the model's full width, in the order of `seqs`.
+    /// For callers that plan texts of several requests together (the service).
+    pub fn forward_ids(&self, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
+        let padded_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        self.on_pool(|pool| {
+            catch_panic(|| {
+                pool.install(|| {
+                    let hidden = self.encoder.forward(seqs, padded_len, cancel)?;
+                    self.head.forward(&hidden, &lens, padded_len)
+                })
+            })
+        })
+    }
+
     /// Embeds `texts`, returning unit vectors of `request.dim` values in input order.
     /// `cancel` is polled per text while tokenizing, between forward passes and between
     /// layers; when it returns true the call stops with `Error::Cancelled`.

@@ -10,6 +10,7 @@ mod manifest;
 mod model;
 mod options;
 pub mod planner;
+pub mod service;
 mod stats;
 mod threads;
 mod tokenize;

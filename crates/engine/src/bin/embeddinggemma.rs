@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use embeddinggemma_engine::service::{self, ServeOptions};
 use embeddinggemma_engine::{Engine, EngineOptions, Manifest, Request};
 
 const USAGE: &str = "usage:
@@ -13,7 +14,11 @@ const USAGE: &str = "usage:
       reads one JSON string per line on stdin, writes one JSON array per line on stdout
   embeddinggemma bench --model DIR --corpus FILE.jsonl [--limit N] [--task NAME] [--dim N] [--dtype …] [--device …]
                        [--threads N] [--max-batch-tokens N] [--max-memory-mb N] [--checksums FILE]
-      embeds the corpus and ends with one line of throughput figures";
+      embeds the corpus and ends with one line of throughput figures
+  embeddinggemma serve --model DIR --socket PATH [--checksums FILE] [--device …] [--dtype …] [--threads N]
+                       [--max-batch-tokens N] [--max-memory-mb N] [--batch-wait-ms N] [--max-queue-texts N] [--max-queue-mb N]
+      loads the model once and serves embed requests on a Unix socket (mode 0600) until stdin
+      closes, the parent dies or SIGTERM";
 
 struct Args {
     command: String,
@@ -25,6 +30,8 @@ struct Args {
     dim: Option<usize>,
     truncate: bool,
     options: EngineOptions,
+    socket: Option<PathBuf>,
+    serve: ServeOptions,
 }
 
 fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String>
@@ -38,7 +45,7 @@ where
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let command = it.next().ok_or("missing command")?;
-    if command != "embed" && command != "bench" {
+    if !["embed", "bench", "serve"].contains(&command.as_str()) {
         return Err(format!("unknown command {command:?}"));
     }
     let mut args = Args {
@@ -51,6 +58,8 @@ fn parse_args() -> Result<Args, String> {
         truncate: true,
         // A process of its own: keep the threads and tune malloc for the activations.
         options: EngineOptions { own_thread_pool: true, tune_allocator: true, ..EngineOptions::default() },
+        socket: None,
+        serve: ServeOptions::default(),
     };
     while let Some(flag) = it.next() {
         let o = &mut args.options;
@@ -68,6 +77,10 @@ fn parse_args() -> Result<Args, String> {
             "--max-memory-mb" => o.max_memory = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
             "--checksums" => o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?,
             "--no-truncate" => args.truncate = false,
+            "--socket" => args.socket = Some(value(&flag, it.next())?),
+            "--batch-wait-ms" => args.serve.batch_wait = std::time::Duration::from_millis(value(&flag, it.next())?),
+            "--max-queue-texts" => args.serve.max_queue_texts = value(&flag, it.next())?,
+            "--max-queue-mb" => args.serve.max_queue_bytes = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -158,10 +171,20 @@ fn bench(engine: &Engine, args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn run() -> Result<(), String> {
-    let args = parse_args()?;
-    let model = args.model.as_ref().ok_or("--model DIR is required")?;
-    let engine = Engine::load(model, &args.options).map_err(|e| e.to_string())?;
+/// Listens first, then loads: a model that fails to load is reported to every caller.
+fn serve(args: Args, model: &std::path::Path) -> Result<(), String> {
+    let socket = args.socket.as_ref().ok_or("serve needs --socket PATH")?;
+    let listener = service::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    service::exit_with_parent(socket);
+    let engine = Engine::load(model, &args.options);
+    if let Ok(engine) = &engine {
+        log_loaded(engine);
+    }
+    eprintln!("embeddinggemma serve: listening on {}", socket.display());
+    service::serve(listener, engine, args.serve).map_err(|e| e.to_string())
+}
+
+fn log_loaded(engine: &Engine) {
     let info = engine.info();
     eprintln!(
         "loaded {} in {:.2}s: device={} dtype={} threads={} max_batch_tokens={} weights_mb={} anon_mb={}",
@@ -174,6 +197,16 @@ fn run() -> Result<(), String> {
         info.weight_bytes >> 20,
         memory_mb().1
     );
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let model = args.model.clone().ok_or("--model DIR is required")?;
+    if args.command == "serve" {
+        return serve(args, &model);
+    }
+    let engine = Engine::load(&model, &args.options).map_err(|e| e.to_string())?;
+    log_loaded(&engine);
     match args.command.as_str() {
         "embed" => embed(&engine, &args),
         _ => bench(&engine, &args),

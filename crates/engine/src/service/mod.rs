@@ -1,0 +1,13 @@
+//! `embeddinggemma serve`: one model per machine behind a Unix socket, batching the requests
+//! of all its clients together (see `scheduler` for the policy, `protocol` for the wire format).
+
+mod client;
+mod metrics;
+pub mod protocol;
+mod queue;
+mod scheduler;
+mod server;
+
+pub use client::{Client, Embedding, ServiceError};
+pub use protocol::{CallStats, ErrorKind};
+pub use server::{bind, exit_with_parent, serve, ServeOptions};

@@ -1,0 +1,140 @@
+//! The one bounded queue between connection threads and the model thread. Room is reserved
+//! before a request is read (its frame bytes) and before it is queued (its texts), and given
+//! back when the model thread is done with it, so queued work never exceeds the bounds — except
+//! one request larger than them, admitted alone into an empty queue.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::metrics::Depth;
+use super::protocol::Response;
+
+/// How often a waiting connection thread checks whether its client is still there.
+pub const PEER_CHECK: Duration = Duration::from_millis(20);
+
+pub struct Job {
+    pub connection: u64,
+    pub task: String,
+    pub dim: usize,
+    pub truncate: bool,
+    pub texts: Vec<String>,
+    pub arrived: Instant,
+    /// Set by the connection thread when its client goes away.
+    pub withdrawn: Arc<AtomicBool>,
+    pub reply: Sender<Response>,
+    pub permit: Permit,
+}
+
+impl Job {
+    pub fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<Job>,
+    depth: Depth,
+}
+
+pub struct Queue {
+    state: Mutex<State>,
+    arrived: Condvar,
+    room: Condvar,
+    max_texts: usize,
+    max_bytes: usize,
+}
+
+/// Queue room held by one request; given back on drop.
+pub struct Permit {
+    queue: Arc<Queue>,
+    texts: usize,
+    bytes: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut s = self.queue.lock();
+        s.depth.texts -= self.texts;
+        s.depth.bytes -= self.bytes;
+        s.depth.requests -= (self.texts > 0) as usize;
+        drop(s);
+        self.queue.room.notify_all();
+    }
+}
+
+impl Queue {
+    pub fn new(max_texts: usize, max_bytes: usize) -> Arc<Queue> {
+        Arc::new(Queue { state: Mutex::default(), arrived: Condvar::new(), room: Condvar::new(), max_texts, max_bytes })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn depth(&self) -> Depth {
+        self.lock().depth
+    }
+
+    /// Waits until `fits` holds for the state, or `gone` says the client left (None).
+    fn wait_room<'a>(&'a self, mut s: MutexGuard<'a, State>, fits: impl Fn(&Depth) -> bool, gone: &dyn Fn() -> bool) -> Option<MutexGuard<'a, State>> {
+        while !fits(&s.depth) {
+            if gone() {
+                return None;
+            }
+            s = self.room.wait_timeout(s, PEER_CHECK).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Some(s)
+    }
+
+    /// Reserves `bytes` for a request about to be read.
+    pub fn reserve_bytes(self: &Arc<Self>, bytes: usize, gone: &dyn Fn() -> bool) -> Option<Permit> {
+        let max = self.max_bytes;
+        let mut s = self.wait_room(self.lock(), |d| bytes == 0 || d.bytes == 0 || d.bytes + bytes <= max, gone)?;
+        s.depth.bytes += bytes;
+        Some(Permit { queue: self.clone(), texts: 0, bytes })
+    }
+
+    /// Reserves room for `texts` and `bytes` more (the bytes of a frame read before reserving),
+    /// then queues the job made by `make`, its permit holding all. None (nothing queued) when
+    /// the client left while waiting.
+    pub fn push(&self, texts: usize, bytes: usize, mut make: impl FnMut() -> Job, gone: &dyn Fn() -> bool) -> Option<()> {
+        let (max_texts, max_bytes) = (self.max_texts, self.max_bytes);
+        let fits = |d: &Depth| (d.texts == 0 || d.texts + texts <= max_texts) && (d.bytes == 0 || d.bytes + bytes <= max_bytes);
+        let mut s = self.wait_room(self.lock(), fits, gone)?;
+        let mut job = make();
+        job.permit.texts = texts;
+        job.permit.bytes += bytes;
+        s.depth.bytes += bytes;
+        s.depth.texts += texts;
+        s.depth.requests += 1;
+        s.depth.peak_texts = s.depth.peak_texts.max(s.depth.texts);
+        s.depth.peak_requests = s.depth.peak_requests.max(s.depth.requests);
+        s.jobs.push(job);
+        drop(s);
+        self.arrived.notify_all();
+        Some(())
+    }
+
+    /// The model thread's intake: what is queued now, or when `block`, waits for something and
+    /// then (the collection window) until `window` after the first request arrived.
+    pub fn take(&self, block: bool, window: Duration) -> Vec<Job> {
+        let mut s = self.lock();
+        if block {
+            while s.jobs.is_empty() {
+                s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            let deadline = s.jobs[0].arrived + window;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = self.arrived.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+            }
+        }
+        std::mem::take(&mut s.jobs)
+    }
+}

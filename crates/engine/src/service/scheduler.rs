@@ -1,0 +1,229 @@
+//! The model thread: takes what is queued, plans the texts of all requests together into
+//! length buckets, runs one forward pass per bucket, and answers each request once all its
+//! texts are done.
+//!
+//! Rounds: every round, each request in progress contributes its longest pending texts up to
+//! `max_batch_tokens` real tokens (at least one text), from a tokenized look-ahead of up to
+//! `LOOKAHEAD` such budgets. A small request is thus done in the round after it arrives, however
+//! large the requests beside it, and a large one advances every round. Taking the longest
+//! texts of the look-ahead keeps buckets as full as planning the look-ahead whole would.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::metrics::Metrics;
+use super::protocol::{CallStats, Response};
+use super::queue::{Job, Queue};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::model::normalize;
+
+/// Round budgets of tokens tokenized ahead per request.
+const LOOKAHEAD: usize = 4;
+/// Texts tokenized at once while filling a look-ahead.
+const TOKENIZE_CHUNK: usize = 256;
+
+struct Active {
+    job: Job,
+    /// Texts tokenized so far.
+    next: usize,
+    /// Tokenized texts not yet run: (index in the request, ids).
+    ahead: Vec<(usize, Vec<u32>)>,
+    ahead_tokens: usize,
+    done: usize,
+    vectors: Vec<f32>,
+    stats: CallStats,
+    /// Why the request failed: its reply.
+    failed: Option<Response>,
+}
+
+impl Active {
+    fn new(job: Job) -> Active {
+        let mut vectors = Vec::new();
+        let failed = vectors
+            .try_reserve_exact(job.texts.len().saturating_mul(job.dim))
+            .err()
+            .map(|e| Response::from_error(&Error::out_of_memory(format!("{} vectors: {e}", job.texts.len()))));
+        vectors.resize(if failed.is_none() { job.texts.len() * job.dim } else { 0 }, 0.0);
+        Active { job, next: 0, ahead: Vec::new(), ahead_tokens: 0, done: 0, vectors, stats: CallStats::default(), failed }
+    }
+
+    fn live(&self) -> bool {
+        self.failed.is_none() && !self.job.is_withdrawn()
+    }
+
+    /// Tokenizes texts until the look-ahead holds `tokens` or the request has no more.
+    fn fill(&mut self, engine: &Engine, tokens: usize) -> Result<(), Error> {
+        let limit = engine.info().max_seq_length;
+        while self.ahead_tokens < tokens && self.next < self.job.texts.len() && self.ahead.len() < crate::WINDOW_TEXTS {
+            let end = (self.next + TOKENIZE_CHUNK).min(self.job.texts.len());
+            let chunk: Vec<&str> = self.job.texts[self.next..end].iter().map(String::as_str).collect();
+            for (k, t) in engine.tokenize(&chunk, &self.job.task)?.into_iter().enumerate() {
+                if t.truncated() {
+                    if !self.job.truncate {
+                        return Err(Error::TooLong { index: self.next + k, tokens: t.full_len, limit });
+                    }
+                    self.stats.truncated += 1;
+                }
+                self.ahead_tokens += t.ids.len();
+                self.ahead.push((self.next + k, t.ids));
+            }
+            self.next = end;
+        }
+        Ok(())
+    }
+
+    /// The longest look-ahead texts up to `budget` tokens (at least one).
+    fn take(&mut self, budget: usize) -> Vec<(usize, Vec<u32>)> {
+        self.ahead.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        let (mut n, mut tokens) = (0, 0);
+        for (_, ids) in &self.ahead {
+            if n > 0 && tokens + ids.len() > budget {
+                break;
+            }
+            tokens += ids.len();
+            n += 1;
+        }
+        self.ahead_tokens -= tokens;
+        self.ahead.drain(..n).collect()
+    }
+
+    fn finished(&self) -> bool {
+        self.done == self.job.texts.len()
+    }
+}
+
+pub struct Scheduler {
+    pub engine: Arc<Engine>,
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    pub batch_wait: Duration,
+}
+
+/// One text of a round: (request in `active`, index in the request, ids).
+type Taken = (usize, usize, Vec<u32>);
+
+impl Scheduler {
+    pub fn run(self) -> ! {
+        let mut active: Vec<Active> = Vec::new();
+        loop {
+            let idle = active.is_empty();
+            if idle {
+                release_free_memory();
+            }
+            let window = if idle { self.batch_wait } else { Duration::ZERO };
+            active.extend(self.queue.take(idle, window).into_iter().map(Active::new));
+            self.round(&mut active);
+            active.retain_mut(|a| !self.settle(a));
+        }
+    }
+
+    fn round(&self, active: &mut [Active]) {
+        let budget = self.engine.info().max_batch_tokens;
+        let mut taken: Vec<Taken> = Vec::new();
+        for (r, a) in active.iter_mut().enumerate() {
+            if !a.live() {
+                continue;
+            }
+            match a.fill(&self.engine, LOOKAHEAD * budget) {
+                Ok(()) => taken.extend(a.take(budget).into_iter().map(|(i, ids)| (r, i, ids))),
+                Err(e) => a.failed = Some(Response::from_error(&e)),
+            }
+        }
+        let lengths: Vec<usize> = taken.iter().map(|t| t.2.len()).collect();
+        for bucket in self.engine.plan(&lengths).buckets {
+            let members: Vec<usize> = bucket.members.into_iter().filter(|&m| active[taken[m].0].live()).collect();
+            if !members.is_empty() {
+                self.pass(active, &taken, &members);
+            }
+        }
+    }
+
+    fn pass(&self, active: &mut [Active], taken: &[Taken], members: &[usize]) {
+        let seqs: Vec<&[u32]> = members.iter().map(|&m| taken[m].2.as_slice()).collect();
+        let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut requests: Vec<usize> = members.iter().map(|&m| taken[m].0).collect();
+        requests.sort_unstable();
+        requests.dedup();
+        if members.len() == 1 && self.engine.estimate_memory(1, len) > self.engine.memory_limit() {
+            let a = &mut active[requests[0]];
+            a.failed = Some(Response::from_error(&Error::InvalidOption(format!(
+                "text {} ({len} tokens) needs about {} MiB for its forward pass, more than the memory limit of {} MiB",
+                taken[members[0]].1,
+                self.engine.estimate_memory(1, len) >> 20,
+                self.engine.memory_limit() >> 20
+            ))));
+            return;
+        }
+        let flags: Vec<_> = requests.iter().map(|&r| active[r].job.withdrawn.clone()).collect();
+        let cancel = || flags.iter().all(|f| f.load(Ordering::Relaxed));
+        let started = Instant::now();
+        let result = self.engine.forward_ids(&seqs, &cancel);
+        let time = started.elapsed();
+        match result {
+            Ok(vectors) => {
+                for (&m, v) in members.iter().zip(vectors) {
+                    let (r, i, ids) = &taken[m];
+                    let a = &mut active[*r];
+                    let dim = a.job.dim;
+                    let v = if v.len() == dim { v } else { normalize(&v[..dim]) };
+                    a.vectors[i * dim..(i + 1) * dim].copy_from_slice(&v);
+                    a.done += 1;
+                    a.stats.tokens += ids.len() as u64;
+                }
+                let mut connections: Vec<u64> = requests.iter().map(|&r| active[r].job.connection).collect();
+                connections.sort_unstable();
+                connections.dedup();
+                let real: usize = seqs.iter().map(|s| s.len()).sum();
+                self.metrics.pass(members.len(), connections.len(), real, len * members.len(), time);
+            }
+            Err(Error::Cancelled) if cancel() => {}
+            Err(e) => {
+                for &r in &requests {
+                    active[r].failed = Some(Response::from_error(&e));
+                }
+                return;
+            }
+        }
+        for &r in &requests {
+            let s = &mut active[r].stats;
+            if s.forward_passes == 0 {
+                s.queue_wait = started.duration_since(active[r].job.arrived);
+            }
+            let s = &mut active[r].stats;
+            s.forward_passes += 1;
+            s.forward_time += time;
+        }
+    }
+
+    /// Answers a request that is done, failed or withdrawn; true when it leaves.
+    fn settle(&self, a: &mut Active) -> bool {
+        let response = if a.job.is_withdrawn() {
+            self.metrics.withdrawn();
+            return true;
+        } else if let Some(failed) = a.failed.take() {
+            failed
+        } else if a.finished() {
+            let s = &mut a.stats;
+            s.texts = a.job.texts.len() as u64;
+            self.metrics.served(s.texts, s.tokens, s.truncated, s.queue_wait);
+            Response::Embedded { dim: a.job.dim as u32, vectors: std::mem::take(&mut a.vectors), stats: a.stats }
+        } else {
+            return false;
+        };
+        if a.job.reply.send(response).is_err() {
+            self.metrics.withdrawn();
+        }
+        true
+    }
+}
+
+/// Hands freed activations back to the system when the queue runs dry.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
