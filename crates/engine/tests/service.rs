@@ -142,7 +142,9 @@ fn a_withdrawn_request_runs_no_forward_pass() {
 
 #[test]
 fn a_huge_request_does_not_starve_a_small_one() {
-    let path = start(ServeOptions::default(), EngineOptions { max_batch_tokens: 256, ..engine_options() });
+    // Larger than the queue's bound, too: it is admitted alone, and the small one beside it.
+    let options = ServeOptions { max_queue_texts: 1_000, ..ServeOptions::default() };
+    let path = start(options, EngineOptions { max_batch_tokens: 256, ..engine_options() });
     let engine = Engine::load(&data("tiny/model"), &engine_options()).unwrap();
     let huge = texts("bulk", 5_000);
     let mut big = connect(&path);
@@ -169,6 +171,57 @@ fn a_huge_request_does_not_starve_a_small_one() {
         let want = &in_process(&engine, "document", &huge[i..=i])[0];
         assert!(max_abs_diff(got.vector(i), want) <= 1e-6, "text {i}");
     }
+}
+
+#[test]
+fn a_full_queue_holds_new_requests_back_while_stats_get_through() {
+    let options = ServeOptions { max_queue_texts: 300, ..ServeOptions::default() };
+    let path = start(options, EngineOptions { max_batch_tokens: 256, ..engine_options() });
+    let mut big = connect(&path);
+    big.send_embed("document", 48, true, &texts("bulk", 300)).unwrap();
+    // Polling sends the request too.
+    while stats(&path)["forward_passes"].as_u64() == Some(0) {
+        assert!(big.poll_reply(Duration::from_millis(5)).is_none());
+    }
+    let mut small = connect(&path);
+    small.send_embed("query", 48, true, &["small".to_string()]).unwrap();
+    let deadline = Instant::now() + T;
+    let (mut big_done, mut small_done) = (None, None);
+    while big_done.is_none() || small_done.is_none() {
+        assert!(Instant::now() < deadline, "the requests did not finish");
+        assert!(stats(&path)["queue"]["requests"].as_u64() <= Some(1));
+        if big_done.is_none() {
+            big_done = big.poll_reply(Duration::from_millis(5)).map(|r| (r.unwrap(), Instant::now()));
+        }
+        if small_done.is_none() {
+            small_done = small.poll_reply(Duration::from_millis(5)).map(|r| (r.unwrap(), Instant::now()));
+        }
+    }
+    // The large request filled the queue: the small one waited until it was answered.
+    assert!(small_done.unwrap().1 >= big_done.unwrap().1);
+    let s = stats(&path);
+    assert_eq!((s["queue"]["peak_requests"].as_u64(), s["requests"].as_u64()), (Some(1), Some(2)), "{s:#}");
+}
+
+#[test]
+fn requests_wait_for_the_model_to_load() {
+    let path = socket_path();
+    let listener = service::bind(&path).unwrap();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let load = move || {
+        gate.recv().unwrap();
+        Engine::load(&data("tiny/model"), &engine_options())
+    };
+    std::thread::spawn(move || service::serve_loading(listener, load, ServeOptions::default()));
+    let s = stats(&path);
+    assert_eq!((s["loading"].as_bool(), s["ready"].as_bool()), (Some(true), Some(false)), "{s:#}");
+    let mut client = connect(&path);
+    client.send_embed("query", 48, true, &["early".to_string()]).unwrap();
+    assert!(client.poll_reply(Duration::from_millis(50)).is_none());
+    release.send(()).unwrap();
+    let got = client.poll_reply(T).expect("a reply once loaded").unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(stats(&path)["ready"], true);
 }
 
 #[test]

@@ -171,17 +171,22 @@ fn bench(engine: &Engine, args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Listens first, then loads: a model that fails to load is reported to every caller.
-fn serve(args: Args, model: &std::path::Path) -> Result<(), String> {
+/// Listens first, then loads (callers wait for the load); a model that fails to load is
+/// reported to every caller.
+fn serve(args: Args, model: PathBuf) -> Result<(), String> {
     let socket = args.socket.as_ref().ok_or("serve needs --socket PATH")?;
     let listener = service::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     service::exit_with_parent(socket);
-    let engine = Engine::load(model, &args.options);
-    if let Ok(engine) = &engine {
-        log_loaded(engine);
-    }
     eprintln!("embeddinggemma serve: listening on {}", socket.display());
-    service::serve(listener, engine, args.serve).map_err(|e| e.to_string())
+    let options = args.options;
+    let load = move || {
+        let engine = Engine::load(&model, &options);
+        if let Ok(engine) = &engine {
+            log_loaded(engine);
+        }
+        engine
+    };
+    service::serve_loading(listener, load, args.serve).map_err(|e| e.to_string())
 }
 
 fn log_loaded(engine: &Engine) {
@@ -203,7 +208,7 @@ fn run() -> Result<(), String> {
     let args = parse_args()?;
     let model = args.model.clone().ok_or("--model DIR is required")?;
     if args.command == "serve" {
-        return serve(args, &model);
+        return serve(args, model);
     }
     let engine = Engine::load(&model, &args.options).map_err(|e| e.to_string())?;
     log_loaded(&engine);

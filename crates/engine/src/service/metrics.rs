@@ -128,6 +128,7 @@ impl Metrics {
             "uptime_s": round3(self.started.elapsed().as_secs_f64()),
             "pid": std::process::id(),
             "ready": info.is_some(),
+            "loading": info.is_none() && load_error.is_none(),
             "load_error": load_error,
             "requests": c.requests,
             "texts": c.texts,

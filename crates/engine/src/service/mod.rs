@@ -10,4 +10,4 @@ mod server;
 
 pub use client::{Client, Embedding, ServiceError};
 pub use protocol::{CallStats, ErrorKind};
-pub use server::{bind, exit_with_parent, serve, ServeOptions};
+pub use server::{bind, exit_with_parent, serve, serve_loading, ServeOptions};

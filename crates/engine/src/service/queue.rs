@@ -1,7 +1,8 @@
 //! The one bounded queue between connection threads and the model thread. Room is reserved
 //! before a request is read (its frame bytes) and before it is queued (its texts), and given
-//! back when the model thread is done with it, so queued work never exceeds the bounds — except
-//! one request larger than them, admitted alone into an empty queue.
+//! back when the model thread is done with it, so queued work stays within the bounds. A
+//! request larger than a bound is admitted only into an empty queue and counts as half of it:
+//! one at a time, and smaller requests still get in beside it (fairness needs them queued).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -65,6 +66,15 @@ impl Drop for Permit {
     }
 }
 
+/// What `n` more counts against a bound of `max` with `now` taken, if it may come in now.
+fn admit(now: usize, n: usize, max: usize) -> Option<usize> {
+    if n > max {
+        (now == 0).then_some((max / 2).max(1))
+    } else {
+        (now + n <= max).then_some(n)
+    }
+}
+
 impl Queue {
     pub fn new(max_texts: usize, max_bytes: usize) -> Arc<Queue> {
         Arc::new(Queue { state: Mutex::default(), arrived: Condvar::new(), room: Condvar::new(), max_texts, max_bytes })
@@ -92,9 +102,10 @@ impl Queue {
     /// Reserves `bytes` for a request about to be read.
     pub fn reserve_bytes(self: &Arc<Self>, bytes: usize, gone: &dyn Fn() -> bool) -> Option<Permit> {
         let max = self.max_bytes;
-        let mut s = self.wait_room(self.lock(), |d| bytes == 0 || d.bytes == 0 || d.bytes + bytes <= max, gone)?;
-        s.depth.bytes += bytes;
-        Some(Permit { queue: self.clone(), texts: 0, bytes })
+        let mut s = self.wait_room(self.lock(), |d| admit(d.bytes, bytes, max).is_some(), gone)?;
+        let counted = admit(s.depth.bytes, bytes, max).unwrap_or(0);
+        s.depth.bytes += counted;
+        Some(Permit { queue: self.clone(), texts: 0, bytes: counted })
     }
 
     /// Reserves room for `texts` and `bytes` more (the bytes of a frame read before reserving),
@@ -102,8 +113,9 @@ impl Queue {
     /// the client left while waiting.
     pub fn push(&self, texts: usize, bytes: usize, mut make: impl FnMut() -> Job, gone: &dyn Fn() -> bool) -> Option<()> {
         let (max_texts, max_bytes) = (self.max_texts, self.max_bytes);
-        let fits = |d: &Depth| (d.texts == 0 || d.texts + texts <= max_texts) && (d.bytes == 0 || d.bytes + bytes <= max_bytes);
-        let mut s = self.wait_room(self.lock(), fits, gone)?;
+        let fits = |d: &Depth| admit(d.texts, texts, max_texts).zip(admit(d.bytes, bytes, max_bytes));
+        let mut s = self.wait_room(self.lock(), |d| fits(d).is_some(), gone)?;
+        let (texts, bytes) = fits(&s.depth).unwrap_or_default();
         let mut job = make();
         job.permit.texts = texts;
         job.permit.bytes += bytes;

@@ -2,11 +2,12 @@
 //! length buckets, runs one forward pass per bucket, and answers each request once all its
 //! texts are done.
 //!
-//! Rounds: every round, each request in progress contributes its longest pending texts up to
-//! `max_batch_tokens` real tokens (at least one text), from a tokenized look-ahead of up to
-//! `LOOKAHEAD` such budgets. A small request is thus done in the round after it arrives, however
-//! large the requests beside it, and a large one advances every round. Taking the longest
-//! texts of the look-ahead keeps buckets as full as planning the look-ahead whole would.
+//! Rounds: every round, each request in progress contributes one bucket's worth of its longest
+//! pending texts (padded to the longest, within `max_batch_tokens` and `max_batch_size`; at
+//! least one text), from a tokenized look-ahead of up to `LOOKAHEAD` such budgets. A small
+//! request is thus done in the round after it arrives, however large the requests beside it,
+//! and a large one advances every round. Taking the longest texts of the look-ahead keeps
+//! buckets about as full as planning the look-ahead whole would.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -74,19 +75,15 @@ impl Active {
         Ok(())
     }
 
-    /// The longest look-ahead texts up to `budget` tokens (at least one).
-    fn take(&mut self, budget: usize) -> Vec<(usize, Vec<u32>)> {
+    /// The longest look-ahead texts that fill one bucket: at most `size` texts padded to the
+    /// longest within `budget` tokens (at least one text).
+    fn take(&mut self, budget: usize, size: usize) -> Vec<(usize, Vec<u32>)> {
         self.ahead.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-        let (mut n, mut tokens) = (0, 0);
-        for (_, ids) in &self.ahead {
-            if n > 0 && tokens + ids.len() > budget {
-                break;
-            }
-            tokens += ids.len();
-            n += 1;
-        }
-        self.ahead_tokens -= tokens;
-        self.ahead.drain(..n).collect()
+        let longest = self.ahead.first().map_or(1, |t| t.1.len().max(1));
+        let n = (budget / longest).clamp(1, size.max(1)).min(self.ahead.len());
+        let taken: Vec<_> = self.ahead.drain(..n).collect();
+        self.ahead_tokens -= taken.iter().map(|t| t.1.len()).sum::<usize>();
+        taken
     }
 
     fn finished(&self) -> bool {
@@ -120,14 +117,14 @@ impl Scheduler {
     }
 
     fn round(&self, active: &mut [Active]) {
-        let budget = self.engine.info().max_batch_tokens;
+        let (budget, size) = (self.engine.info().max_batch_tokens, self.engine.info().max_batch_size);
         let mut taken: Vec<Taken> = Vec::new();
         for (r, a) in active.iter_mut().enumerate() {
             if !a.live() {
                 continue;
             }
             match a.fill(&self.engine, LOOKAHEAD * budget) {
-                Ok(()) => taken.extend(a.take(budget).into_iter().map(|(i, ids)| (r, i, ids))),
+                Ok(()) => taken.extend(a.take(budget, size).into_iter().map(|(i, ids)| (r, i, ids))),
                 Err(e) => a.failed = Some(Response::from_error(&e)),
             }
         }

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -41,8 +41,11 @@ impl Default for ServeOptions {
     }
 }
 
+type Loaded = Result<Arc<Engine>, (ErrorKind, String)>;
+
 struct Shared {
-    engine: Result<Arc<Engine>, (ErrorKind, String)>,
+    /// Set once the model thread has loaded the model, or failed to.
+    engine: OnceLock<Loaded>,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     options: ServeOptions,
@@ -56,11 +59,12 @@ impl Shared {
             "batch_wait_ms": o.batch_wait.as_millis() as u64,
             "max_queue_texts": o.max_queue_texts,
             "max_queue_bytes": o.max_queue_bytes,
-            "max_memory_mb": self.engine.as_ref().ok().map(|e| e.memory_limit() >> 20),
+            "max_memory_mb": self.engine.get().and_then(|e| e.as_ref().ok()).map(|e| e.memory_limit() >> 20),
         });
-        let (info, load_error) = match &self.engine {
-            Ok(e) => (Some(e.info()), None),
-            Err((_, message)) => (None, Some(message.as_str())),
+        let (info, load_error) = match self.engine.get() {
+            Some(Ok(e)) => (Some(e.info()), None),
+            Some(Err((_, message))) => (None, Some(message.as_str())),
+            None => (None, None),
         };
         self.metrics.json(self.queue.depth(), settings, info, load_error)
     }
@@ -93,26 +97,34 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// Serves `listener` until the process ends. With `engine` an error (the model failed to load
 /// or verify), every Embed request is answered with that error and Stats report it.
 pub fn serve(listener: UnixListener, engine: Result<Engine, Error>, options: ServeOptions) -> io::Result<()> {
+    serve_loading(listener, move || engine, options)
+}
+
+/// `serve`, with the model loaded by `load` on the model thread while the socket is already
+/// answered: Embed requests wait for the load (Stats show `"loading": true` meanwhile).
+pub fn serve_loading(
+    listener: UnixListener,
+    load: impl FnOnce() -> Result<Engine, Error> + Send + 'static,
+    options: ServeOptions,
+) -> io::Result<()> {
     let queue = Queue::new(options.max_queue_texts.max(1), options.max_queue_bytes.max(1));
     let metrics = Arc::new(Metrics::new());
-    let engine = match engine {
-        Ok(e) => Ok(Arc::new(e)),
-        Err(e) => {
+    let shared = Arc::new(Shared { engine: OnceLock::new(), queue, metrics, options, connections: AtomicU64::new(0) });
+    let model = shared.clone();
+    std::thread::Builder::new().name("embeddinggemma-model".into()).spawn(move || {
+        let engine = load().map(Arc::new).map_err(|e| {
             eprintln!("embeddinggemma serve: the model is unavailable: {e}");
-            Err((ErrorKind::of(&e), e.to_string()))
+            (ErrorKind::of(&e), e.to_string())
+        });
+        let Ok(engine) = model.engine.get_or_init(|| engine).clone() else { return };
+        let s = &model;
+        let scheduler = Scheduler { engine, queue: s.queue.clone(), metrics: s.metrics.clone(), batch_wait: s.options.batch_wait };
+        // A bug here must not leave callers waiting forever: end the process, be restarted.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.run())).is_err() {
+            eprintln!("embeddinggemma serve: the model thread panicked; exiting");
+            std::process::exit(70);
         }
-    };
-    if let Ok(engine) = &engine {
-        let scheduler = Scheduler { engine: engine.clone(), queue: queue.clone(), metrics: metrics.clone(), batch_wait: options.batch_wait };
-        std::thread::Builder::new().name("embeddinggemma-model".into()).spawn(move || {
-            // A bug here must not leave callers waiting forever: end the process, be restarted.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.run())).is_err() {
-                eprintln!("embeddinggemma serve: the model thread panicked; exiting");
-                std::process::exit(70);
-            }
-        })?;
-    }
-    let shared = Arc::new(Shared { engine, queue, metrics, options, connections: AtomicU64::new(0) });
+    })?;
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -199,9 +211,14 @@ fn embed(
     truncate: bool,
     texts: Vec<String>,
 ) -> Option<Response> {
-    let engine = match &shared.engine {
-        Ok(e) => e,
-        Err((kind, message)) => return Some(Response::error(*kind, message.clone())),
+    let gone = || peer_gone(stream);
+    let engine = loop {
+        match shared.engine.get() {
+            Some(Ok(e)) => break e,
+            Some(Err((kind, message))) => return Some(Response::error(*kind, message.clone())),
+            None if gone() => return None,
+            None => std::thread::sleep(PEER_CHECK),
+        }
     };
     let checked = engine.prompt(&task).and_then(|_| engine.check_dim(dim as i64));
     let dim = match checked {
@@ -211,7 +228,6 @@ fn embed(
     if texts.is_empty() {
         return Some(Response::Embedded { dim: dim as u32, vectors: Vec::new(), stats: Default::default() });
     }
-    let gone = || peer_gone(stream);
     let withdrawn = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let (mut permit, mut texts, mut task) = (Some(permit), Some(texts), Some(task));
