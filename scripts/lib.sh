@@ -101,6 +101,12 @@ install_extension() {
     [ "$(id -u)" -eq 0 ] || sudo=(--sudo)  # the PostgreSQL tree belongs to root
     (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" \
         ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
+    # The engine's binary, which the service (shared_preload_libraries) runs as `serve`.
+    (cd "$ROOT" && cargo build --release -p embeddinggemma-engine --bin embeddinggemma \
+        ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
+    as_root install -m 0755 "$ROOT/target/release/embeddinggemma" "$("$PG_CONFIG" --bindir)/embeddinggemma"
+    # Install scripts of earlier versions, so an install can start at one and be upgraded.
+    as_root cp "$ROOT"/sql/history/*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 }
 
 setup_all() {
@@ -126,10 +132,17 @@ pg_start() {
         as_root chmod 700 "$data"
         as_pg_user "$PG_BIN/initdb" -D "$data" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
         as_pg_user tee -a "$data/postgresql.auto.conf" >/dev/null <<CONF
-listen_addresses = 'localhost'
 port = $port
 unix_socket_directories = '$PG_SOCKET_DIR'
 embeddinggemma.model_path = '$MODEL_DIR'
+CONF
+    fi
+    # Reachable only by its own OS user (and root): no TCP, a socket only the owner may open.
+    if ! as_root grep -q "^unix_socket_permissions = 0700" "$data/postgresql.auto.conf"; then
+        as_root sed -i "/^listen_addresses/d" "$data/postgresql.auto.conf"
+        as_pg_user tee -a "$data/postgresql.auto.conf" >/dev/null <<CONF
+listen_addresses = ''
+unix_socket_permissions = 0700
 CONF
     fi
     if ! as_pg_user "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then

@@ -44,6 +44,11 @@ pub fn raise_engine(e: Error) -> ! {
             message,
             "SET embeddinggemma.device = 'cpu', or install a build with CUDA on a machine with a GPU.",
         ),
+        ref e if e.is_out_of_memory() => raise(
+            ERRCODE_OUT_OF_MEMORY,
+            message,
+            "Embed fewer or shorter texts per call, or SET embeddinggemma.max_batch_tokens lower; a superuser sets embeddinggemma.max_call_memory.",
+        ),
         Error::Tokenizer(_) | Error::Inference(_) | Error::Panic(_) => raise(
             ERRCODE_INTERNAL_ERROR,
             message,

@@ -1,5 +1,7 @@
 //! The SQL-callable functions (declared in sql/embeddinggemma.sql).
 
+use std::collections::VecDeque;
+
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
 
@@ -7,11 +9,82 @@ use crate::errors::raise;
 use crate::model;
 use crate::vector::PgVector;
 
-/// Embeds the non-NULL entries of `inputs`; NULL entries stay NULL.
-fn embed_optional(inputs: &[Option<&str>], task: &str, dim: i32) -> Vec<Option<Vec<f32>>> {
-    let texts: Vec<&str> = inputs.iter().flatten().copied().collect();
-    let mut vectors = model::embed(&texts, task, dim).into_iter();
-    inputs.iter().map(|t| t.and_then(|_| vectors.next())).collect()
+/// Texts per engine call of embed_batch: enough for the planner to fill its buckets, few
+/// enough that a call over a huge array holds only one chunk's vectors at a time.
+const CHUNK_TEXTS: usize = 1024;
+/// Bytes of text per chunk, so that a chunk of long texts stays small too.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// The texts of an array argument, copied into one buffer: the argument does not outlive the
+/// first call of a set-returning function, and one String per element would cost more than
+/// the texts themselves for short ones.
+struct Texts {
+    buffer: String,
+    spans: Vec<Option<(u32, u32)>>,
+}
+
+impl Texts {
+    fn new(inputs: Array<&str>) -> Texts {
+        let mut buffer = String::new();
+        let spans = inputs
+            .iter()
+            .map(|t| {
+                t.map(|t| {
+                    // An array is at most 1 GB, so offsets fit in u32.
+                    let start = buffer.len() as u32;
+                    buffer.push_str(t);
+                    (start, t.len() as u32)
+                })
+            })
+            .collect();
+        Texts { buffer, spans }
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        self.spans[i].map(|(start, len)| &self.buffer[start as usize..(start + len) as usize])
+    }
+}
+
+/// Embeds the texts a chunk at a time as rows are asked for; NULL entries give NULL vectors.
+struct Chunked {
+    texts: Texts,
+    next: usize,
+    ready: VecDeque<Option<Vec<f32>>>,
+    task: String,
+    dim: i32,
+}
+
+impl Chunked {
+    fn new(texts: Texts, task: &str, dim: i32) -> Chunked {
+        Chunked { texts, next: 0, ready: VecDeque::new(), task: task.to_string(), dim }
+    }
+
+    fn fill(&mut self) {
+        let start = self.next;
+        let (mut count, mut bytes) = (0, 0);
+        while self.next < self.texts.spans.len() && count < CHUNK_TEXTS && bytes < CHUNK_BYTES {
+            if let Some((_, len)) = self.texts.spans[self.next] {
+                count += 1;
+                bytes += len as usize;
+            }
+            self.next += 1;
+        }
+        let chunk: Vec<Option<&str>> = (start..self.next).map(|i| self.texts.get(i)).collect();
+        let texts: Vec<&str> = chunk.iter().flatten().copied().collect();
+        let mut vectors = if texts.is_empty() { Vec::new() } else { model::embed(&texts, &self.task, self.dim) }.into_iter();
+        self.ready.extend(chunk.iter().map(|t| t.and_then(|_| vectors.next())));
+    }
+}
+
+impl Iterator for Chunked {
+    type Item = Option<PgVector>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.ready.is_empty() {
+            self.fill();
+        }
+        self.ready.pop_front().map(|v| v.map(|v| PgVector::from_slice(&v)))
+    }
 }
 
 #[pg_extern(sql = "")]
@@ -26,14 +99,9 @@ fn embeddinggemma_embed_batch(
     task: &str,
     dim: i32,
 ) -> TableIterator<'static, (name!(ord, i32), name!(embedding, Option<PgVector>))> {
-    let inputs: Vec<Option<&str>> = inputs.iter().collect();
-    let vectors = embed_optional(&inputs, task, dim);
-    TableIterator::new(
-        vectors
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (i as i32 + 1, v.map(|v| PgVector::from_slice(&v)))),
-    )
+    model::check_request(task, dim);
+    let rows = Chunked::new(Texts::new(inputs), task, dim);
+    TableIterator::new(rows.enumerate().map(|(i, v)| (i as i32 + 1, v)))
 }
 
 #[pg_extern(sql = "")]
@@ -50,10 +118,10 @@ fn embeddinggemma_embed_batch_ids(
             "Pass arrays of the same length, e.g. array_agg(id ORDER BY id) and array_agg(body ORDER BY id).",
         )
     }
+    model::check_request(task, dim);
     let ids: Vec<Option<i64>> = ids.iter().collect();
-    let inputs: Vec<Option<&str>> = inputs.iter().collect();
-    let vectors = embed_optional(&inputs, task, dim);
-    TableIterator::new(ids.into_iter().zip(vectors).map(|(id, v)| (id, v.map(|v| PgVector::from_slice(&v)))))
+    let rows = Chunked::new(Texts::new(inputs), task, dim);
+    TableIterator::new(ids.into_iter().zip(rows))
 }
 
 #[pg_extern(sql = "")]
@@ -72,7 +140,10 @@ fn embeddinggemma_info() -> TableIterator<
         name!(engine_version, String),
     ),
 > {
-    let row = model::with_engine(|engine, _| {
+    if crate::service::chosen() {
+        return TableIterator::once(service_info());
+    }
+    let row = model::with_engine(|engine| {
         let info = engine.info();
         let sha: serde_json::Map<String, serde_json::Value> =
             info.checksums.iter().map(|(f, h)| (f.clone(), serde_json::Value::String(h.clone()))).collect();
@@ -90,4 +161,33 @@ fn embeddinggemma_info() -> TableIterator<
         )
     });
     TableIterator::once(row)
+}
+
+type InfoRow = (String, String, String, Vec<i32>, i32, Vec<String>, JsonB, f64, f64, String);
+
+/// `embeddinggemma_info()` of the model the service holds, from its statistics.
+fn service_info() -> InfoRow {
+    let stats = crate::service::stats().unwrap_or_else(|e| {
+        raise(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, format!("embeddinggemma: {e}"), "The embedding service is starting or restarting; SELECT * FROM embeddinggemma_service shows its state.")
+    });
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap_or_default();
+    let Some(m) = stats.get("model").filter(|m| m.is_object()) else {
+        let why = stats.get("load_error").and_then(|e| e.as_str()).unwrap_or("the model is not loaded yet");
+        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("embeddinggemma: the service has no model: {why}"), "SELECT * FROM embeddinggemma_service shows the service's state and error.")
+    };
+    let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let number = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or_default();
+    let list = |k: &str| m.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    (
+        text("path"),
+        text("device"),
+        text("dtype"),
+        list("dims").iter().filter_map(|d| d.as_i64()).map(|d| d as i32).collect(),
+        number("max_seq_length") as i32,
+        list("tasks").iter().filter_map(|t| t.as_str()).map(str::to_string).collect(),
+        JsonB(m.get("checksums").cloned().unwrap_or_default()),
+        number("load_s"),
+        number("weights_mb"),
+        text("version"),
+    )
 }

@@ -2,7 +2,7 @@
 
 use std::ffi::{c_char, c_void, CStr, CString};
 
-use embeddinggemma_engine::{DeviceChoice, Precision, DEFAULT_MAX_BATCH_TOKENS};
+use embeddinggemma_engine::{DeviceChoice, Precision, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MEMORY};
 use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// Where `scripts/fetch-model` puts the model.
@@ -28,6 +28,17 @@ impl Dtype {
     }
 }
 
+/// Where calls run: `auto` is the service when the library is preloaded.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Service {
+    #[name = c"auto"]
+    Auto,
+    #[name = c"on"]
+    On,
+    #[name = c"off"]
+    Off,
+}
+
 pub static MODEL_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_MODEL_PATH));
 pub static MODEL_CHECKSUMS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"auto"));
@@ -36,6 +47,10 @@ pub static MAX_BATCH_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MA
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static MAX_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TRUNCATE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static SERVICE: GucSetting<Service> = GucSetting::<Service>::new(Service::Auto);
+pub static SERVICE_BINARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_CALL_MEMORY: GucSetting<i32> = GucSetting::<i32>::new((DEFAULT_MAX_MEMORY >> 20) as i32);
 
 /// Rejects a device name at SET time rather than at the next embed().
 #[pgrx::pg_guard]
@@ -124,6 +139,16 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.max_call_memory",
+        c"Most memory one call may use for its work beyond the loaded model (activations, token ids, vectors).",
+        c"Only superusers may change it. Forward passes are planned to fit; a text that cannot fit alone is refused.",
+        &MAX_CALL_MEMORY,
+        64,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
     GucRegistry::define_bool_guc(
         c"embeddinggemma.truncate",
         c"Truncate texts longer than the model's limit (on) or raise an error (off).",
@@ -131,6 +156,32 @@ pub fn register() {
         &TRUNCATE,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"embeddinggemma.service",
+        c"Where embedding runs: auto (the cluster's service when embeddinggemma is in shared_preload_libraries, else in this backend), on (the service, or an error), off (in this backend).",
+        c"Only superusers may change it: in-process mode loads the model into the backend.",
+        &SERVICE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"embeddinggemma.service_binary",
+        c"The engine binary the service runs; empty means embeddinggemma beside the postgres executable.",
+        c"Set in postgresql.conf.",
+        &SERVICE_BINARY,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.batch_wait_ms",
+        c"How long the service, when idle, waits after a request for more to batch with it; 0 runs at once.",
+        c"Set in postgresql.conf; a change restarts the service.",
+        &BATCH_WAIT_MS,
+        0,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     // SAFETY: called once from _PG_init with a static NUL-terminated prefix.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"embeddinggemma".as_ptr()) };

@@ -7,17 +7,22 @@ mod errors;
 mod functions;
 mod guc;
 mod model;
+mod service;
 mod stats;
+mod supervisor;
 mod triggers;
 mod vector;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/embeddinggemma.sql", name = "embeddinggemma", finalize);
 
-/// Registers the GUCs. Loading the model happens on first use, never here: this may run in
-/// the postmaster (shared_preload_libraries), which must not start threads.
+/// Registers the GUCs, and when preloaded the service's supervisor. Loading the model happens
+/// on first use or in the service, never here: this may run in the postmaster, which must not
+/// start threads.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    supervisor::register();
 }

@@ -3,14 +3,16 @@
 
 use std::cell::RefCell;
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request, Stats};
-use pgrx::pg_sys;
 use pgrx::PgSqlErrorCode;
 
 use crate::errors::{raise, raise_engine, setup_hint};
-use crate::{cpu_slots, guc};
+use crate::{cpu_slots, guc, service, worker};
 
 /// The settings a loaded engine was built from; any change means a reload.
 #[derive(Clone, PartialEq, Eq)]
@@ -82,13 +84,14 @@ pub fn loaded_model() -> Option<ModelFacts> {
 
 struct Loaded {
     settings: LoadSettings,
-    engine: Engine,
-    /// The last thread pool, rebuilt when a call gets another number of threads.
-    pool: Option<rayon::ThreadPool>,
+    /// Shared with the call's worker thread, which may outlive an interrupted call briefly.
+    engine: Arc<Engine>,
 }
 
 thread_local! {
     static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    /// A load an interrupt stopped waiting for: it goes on, and the next call picks it up.
+    static PENDING: RefCell<Option<(LoadSettings, Receiver<Result<Engine, Error>>)>> = const { RefCell::new(None) };
     static STATS: RefCell<BackendStats> = RefCell::new(BackendStats::default());
 }
 
@@ -104,8 +107,34 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// A thread pool for one call; built on an engine thread, so its threads inherit the blocked
+/// signals, and dropped after it, so an idle backend holds no threads.
+fn pool(threads: usize) -> Result<rayon::ThreadPool, Error> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("embeddinggemma-{i}"))
+        .build()
+        .map_err(|e| Error::InvalidOption(format!("cannot start {threads} threads: {e}")))
+}
+
+/// Loads the model on a thread of its own while this backend serves interrupts. Interrupted,
+/// the load goes on and the next call with the same settings waits for it instead.
+fn load(settings: &LoadSettings) -> Engine {
+    PENDING.with(|pending| {
+        let mut slot = pending.borrow_mut();
+        if slot.as_ref().is_none_or(|(s, _)| s != settings) {
+            let s = settings.clone();
+            let threads = cores();
+            *slot = Some((settings.clone(), worker::spawn_detached(move || pool(threads)?.install(|| s.load()))));
+        }
+        let result = worker::wait(&slot.as_ref().expect("set above").1);
+        *slot = None;
+        result.unwrap_or_else(|e| raise_engine(e))
+    })
+}
+
 /// Runs `f` with the engine for the current settings, loading it first if needed.
-pub fn with_engine<R>(f: impl FnOnce(&mut Engine, &mut Option<rayon::ThreadPool>) -> R) -> R {
+pub fn with_engine<R>(f: impl FnOnce(&mut Arc<Engine>) -> R) -> R {
     let settings = LoadSettings::current();
     LOADED.with(|cell| {
         let mut loaded = cell.borrow_mut();
@@ -113,44 +142,23 @@ pub fn with_engine<R>(f: impl FnOnce(&mut Engine, &mut Option<rayon::ThreadPool>
             // Free the old model before loading the next.
             *loaded = None;
             let started = Instant::now();
-            let engine = settings.load().unwrap_or_else(|e| raise_engine(e));
+            let engine = load(&settings);
             STATS.with(|s| {
                 let mut s = s.borrow_mut();
                 s.loads += 1;
                 s.load_time += started.elapsed();
             });
-            *loaded = Some(Loaded { settings, engine, pool: None });
+            *loaded = Some(Loaded { settings, engine: Arc::new(engine) });
         }
-        let l = loaded.as_mut().expect("loaded above");
-        f(&mut l.engine, &mut l.pool)
+        f(&mut loaded.as_mut().expect("loaded above").engine)
     })
-}
-
-/// Worker threads take no signals: PostgreSQL's handlers expect to interrupt the backend's
-/// own thread.
-fn block_signals() {
-    // SAFETY: fills a local sigset and changes only the calling thread's mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-    }
-}
-
-/// A cancel or terminate request is pending. Only reads flags the signal handlers set, so it
-/// is safe from the engine's worker threads.
-fn interrupt_requested() -> bool {
-    // SAFETY: volatile reads of sig_atomic_t flags.
-    unsafe {
-        std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
-            || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0
-    }
 }
 
 /// Embeds `texts` (all non-NULL) with the current settings; raises an ERROR on failure.
 pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
     let max_batch_tokens = guc::MAX_BATCH_TOKENS.get().max(1) as usize;
     let truncate = guc::TRUNCATE.get();
+    let max_call_memory = (guc::MAX_CALL_MEMORY.get().max(1) as usize) << 20;
     let total = match guc::MAX_THREADS.get() {
         0 => cores(),
         n => n as usize,
@@ -159,34 +167,39 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         0 => total,
         n => n as usize,
     };
-    with_engine(|engine, pool| {
-        engine.set_batch_limits(max_batch_tokens, embeddinggemma_engine::DEFAULT_MAX_BATCH_SIZE);
+    if service::chosen() {
+        let (vectors, s) = service::embed(texts, task, dim.max(0) as usize, truncate);
+        STATS.with(|st| {
+            let mut st = st.borrow_mut();
+            st.calls += 1;
+            st.engine.texts += s.texts;
+            st.engine.real_tokens += s.tokens;
+            st.engine.truncated += s.truncated;
+            st.engine.forward_passes += s.forward_passes;
+            st.engine.forward_time += s.forward_time;
+            st.wait_time += s.queue_wait;
+        });
+        return vectors;
+    }
+    worker::finish_unfinished();
+    with_engine(|engine| {
+        // Only a call's worker shares the engine, and the last one has finished.
+        if let Some(engine) = Arc::get_mut(engine) {
+            engine.set_batch_limits(max_batch_tokens, embeddinggemma_engine::DEFAULT_MAX_BATCH_SIZE);
+            engine.set_memory_limit(max_call_memory);
+        }
         let dim = engine.check_dim(dim as i64).unwrap_or_else(|e| raise_engine(e));
         engine.prompt(task).unwrap_or_else(|e| raise_engine(e));
         let waiting = Instant::now();
         let slots = cpu_slots::acquire(want, total);
         let wait_time = waiting.elapsed();
         let threads = slots.count();
-        if pool.as_ref().is_none_or(|p| p.current_num_threads() != threads) {
-            *pool = None; // join the old threads before starting the new ones
-            *pool = Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("embeddinggemma-{i}"))
-                    .start_handler(|_| block_signals())
-                    .build()
-                    .unwrap_or_else(|e| {
-                        raise(
-                            PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
-                            format!("embeddinggemma: cannot start {threads} threads: {e}"),
-                            "Lower embeddinggemma.threads.",
-                        )
-                    }),
-            );
-        }
-        let pool = pool.as_ref().expect("built above");
-        let request = Request { task, dim, truncate };
-        let result = engine.embed_in(pool, texts, &request, &interrupt_requested);
+        let (engine, task, texts) = (engine.clone(), task.to_string(), texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        let result = worker::run(move |stop| {
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let request = Request { task: &task, dim, truncate };
+            engine.embed_in(&pool(threads)?, &texts, &request, &|| stop.load(Ordering::Relaxed))
+        });
         drop(slots);
         match result {
             Ok((vectors, s)) => {
@@ -201,4 +214,15 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
             Err(e) => raise_engine(e),
         }
     })
+}
+
+/// Raises the ERROR an unknown task or dimension gets, before any text is embedded.
+pub fn check_request(task: &str, dim: i32) {
+    if service::chosen() {
+        return; // the service checks them
+    }
+    with_engine(|engine| {
+        engine.check_dim(dim as i64).unwrap_or_else(|e| raise_engine(e));
+        engine.prompt(task).unwrap_or_else(|e| raise_engine(e));
+    });
 }

@@ -70,3 +70,40 @@ fn embeddinggemma_stats() -> TableIterator<
 fn embeddinggemma_stats_reset() {
     model::reset_stats();
 }
+
+/// The cluster's embedding service as its supervisor and the service itself report it.
+#[pg_extern(sql = "")]
+#[allow(clippy::type_complexity)]
+fn embeddinggemma_service_status() -> TableIterator<
+    'static,
+    (
+        name!(state, String),
+        name!(pid, Option<i32>),
+        name!(restarts, i64),
+        name!(last_exit, Option<i32>),
+        name!(up_seconds, Option<f64>),
+        name!(error, Option<String>),
+        name!(stats, Option<pgrx::JsonB>),
+    ),
+> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !crate::supervisor::preloaded() {
+        let why = "embeddinggemma is not in shared_preload_libraries: every backend embeds in-process".to_string();
+        return TableIterator::once(("off".into(), None, 0, None, None, Some(why), None));
+    }
+    let status = crate::supervisor::STATUS.get();
+    let pid = status.pid.load(Relaxed);
+    let restarts = status.starts.load(Relaxed).saturating_sub(1) as i64;
+    let last_exit = (status.exits.load(Relaxed) > 0).then(|| status.last_exit.load(Relaxed));
+    let reply = crate::service::stats();
+    let stats: Option<serde_json::Value> = reply.as_ref().ok().and_then(|s| serde_json::from_str(s).ok());
+    let load_error = stats.as_ref().and_then(|s| s.get("load_error")?.as_str().map(str::to_string));
+    let (state, error) = match (&reply, load_error) {
+        _ if pid == 0 => ("down", reply.err()),
+        (Err(e), _) => ("starting", Some(e.clone())),
+        (Ok(_), Some(e)) => ("failed", Some(e)),
+        (Ok(_), None) => ("running", None),
+    };
+    let up = stats.as_ref().and_then(|s| s.get("uptime_s")?.as_f64());
+    TableIterator::once((state.into(), (pid != 0).then_some(pid), restarts, last_exit, up, error, stats.map(pgrx::JsonB)))
+}

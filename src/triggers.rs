@@ -2,6 +2,7 @@
 //! and the column check it shares with the statement trigger and the backfill (sql/).
 
 use std::ffi::CStr;
+use std::num::NonZeroUsize;
 
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
@@ -17,9 +18,16 @@ fn type_name(oid: pg_sys::Oid, typmod: i32) -> String {
     unsafe { CStr::from_ptr(pg_sys::format_type_with_typemod(oid, typmod)).to_string_lossy().into_owned() }
 }
 
-/// Raises an ERROR naming the column unless `source` is a text column and `target` a
-/// `vector` column that can hold `dim` values.
-pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) {
+/// The source column as the checks found it.
+pub struct SourceColumn {
+    pub attno: NonZeroUsize,
+    /// char(n): trailing spaces are padding, dropped as the cast to text does.
+    pub padded: bool,
+}
+
+/// Raises an ERROR naming the column unless `source` is a text column (text, varchar, char or
+/// a domain over one) and `target` a `vector` column that can hold `dim` values.
+pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) -> SourceColumn {
     let table = relation.name().to_string();
     let desc = relation.tuple_desc();
     let find = |name: &str, role: &str| {
@@ -32,13 +40,19 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
         })
     };
     let src = find(source, "source");
-    if !TEXT_TYPES.contains(&src.atttypid) {
+    // SAFETY: a catalog lookup on the backend's thread; unknown OIDs come back unchanged.
+    let base = unsafe { pg_sys::getBaseType(src.atttypid) };
+    if !TEXT_TYPES.contains(&base) {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
             format!("embeddinggemma: source column \"{source}\" of \"{table}\" is {}, not text", type_name(src.atttypid, src.atttypmod)),
-            "The source column must be text, varchar or char.",
+            "The source column must be text, varchar, char or a domain over one of them.",
         )
     }
+    let source_column = SourceColumn {
+        attno: NonZeroUsize::new(src.attnum as usize).expect("user columns are numbered from 1"),
+        padded: base == pg_sys::BPCHAROID,
+    };
     let dst = find(target, "target");
     if dst.atttypid != vector_type_oid() {
         raise(
@@ -54,6 +68,21 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
             "Pass the column's dimension as the trigger's dim argument, or change the column type.",
         )
     }
+    source_column
+}
+
+/// The source text of `tuple` as `::text` gives it (char(n) without its padding).
+///
+/// # Safety
+/// `tuple` must be a valid tuple of a relation whose descriptor is `desc`, and `column` must
+/// come from `check_columns` on that relation.
+unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, column: &SourceColumn) -> Option<String> {
+    // SAFETY: per this function's contract; the datum is a varlena of a text-like type.
+    let text = unsafe {
+        let datum = pgrx::heap_getattr_raw(tuple, column.attno, desc)?;
+        String::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)?
+    };
+    Some(if column.padded { text.trim_end_matches(' ').to_string() } else { text })
 }
 
 #[pg_extern(sql = "")]
@@ -92,16 +121,20 @@ fn embeddinggemma_trigger<'a>(
         Some(Ok(d)) => d,
         Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
     };
-    check_columns(&trigger.relation()?, source, target, dim);
+    let column = check_columns(&trigger.relation()?, source, target, dim);
 
+    let data = trigger.trigger_data();
+    let update = matches!(op, PgTriggerOperation::Update);
+    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
+    // UPDATE), and `column` was checked against that relation above.
+    let (text, old_text) = unsafe {
+        let desc = (*data.tg_relation).rd_att;
+        let new = if update { data.tg_newtuple } else { data.tg_trigtuple };
+        (source_text(new, desc, &column), update.then(|| source_text(data.tg_trigtuple, desc, &column)))
+    };
     let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
-    let text: Option<String> = row.get_by_name(source).unwrap_or_else(|e| misuse(&e.to_string()));
-    if matches!(op, PgTriggerOperation::Update) {
-        let old = trigger.old().expect("UPDATE row triggers have OLD");
-        let old_text: Option<String> = old.get_by_name(source).unwrap_or_else(|e| misuse(&e.to_string()));
-        if old_text == text {
-            return Ok(Some(row));
-        }
+    if old_text.is_some_and(|old| old == text) {
+        return Ok(Some(row));
     }
     let vector = text.map(|t| PgVector::from_slice(&model::embed(&[&t], task, dim)[0]));
     row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));

@@ -143,6 +143,17 @@ pub fn expect_error(client: &mut Client, sql: &str) -> (String, String, Option<S
     sql_error(client.batch_execute(sql).expect_err(sql))
 }
 
+/// Waits until backend `pid` is inside the extension's work (pg_stat_activity shows the wait
+/// event type 'Extension' while it embeds, loads or waits for CPU threads).
+pub fn wait_until_embedding(client: &mut Client, pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let sql = "SELECT coalesce(wait_event_type = 'Extension', false) FROM pg_stat_activity WHERE pid = $1";
+    while !client.query_opt(sql, &[&pid]).unwrap().is_some_and(|r| r.get::<_, bool>(0)) {
+        assert!(std::time::Instant::now() < deadline, "backend {pid} never started embedding");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Makes `role` an ordinary login role whose default model is the tiny fixture model. An
 /// ordinary role cannot `SET embeddinggemma.model_path` (superuser-only), but a superuser's
 /// `ALTER ROLE … SET` applies at every login of the role, so its sessions load the tiny model

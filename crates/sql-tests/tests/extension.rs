@@ -335,8 +335,8 @@ const CANCEL_WITHIN: Duration = Duration::from_secs(3);
 #[test]
 fn cancel_stops_a_long_embed_batch_promptly() {
     let (pid, handle) = long_embed_batch("SELECT 1");
-    std::thread::sleep(Duration::from_secs(6));
     let mut admin = connect();
+    wait_until_embedding(&mut admin, pid);
     let asked = Instant::now();
     assert!(admin.query_one("SELECT pg_cancel_backend($1)", &[&pid]).unwrap().get::<_, bool>(0));
     let (err, ended) = handle.join().unwrap();
@@ -362,8 +362,8 @@ fn statement_timeout_stops_a_long_embed_batch() {
 #[test]
 fn terminate_ends_only_that_backend() {
     let (pid, handle) = long_embed_batch("SELECT 1");
-    std::thread::sleep(Duration::from_secs(4));
     let mut admin = connect();
+    wait_until_embedding(&mut admin, pid);
     let started: std::time::SystemTime = admin.query_one("SELECT pg_postmaster_start_time()", &[]).unwrap().get(0);
     assert!(admin.query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid]).unwrap().get::<_, bool>(0));
     let (err, _) = handle.join().unwrap();

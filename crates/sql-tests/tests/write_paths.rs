@@ -226,7 +226,8 @@ fn backfill_survives_terminations_and_embeds_every_row_once() {
             assert!(Instant::now() < deadline, "round {round}: no progress");
             thread::sleep(Duration::from_millis(100));
         }
-        thread::sleep(Duration::from_millis(700));
+        // Kill it inside a call of the engine, not between batches.
+        wait_until_embedding(&mut c, pid);
         assert!(c.query_one("SELECT pg_terminate_backend($1, 10000)", &[&pid]).unwrap().get::<_, bool>(0));
         assert!(handle.join().unwrap().is_err(), "round {round}: the backfill was not interrupted");
         done_before = progress(&mut c, "bf_docs").0;
