@@ -67,6 +67,42 @@ impl PackedBf16 {
         PackedBf16 { n, k, pairs, lines }
     }
 
+    /// Packs the transpose of `k` rows of `n` values: `col(j)` gives row j of the [k, n] source,
+    /// which is column j of the [n, k] weight.
+    pub fn pack_transposed<'a>(n: usize, k: usize, col: impl Fn(usize) -> &'a [f32]) -> PackedBf16 {
+        let pairs = k.div_ceil(2);
+        let mut lines = vec![Line([0; 2 * NR]); n.div_ceil(NR) * pairs];
+        for j in 0..k {
+            let src = col(j);
+            assert_eq!(src.len(), n, "source row {j} has {} values, expected {n}", src.len());
+            for (c, &v) in src.iter().enumerate() {
+                lines[(c / NR) * pairs + j / 2].0[2 * (c % NR) + j % 2] = to_bf16(v);
+            }
+        }
+        PackedBf16 { n, k, pairs, lines }
+    }
+
+    /// out[r·so + c] = Σ over pairs q0..q0 + pairs of x[r, 2(q − q0) + {0, 1}] · w[c, 2q + {0, 1}]
+    /// for rows r < `rows` of bf16 `x` (row stride `sx`) and the columns c of `panels`, counted
+    /// from the first of them (the last panel clipped to n). Single-threaded.
+    ///
+    /// # Safety
+    /// `out` must be valid for those writes, and no other thread may access them meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn product(&self, x: &[u16], sx: usize, rows: usize, panels: std::ops::Range<usize>, q0: usize, pairs: usize, out: *mut f32, so: usize) {
+        assert!(supported(), "the bf16 kernel needs AVX512-BF16");
+        assert!(panels.end <= self.n.div_ceil(NR) && q0 + pairs <= self.pairs, "outside the packed weights");
+        assert!(rows == 0 || (rows - 1) * sx + 2 * pairs <= x.len(), "x is too short");
+        for p in panels.clone() {
+            let cols = NR.min(self.n - p * NR);
+            let w = self.lines.as_ptr().add(p * self.pairs + q0);
+            for t in (0..rows).step_by(MR) {
+                let c = out.add(t * so + (p - panels.start) * NR);
+                tile_dispatch(MR.min(rows - t), x.as_ptr().add(t * sx), sx, w, pairs, c, so, cols);
+            }
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.lines.len() * std::mem::size_of::<Line>()
     }
@@ -95,23 +131,10 @@ impl PackedBf16 {
             .flat_map(|r| (0..panels).step_by(per_task).map(move |p| (r * rows, p)))
             .collect();
         tasks.par_iter().for_each_init(Vec::<u16>::new, |buf, &(r0, p0)| {
-            let r1 = (r0 + rows).min(m);
-            let p1 = (p0 + per_task).min(panels);
-            buf.resize((r1 - r0) * stride, 0);
-            // SAFETY: `supported()` was checked above; slices are in bounds by construction
-            // and each task writes only rows r0..r1 of columns p0·NR..p1·NR (clipped to n).
-            unsafe {
-                convert_rows(&x[r0 * k..r1 * k], k, buf, stride);
-                for p in p0..p1 {
-                    let cols = NR.min(n - p * NR);
-                    let w = self.lines.as_ptr().add(p * self.pairs);
-                    for t in (0..r1 - r0).step_by(MR) {
-                        let a = buf.as_ptr().add(t * stride);
-                        let c = out_ptr.at((r0 + t) * n + p * NR);
-                        tile_dispatch(MR.min(r1 - r0 - t), a, stride, w, self.pairs, c, n, cols);
-                    }
-                }
-            }
+            let (r1, p1) = ((r0 + rows).min(m), (p0 + per_task).min(panels));
+            to_bf16_rows(&x[r0 * k..r1 * k], k, r1 - r0, k, buf, stride);
+            // SAFETY: each task writes only rows r0..r1 of columns p0·NR..p1·NR (clipped to n).
+            unsafe { self.product(buf, stride, r1 - r0, p0..p1, 0, self.pairs, out_ptr.at(r0 * n + p0 * NR), n) };
         });
         // SAFETY: the tasks cover every row and column once, so all m·n values are written.
         unsafe { out.set_len(m * n) };
@@ -119,18 +142,28 @@ impl PackedBf16 {
     }
 }
 
-/// x rows of `k` float32 → bf16 rows of `stride` values (a multiple of 32), zero-padded.
+/// `rows` rows of `k` float32 values, `sx` apart in `x`, → bf16 rows of `stride` values (a
+/// multiple of 32, at least k) in `out`, zero-padded.
+pub fn to_bf16_rows(x: &[f32], sx: usize, rows: usize, k: usize, out: &mut Vec<u16>, stride: usize) {
+    assert!(supported(), "the bf16 kernel needs AVX512-BF16");
+    assert!(stride % 32 == 0 && stride >= k && (rows == 0 || (rows - 1) * sx + k <= x.len()));
+    out.resize(rows * stride, 0);
+    // SAFETY: checked just above.
+    unsafe { convert_rows(x, sx, rows, k, out, stride) }
+}
+
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn convert_rows(x: &[f32], k: usize, out: &mut [u16], stride: usize) {
+unsafe fn convert_rows(x: &[f32], sx: usize, rows: usize, k: usize, out: &mut [u16], stride: usize) {
     use std::arch::x86_64::*;
-    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(stride)) {
+    let mask = |c: usize| if c == 16 { 0xffff } else { ((1u32 << c) - 1) as u16 };
+    for r in 0..rows {
+        let (src, dst) = (x.as_ptr().add(r * sx), out.as_mut_ptr().add(r * stride));
         for j in (0..stride).step_by(32) {
             let left = k.saturating_sub(j);
             let (lo, hi) = (left.min(16), left.saturating_sub(16).min(16));
-            let mask = |c: usize| if c == 16 { 0xffff } else { ((1u32 << c) - 1) as u16 };
-            let p = src.as_ptr().add(j.min(k));
+            let p = src.add(j.min(k));
             let v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mask(hi), p.add(lo)), _mm512_maskz_loadu_ps(mask(lo), p));
-            _mm512_storeu_si512(dst.as_mut_ptr().add(j).cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+            _mm512_storeu_si512(dst.add(j).cast(), std::mem::transmute::<__m512bh, __m512i>(v));
         }
     }
 }

@@ -35,6 +35,20 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
+thread_local! {
+    static BF16_ATTENTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with attention products in bf16 on this thread (bf16 mode on an AVX512-BF16 CPU):
+/// q, k, v and the probabilities rounded to bf16, float32 accumulation and softmax.
+// A thread-local rather than a field of `Attention`, which attention.rs builds per call.
+pub fn with_bf16_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = BF16_ATTENTION.with(|c| c.replace(on));
+    let result = f();
+    BF16_ATTENTION.with(|c| c.set(before));
+    result
+}
+
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{what}: expected float32")
@@ -125,6 +139,60 @@ impl Attention {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Attention {
+    /// The same attention with bf16 products: each (sequence, kv head) has its keys packed as
+    /// the columns of q·kᵀ and its values, transposed, as the columns of p·v.
+    fn bf16(&self, q: &[f32], k: &[f32], v: &[f32], (_, t, heads, kv_heads, d): (usize, usize, usize, usize, usize), out: SendPtr) {
+        use super::bf16_gemm::{to_bf16_rows, PackedBf16, NR};
+        let (group, q_row, kv_row) = (heads / kv_heads, heads * d, kv_heads * d);
+        let packed: Vec<(PackedBf16, PackedBf16)> = (0..self.lengths.len() * kv_heads)
+            .into_par_iter()
+            .map(|i| {
+                let at = |j: usize| (i / kv_heads) * t * kv_row + (i % kv_heads) * d + j * kv_row;
+                let len = self.lengths[i / kv_heads];
+                (PackedBf16::pack(len, d, |j| &k[at(j)..at(j) + d]), PackedBf16::pack_transposed(d, len, |j| &v[at(j)..at(j) + d]))
+            })
+            .collect();
+        let d_stride = d.next_multiple_of(32);
+        self.tasks(kv_heads).par_iter().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(qs, scores, probs): &mut (Vec<u16>, Vec<f32>, Vec<u16>), task| {
+                let len = self.lengths[task.seq];
+                let (k0, k1) = match self.window {
+                    Some(w) => (task.rows.start.saturating_sub(w - 1), (task.rows.end + w - 1).min(len)),
+                    None => (0, len),
+                };
+                let k0 = k0 / NR * NR; // whole panels of keys; the extra ones get probability 0
+                let (m, n) = (task.rows.len(), k1 - k0);
+                let panels = k0 / NR..k1.div_ceil(NR);
+                let sn = panels.len() * NR;
+                scores.resize(m * sn, 0.0);
+                let (keys, values) = &packed[task.seq * kv_heads + task.kv_head];
+                for head in task.kv_head * group..(task.kv_head + 1) * group {
+                    let q_at = task.seq * t * q_row + task.rows.start * q_row + head * d;
+                    to_bf16_rows(&q[q_at..], q_row, m, d, qs, d_stride);
+                    // SAFETY: `scores` holds m rows of sn values; the output rows `task.rows` of
+                    // `head` belong to this task alone.
+                    unsafe { keys.product(qs, d_stride, m, panels.clone(), 0, d.div_ceil(2), scores.as_mut_ptr(), sn) };
+                    for (i, row) in scores.chunks_exact_mut(sn).enumerate() {
+                        let p = task.rows.start + i;
+                        let (lo, hi) = match self.window {
+                            Some(w) => (p.saturating_sub(w - 1).max(k0) - k0, (p + w).min(k1) - k0),
+                            None => (0, n),
+                        };
+                        let row = &mut row[..n];
+                        row[lo..hi].iter_mut().for_each(|x| *x *= self.scale);
+                        softmax_in_place(row, lo, hi);
+                    }
+                    to_bf16_rows(scores, sn, m, n, probs, n.next_multiple_of(32));
+                    unsafe { values.product(probs, n.next_multiple_of(32), m, 0..d.div_ceil(NR), k0 / 2, n.div_ceil(2), out.at(q_at), q_row) };
+                }
+            },
+        );
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "embeddinggemma-attention"
@@ -154,6 +222,11 @@ impl CustomOp3 for Attention {
         let (q_row, kv_row) = (heads * d, kv_heads * d);
         let mut out = vec![0f32; b * t * heads * d];
         let out_ptr = SendPtr(out.as_mut_ptr());
+        #[cfg(target_arch = "x86_64")]
+        if BF16_ATTENTION.with(std::cell::Cell::get) {
+            self.bf16(q, k, v, (b, t, heads, kv_heads, d), out_ptr);
+            return Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))));
+        }
 
         self.tasks(kv_heads).par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
             let len = self.lengths[task.seq];
@@ -220,6 +293,40 @@ fn softmax_in_place(row: &mut [f32], lo: usize, hi: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 attention against float32 on ragged lengths, with and without a window: each
+    /// output row must point the same way (inputs and probabilities rounded to bf16).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_attention_is_close_to_f32() {
+        use candle_core::{Device, Tensor};
+        if !super::super::bf16_gemm::supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let (b, t, heads, kv, d) = (3, 301, 3, 1, 256);
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0).collect()
+        };
+        let tensor = |v: Vec<f32>, h: usize| Tensor::from_vec(v, (b, t, h, d), &Device::Cpu).unwrap();
+        let q = tensor(values(b * t * heads * d, 1), heads);
+        let k = tensor(values(b * t * kv * d, 2), kv);
+        let v = tensor(values(b * t * kv * d, 3), kv);
+        for window in [None, Some(40)] {
+            let op = Attention { lengths: vec![301, 33, 2], window, scale: 0.3 };
+            let run = |bf16| with_bf16_attention(bf16, || q.apply_op3_no_bwd(&k, &v, &op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let (want, got) = (run(false), run(true));
+            for (row, (w, g)) in want.chunks(d).zip(got.chunks(d)).enumerate() {
+                let dot: f32 = w.iter().zip(g).map(|(a, b)| a * b).sum();
+                let norms = w.iter().map(|a| a * a).sum::<f32>().sqrt() * g.iter().map(|a| a * a).sum::<f32>().sqrt();
+                if norms == 0.0 {
+                    assert!(g.iter().all(|&x| x == 0.0), "row {row}: padding must stay zero");
+                    continue;
+                }
+                assert!(dot / norms > 0.999, "window {window:?} row {row}: cosine {}", dot / norms);
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {

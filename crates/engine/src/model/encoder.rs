@@ -93,6 +93,8 @@ pub struct Encoder {
     embed_scale: f32,
     layers: Vec<Layer>,
     norm: RmsNorm,
+    /// Attention products in bf16 too (bf16 weights packed for the AVX512-BF16 kernel).
+    bf16_attention: bool,
 }
 
 impl Encoder {
@@ -108,6 +110,7 @@ impl Encoder {
             norm: RmsNorm::load(file, "norm.weight", cfg.hidden_size, cfg.rms_norm_eps, &at.device)?,
             cfg: cfg.clone(),
             at: at.clone(),
+            bf16_attention: layers::bf16_kernel(at) && at.cpu_kernels(),
         })
     }
 
@@ -135,7 +138,7 @@ impl Encoder {
             if cancel() {
                 return Err(Error::Cancelled);
             }
-            x = layer.forward(&x, &batch, &self.at)?;
+            x = cpu_kernels::with_bf16_attention(self.bf16_attention, || layer.forward(&x, &batch, &self.at))?;
         }
         self.norm.forward(&x)
     }
