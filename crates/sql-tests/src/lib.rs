@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: connections to the test server that `scripts/test`
 //! starts, fixture paths, reference cases, vector comparisons.
 
+pub mod load;
+
 use std::path::PathBuf;
 
 use postgres::{Client, NoTls};
