@@ -2,12 +2,12 @@
 //! length buckets, runs one forward pass per bucket, and answers each request once all its
 //! texts are done.
 //!
-//! Rounds: every round, each request in progress contributes one bucket's worth of its longest
-//! pending texts (padded to the longest, within `max_batch_tokens` and `max_batch_size`; at
-//! least one text), from a tokenized look-ahead of up to `LOOKAHEAD` such budgets. A small
-//! request is thus done in the round after it arrives, however large the requests beside it,
-//! and a large one advances every round. Taking the longest texts of the look-ahead keeps
-//! buckets about as full as planning the look-ahead whole would.
+//! Rounds: every round, each request in progress contributes one bucket of its pending texts:
+//! the first (longest) bucket of planning its tokenized look-ahead of up to `LOOKAHEAD` ×
+//! `max_batch_tokens` tokens. A small request is thus done in the round after it arrives,
+//! however large the requests beside it, and a large one advances every round, in buckets as
+//! full as planning it whole would make. The round then plans the texts of all requests
+//! together (small requests share passes).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -75,15 +75,18 @@ impl Active {
         Ok(())
     }
 
-    /// The longest look-ahead texts that fill one bucket: at most `size` texts padded to the
-    /// longest within `budget` tokens (at least one text).
-    fn take(&mut self, budget: usize, size: usize) -> Vec<(usize, Vec<u32>)> {
-        self.ahead.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-        let longest = self.ahead.first().map_or(1, |t| t.1.len().max(1));
-        let n = (budget / longest).clamp(1, size.max(1)).min(self.ahead.len());
-        let taken: Vec<_> = self.ahead.drain(..n).collect();
-        self.ahead_tokens -= taken.iter().map(|t| t.1.len()).sum::<usize>();
-        taken
+    /// The first bucket of the look-ahead's plan (its longest texts): for a request whose texts
+    /// all fit in the look-ahead, the rounds then run exactly the buckets of planning it whole.
+    fn take(&mut self, engine: &Engine) -> Vec<(usize, Vec<u32>)> {
+        let lengths: Vec<usize> = self.ahead.iter().map(|t| t.1.len()).collect();
+        let mut chosen = vec![false; lengths.len()];
+        for &m in engine.plan(&lengths).buckets.first().map_or(&[][..], |b| &b.members[..]) {
+            chosen[m] = true;
+        }
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead).into_iter().zip(chosen).partition(|(_, c)| *c);
+        self.ahead = kept.into_iter().map(|(t, _)| t).collect();
+        self.ahead_tokens -= taken.iter().map(|(t, _)| t.1.len()).sum::<usize>();
+        taken.into_iter().map(|(t, _)| t).collect()
     }
 
     fn finished(&self) -> bool {
@@ -117,14 +120,14 @@ impl Scheduler {
     }
 
     fn round(&self, active: &mut [Active]) {
-        let (budget, size) = (self.engine.info().max_batch_tokens, self.engine.info().max_batch_size);
+        let budget = self.engine.info().max_batch_tokens;
         let mut taken: Vec<Taken> = Vec::new();
         for (r, a) in active.iter_mut().enumerate() {
             if !a.live() {
                 continue;
             }
             match a.fill(&self.engine, LOOKAHEAD * budget) {
-                Ok(()) => taken.extend(a.take(budget, size).into_iter().map(|(i, ids)| (r, i, ids))),
+                Ok(()) => taken.extend(a.take(&self.engine).into_iter().map(|(i, ids)| (r, i, ids))),
                 Err(e) => a.failed = Some(Response::from_error(&e)),
             }
         }
