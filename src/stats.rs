@@ -98,10 +98,12 @@ fn embeddinggemma_service_status() -> TableIterator<
     let reply = crate::service::stats();
     let stats: Option<serde_json::Value> = reply.as_ref().ok().and_then(|s| serde_json::from_str(s).ok());
     let load_error = stats.as_ref().and_then(|s| s.get("load_error")?.as_str().map(str::to_string));
+    let ready = stats.as_ref().and_then(|s| s.get("ready")?.as_bool()).unwrap_or(false);
     let (state, error) = match (&reply, load_error) {
         _ if pid == 0 => ("down", reply.err()),
         (Err(e), _) => ("starting", Some(e.clone())),
         (Ok(_), Some(e)) => ("failed", Some(e)),
+        (Ok(_), None) if !ready => ("starting", None),
         (Ok(_), None) => ("running", None),
     };
     let up = stats.as_ref().and_then(|s| s.get("uptime_s")?.as_f64());

@@ -165,6 +165,7 @@ fn info_json(i: &EngineInfo) -> Value {
         "threads": i.threads,
         "dims": i.dims,
         "max_seq_length": i.max_seq_length,
+        "tasks": i.prompts.iter().map(|(name, _)| name.as_str()).chain(["none"]).collect::<Vec<_>>(),
         "max_batch_tokens": i.max_batch_tokens,
         "max_batch_size": i.max_batch_size,
         "load_s": round3(i.load_time.as_secs_f64()),
