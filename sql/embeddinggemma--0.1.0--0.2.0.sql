@@ -40,9 +40,9 @@ COMMENT ON VIEW embeddinggemma_service IS
 CREATE OR REPLACE FUNCTION embeddinggemma_statement_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    caller_path text := pg_catalog.current_setting('search_path');
     key_col text := TG_ARGV[0];
     source  text := TG_ARGV[1];
     target  text := TG_ARGV[2];
@@ -52,12 +52,14 @@ DECLARE
     busy    text := 'embeddinggemma_internal.statement_trigger_busy';
     changed text;
 BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF TG_LEVEL <> 'STATEMENT' OR TG_WHEN <> 'AFTER' OR TG_OP NOT IN ('INSERT', 'UPDATE') OR TG_NARGS NOT BETWEEN 3 AND 5 THEN
         RAISE EXCEPTION 'embeddinggemma_statement_trigger() must be fired AFTER INSERT or AFTER UPDATE … FOR EACH STATEMENT with arguments (key column, source column, target column [, task [, dim]])'
             USING ERRCODE = 'triggered_action_exception',
                   HINT = 'CREATE TRIGGER docs_embed AFTER INSERT ON docs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger(''id'', ''body'', ''v'');';
     END IF;
     IF current_setting(busy, true) = TG_RELID::oid::text THEN
+        PERFORM pg_catalog.set_config('search_path', caller_path, true);
         RETURN NULL;
     END IF;
     PERFORM @extschema@.embeddinggemma_check_columns(TG_RELID, source, target, dim);
@@ -78,22 +80,28 @@ BEGIN
     -- carries: rows are told apart by their text and vector, not by a key that may change.
     changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n WHERE n.%2$I IS NOT NULL', key_col, source);
     IF TG_OP = 'UPDATE' THEN
-        changed := changed || format(' AND NOT EXISTS (SELECT FROM old_rows o WHERE o.%1$I = n.%1$I
-                                        AND o.%2$I::float4[] IS NOT DISTINCT FROM n.%2$I::float4[])', source, target);
+        changed := changed || format(' AND NOT EXISTS (SELECT FROM old_rows o WHERE o.%1$I OPERATOR(pg_catalog.=) n.%1$I
+                                        AND (o.%2$I::pg_catalog.float4[] OPERATOR(pg_catalog.=) n.%2$I::pg_catalog.float4[]
+                                             OR (o.%2$I IS NULL AND n.%2$I IS NULL)))', source, target);
     END IF;
     PERFORM set_config(busy, TG_RELID::oid::text, true);
-    EXECUTE format('UPDATE %1$s t SET %2$I = NULL FROM new_rows n WHERE t.%3$I = n.%3$I AND n.%4$I IS NULL AND n.%2$I IS NOT NULL',
+    PERFORM set_config('search_path', caller_path, true);
+    EXECUTE format('UPDATE %1$s t SET %2$I = NULL FROM new_rows n
+                     WHERE t.%3$I OPERATOR(pg_catalog.=) n.%3$I AND n.%4$I IS NULL AND n.%2$I IS NOT NULL',
                    TG_RELID::regclass, target, key_col, source);
     EXECUTE format($q$
         WITH changed AS (%1$s),
-             batch AS (SELECT array_agg(k) AS keys, array_agg(body) AS bodies FROM changed),
+             batch AS (SELECT pg_catalog.array_agg(k) AS keys, pg_catalog.array_agg(body) AS bodies FROM changed),
              embedded AS (SELECT b.keys[e.ord] AS k, e.embedding
                             FROM batch b, @extschema@.embed_batch(b.bodies, $1, $2) e)
-        UPDATE %2$s t SET %3$I = e.embedding FROM embedded e WHERE t.%4$I = e.k
+        UPDATE %2$s t SET %3$I = e.embedding FROM embedded e WHERE t.%4$I OPERATOR(pg_catalog.=) e.k
     $q$, changed, TG_RELID::regclass, target, key_col) USING task, dim;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     PERFORM set_config(busy, '', true);
+    PERFORM set_config('search_path', caller_path, true);
     RETURN NULL;
 EXCEPTION WHEN undefined_table THEN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     IF SQLERRM NOT LIKE '%new_rows%' AND SQLERRM NOT LIKE '%old_rows%' THEN
         RAISE;
     END IF;
@@ -207,12 +215,14 @@ BEGIN
 END
 $fn$;
 
+-- Pins search_path for its own statements and runs the batch, whose SQL qualifies every
+-- operator and function, under the caller's: as embeddinggemma_statement_trigger().
 CREATE FUNCTION embeddinggemma_backfill_step(s embeddinggemma_backfill_state, task text, dim int, batch_size int)
 RETURNS embeddinggemma_backfill_state
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    caller_path text := pg_catalog.current_setting('search_path');
     claimed bigint;
     n       bigint;
     last    tid;
@@ -220,6 +230,7 @@ DECLARE
     time_left interval;
     all_done bigint;
 BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     LOOP
         IF s.leaf > coalesce(array_length(s.leaves, 1), 0) THEN
             -- End of a pass. Rows another session held, or that moved behind the cursor
@@ -238,21 +249,25 @@ BEGIN
         END IF;
         -- The TID range scan starts where the last batch stopped, so a batch costs the same
         -- at the end of a big table as at its start.
+        PERFORM set_config('search_path', caller_path, true);
         EXECUTE format($q$
             WITH batch AS (
                     SELECT ctid AS rid, %2$I AS body FROM ONLY %1$s
-                     WHERE ctid >= $4 AND %3$I IS NULL AND %2$I IS NOT NULL
+                     WHERE ctid OPERATOR(pg_catalog.>=) $4 AND %3$I IS NULL AND %2$I IS NOT NULL
                      LIMIT %4$s),
-                 arrays AS (SELECT array_agg(rid) AS rids, array_agg(body) AS bodies, max(rid) AS last FROM batch),
+                 arrays AS (SELECT pg_catalog.array_agg(rid) AS rids, pg_catalog.array_agg(body) AS bodies,
+                                   pg_catalog.max(rid) AS last FROM batch),
                  embedded AS (SELECT a.rids[e.ord] AS rid, e.embedding
                                 FROM arrays a, @extschema@.embed_batch(a.bodies, $2, $3) e),
-                 updated AS (UPDATE ONLY %1$s t SET %3$I = e.embedding FROM embedded e WHERE t.ctid = e.rid RETURNING 1)
-            SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM updated), (SELECT last FROM arrays)
+                 updated AS (UPDATE ONLY %1$s t SET %3$I = e.embedding FROM embedded e
+                              WHERE t.ctid OPERATOR(pg_catalog.=) e.rid RETURNING 1)
+            SELECT (SELECT pg_catalog.count(*) FROM batch), (SELECT pg_catalog.count(*) FROM updated), (SELECT last FROM arrays)
         $q$, s.leaves[s.leaf], s.source, s.target,
              -- Waiting for one row only: holding none while waiting, no deadlock.
              CASE WHEN s.waiting THEN '1 FOR UPDATE' ELSE '$1 FOR UPDATE SKIP LOCKED' END)
         INTO claimed, n, last
         USING batch_size, task, dim, format('(%s,0)', s.block)::tid;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         IF claimed > 0 THEN
             s.waiting := false;
             -- Claimed rows whose ctid changed before the update (a concurrent update of
@@ -288,6 +303,7 @@ BEGIN
         ELSE format('embeddinggemma_backfill %s: %s rows done, %s remaining, %s rows/s, ETA %s',
                     s.relation, s.done, s.remaining, round(rate::numeric, 1), date_trunc('second', time_left))
     END;
+    PERFORM set_config('search_path', caller_path, true);
     RETURN s;
 END
 $fn$;
