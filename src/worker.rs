@@ -9,26 +9,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use embeddinggemma_engine::with_signals_blocked;
 use pgrx::pg_sys;
 
 /// How often the waiting backend looks for interrupts.
 const POLL: Duration = Duration::from_millis(5);
-
-/// Blocks every signal in the calling thread while `f` runs, so threads started by `f` are
-/// born with them blocked: PostgreSQL's handlers expect to interrupt the backend's own thread.
-/// Signals that arrive meanwhile stay pending and are delivered when the mask is restored.
-pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: fills local sigsets and changes only the calling thread's mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
-    }
-}
 
 /// Serves interrupts if any are pending: raises their ERROR (or exits on FATAL).
 pub fn serve_interrupts() {

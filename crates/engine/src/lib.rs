@@ -24,5 +24,5 @@ pub use options::{
 };
 pub use planner::{Bucket, MemoryModel, Plan};
 pub use stats::Stats;
-pub use threads::JoinedPool;
+pub use threads::{with_signals_blocked, JoinedPool};
 pub use tokenize::{TextTokenizer, TokenizedText};

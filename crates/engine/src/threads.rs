@@ -14,7 +14,7 @@ pub struct JoinedPool {
 
 /// Runs `spawn` with every signal blocked in the calling thread, so the thread it starts
 /// inherits that mask from its first instruction.
-fn with_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
+pub fn with_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
     #[cfg(unix)]
     // SAFETY: sigset_t is plain data initialised by sigfillset/pthread_sigmask before use.
     unsafe {
