@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 
+use crate::chunk::{Chunk, Chunker};
 use crate::config::ModelConfig;
 use crate::error::{catch_panic, Error, Result};
 use crate::model::{normalize, Encoder, Placement, SentenceHead};
@@ -12,7 +13,7 @@ use crate::options::{DeviceChoice, EngineOptions, Precision, Request};
 use crate::planner::{self, MemoryModel, Plan};
 use crate::stats::Stats;
 use crate::threads::JoinedPool;
-use crate::tokenize::{TextTokenizer, TokenizedText};
+use crate::tokenize::{Cancel, TextTokenizer, TokenizedText};
 
 /// Texts tokenized, planned and embedded together: bounds what one step of a call holds
 /// (ids, plan, vectors) whatever the number of texts.
@@ -256,6 +257,19 @@ impl Engine {
     pub fn tokenize(&self, texts: &[&str], task: &str) -> Result<Vec<TokenizedText>> {
         let prompt = self.prompt(task)?;
         self.on_pool(|pool| catch_panic(|| pool.install(|| self.tokenizer.encode_all(prompt, texts, &|| false))))
+    }
+
+    /// Checked settings for chunking texts for `task` (see `Chunker`); `Error::InvalidOption`
+    /// names the allowed ranges of `max_tokens` and `overlap`.
+    pub fn chunker(&self, task: &str, max_tokens: usize, overlap: usize) -> Result<Chunker<'_>> {
+        Chunker::new(&self.tokenizer, task, self.prompt(task)?, max_tokens, overlap)
+    }
+
+    /// Cuts `text` into chunks that each embed for `task` within `max_tokens` tokens (prompt,
+    /// `<bos>` and `<eos>` included), the next starting about `overlap` tokens before the
+    /// previous one's end. Tokenizes only; `cancel` is polled between chunks.
+    pub fn chunk(&self, text: &str, task: &str, max_tokens: usize, overlap: usize, cancel: Cancel) -> Result<Vec<Chunk>> {
+        catch_panic(|| self.chunker(task, max_tokens, overlap)?.chunks(text, cancel))
     }
 
     /// The buckets `embed` would run for texts of these token counts (of one window).

@@ -1,6 +1,7 @@
 //! EmbeddingGemma-300m in pure Rust on candle: sentence-transformers-exact embeddings with
 //! length-bucketed batching. No PostgreSQL dependency; the extension is a thin layer on top.
 
+mod chunk;
 mod config;
 mod engine;
 mod error;
@@ -16,6 +17,7 @@ mod threads;
 mod tokenize;
 mod weights;
 
+pub use chunk::{Chunk, Chunker};
 pub use engine::{Engine, EngineInfo, WINDOW_TEXTS};
 pub use error::{Error, Result};
 pub use manifest::{sha256_file, Manifest};
@@ -25,4 +27,4 @@ pub use options::{
 pub use planner::{Bucket, MemoryModel, Plan};
 pub use stats::Stats;
 pub use threads::{with_signals_blocked, JoinedPool};
-pub use tokenize::{TextTokenizer, TokenizedText};
+pub use tokenize::{Cancel, TextTokenizer, TokenizedText};

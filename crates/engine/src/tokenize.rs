@@ -318,6 +318,13 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Byte ranges in `text` of its tokens, `<bos>`/`<eos>` left out; the byte-fallback tokens
+    /// of one character each span that whole character. Tokenizes all of `text`: callers bound it.
+    pub fn token_spans(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_offsets().to_vec())
+    }
+
     fn truncate(&self, mut ids: Vec<u32>, full_len: usize) -> TokenizedText {
         if ids.len() > self.max_len {
             ids.truncate(self.max_len - 1);
