@@ -47,6 +47,35 @@ fn embed_writes_one_vector_per_input_line_in_order() {
 }
 
 #[test]
+fn chunk_writes_the_chunks_of_each_line() {
+    let long = "Chunks of a long text. ".repeat(40);
+    let mut child = cli()
+        .arg("chunk")
+        .args(model_args())
+        .args(["--task", "query", "--max-tokens", "40", "--overlap", "5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{}\n\"\"\n", serde_json::to_string(&long).unwrap());
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let chunks = lines[0].as_array().unwrap();
+    assert!(chunks.len() > 2, "{chunks:?}");
+    let chars: Vec<char> = long.chars().collect();
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c["chunk"], i + 1);
+        let (start, end) = (c["start"].as_u64().unwrap() as usize, c["end"].as_u64().unwrap() as usize);
+        assert_eq!(c["body"].as_str().unwrap(), chars[start..end].iter().collect::<String>());
+    }
+    assert_eq!(lines[1], serde_json::json!([]));
+}
+
+#[test]
 fn bench_ends_with_the_figures_line() {
     let corpus = tempfile::NamedTempFile::new().unwrap();
     let texts: String = (0..30).map(|i| serde_json::to_string(&format!("passage {i} {}", "word ".repeat(i))).unwrap() + "\n").collect();

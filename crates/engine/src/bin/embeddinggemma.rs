@@ -1,4 +1,4 @@
-//! `embeddinggemma embed|bench`: the engine from the command line.
+//! `embeddinggemma embed|chunk|bench|serve`: the engine from the command line.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
@@ -6,18 +6,23 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embeddinggemma_engine::service::{self, ServeOptions};
+use serde_json::json;
 use embeddinggemma_engine::{Engine, EngineOptions, Manifest, Request};
 
 const USAGE: &str = "usage:
   embeddinggemma embed --model DIR [--task NAME|none] [--dim N] [--dtype auto|f32|bf16] [--device auto|cpu|cuda|cuda:N]
                        [--threads N] [--max-batch-tokens N] [--max-memory-mb N] [--checksums FILE] [--no-truncate]
       reads one JSON string per line on stdin, writes one JSON array per line on stdout
+  embeddinggemma chunk --model DIR [--task NAME|none] [--max-tokens N (512)] [--overlap N (64)] [--checksums FILE]
+      reads one JSON string per line on stdin, writes per line a JSON array of its chunks,
+      {\"chunk\": 1-based number, \"start\": first char (0-based), \"end\": char after it, \"body\": text},
+      each embedding within max-tokens tokens with the task's prompt
   embeddinggemma bench --model DIR --corpus FILE.jsonl [--limit N] [--task NAME] [--dim N] [--dtype …] [--device …]
                        [--threads N] [--max-batch-tokens N] [--max-memory-mb N] [--checksums FILE]
       embeds the corpus and ends with one line of throughput figures
   embeddinggemma serve --model DIR --socket PATH [--checksums FILE] [--device …] [--dtype …] [--threads N]
                        [--max-batch-tokens N] [--max-memory-mb N] [--batch-wait-ms N] [--max-queue-texts N] [--max-queue-mb N]
-      loads the model once and serves embed requests on a Unix socket (mode 0600) until stdin
+      loads the model once and serves embed and chunk requests on a Unix socket (mode 0600) until stdin
       closes, the parent dies or SIGTERM";
 
 struct Args {
@@ -29,6 +34,8 @@ struct Args {
     /// None: the model's full width.
     dim: Option<usize>,
     truncate: bool,
+    max_tokens: usize,
+    overlap: usize,
     options: EngineOptions,
     socket: Option<PathBuf>,
     serve: ServeOptions,
@@ -45,7 +52,7 @@ where
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let command = it.next().ok_or("missing command")?;
-    if !["embed", "bench", "serve"].contains(&command.as_str()) {
+    if !["embed", "chunk", "bench", "serve"].contains(&command.as_str()) {
         return Err(format!("unknown command {command:?}"));
     }
     let mut args = Args {
@@ -56,6 +63,8 @@ fn parse_args() -> Result<Args, String> {
         task: "document".into(),
         dim: None,
         truncate: true,
+        max_tokens: 512,
+        overlap: 64,
         // A process of its own: keep the threads and tune malloc for the activations.
         options: EngineOptions { own_thread_pool: true, tune_allocator: true, ..EngineOptions::default() },
         socket: None,
@@ -77,6 +86,8 @@ fn parse_args() -> Result<Args, String> {
             "--max-memory-mb" => o.max_memory = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
             "--checksums" => o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?,
             "--no-truncate" => args.truncate = false,
+            "--max-tokens" => args.max_tokens = value(&flag, it.next())?,
+            "--overlap" => args.overlap = value(&flag, it.next())?,
             "--socket" => args.socket = Some(value(&flag, it.next())?),
             "--batch-wait-ms" => args.serve.batch_wait = std::time::Duration::from_millis(value(&flag, it.next())?),
             "--max-queue-texts" => args.serve.max_queue_texts = value(&flag, it.next())?,
@@ -126,6 +137,24 @@ fn embed(engine: &Engine, args: &Args) -> Result<(), String> {
             serde_json::to_writer(&mut out, &v).map_err(|e| e.to_string())?;
             out.write_all(b"\n").map_err(|e| e.to_string())?;
         }
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+fn chunk(engine: &Engine, args: &Args) -> Result<(), String> {
+    let chunker = engine.chunker(&args.task, args.max_tokens, args.overlap).map_err(|e| e.to_string())?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.map_err(|e| format!("stdin: {e}"))?;
+        let text = serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?;
+        let chunks = chunker.chunks(&text, &never).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let rows: Vec<_> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| json!({"chunk": i + 1, "start": c.start_char, "end": c.end_char, "body": &text[c.start_byte..c.end_byte]}))
+            .collect();
+        serde_json::to_writer(&mut out, &rows).map_err(|e| e.to_string())?;
+        out.write_all(b"\n").map_err(|e| e.to_string())?;
     }
     out.flush().map_err(|e| e.to_string())
 }
@@ -214,6 +243,7 @@ fn run() -> Result<(), String> {
     log_loaded(&engine);
     match args.command.as_str() {
         "embed" => embed(&engine, &args),
+        "chunk" => chunk(&engine, &args),
         _ => bench(&engine, &args),
     }
 }
