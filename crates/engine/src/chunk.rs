@@ -103,8 +103,17 @@ impl<'a> Chunker<'a> {
 
     /// The chunks of `text`, in order; `cancel` is polled between chunks.
     pub fn chunks(&self, text: &str, cancel: Cancel) -> Result<Vec<Chunk>> {
+        self.chunks_up_to(text, cancel, usize::MAX)
+    }
+
+    /// `chunks`, refusing (`Error::InvalidOption`) a text of more than `most` chunks as soon as
+    /// it finds one more, so that what it holds stays bounded.
+    pub fn chunks_up_to(&self, text: &str, cancel: Cancel, most: usize) -> Result<Vec<Chunk>> {
         let mut chunks = Vec::new();
         self.for_each(text, cancel, |c| {
+            if chunks.len() == most {
+                return Err(Error::InvalidOption(format!("the text has more than {most} chunks: raise max_tokens")));
+            }
             chunks.try_reserve(1).map_err(|e| Error::out_of_memory(format!("{} chunks: {e}", chunks.len() + 1)))?;
             chunks.push(c);
             Ok(())

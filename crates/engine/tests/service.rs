@@ -244,6 +244,42 @@ fn bad_requests_get_errors_of_their_kind_and_the_connection_goes_on() {
     assert_eq!((s["errors"]["UnknownTask"].as_u64(), s["errors"]["TooLong"].as_u64()), (Some(1), Some(1)), "{s:#}");
 }
 
+#[test]
+fn chunk_requests_get_the_engine_s_chunks() {
+    let path = start(ServeOptions::default(), engine_options());
+    let engine = Engine::load(&data("tiny/model"), &engine_options()).unwrap();
+    let mut client = connect(&path);
+    let long = format!("{}\n\nA second paragraph: ünïcode, 漢字 and 👩\u{200d}👧. ", "Sentences of a text. ".repeat(30)).repeat(4);
+    for (text, task, max_tokens, overlap) in [(long.as_str(), "query", 48, 8), (&long, "none", 30, 0), ("", "query", 48, 8), ("short", "document", 64, 8)] {
+        let expected = engine.chunk(text, task, max_tokens, overlap, &never).unwrap();
+        assert_eq!(client.chunk(text, task, max_tokens, overlap, T).unwrap(), expected, "{task} {max_tokens} {overlap}");
+    }
+    let e = client.chunk(&long, "query", 4, 0, T).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidOption, "{e}");
+    assert!(e.message.contains("use "), "{e}");
+    assert_eq!(client.chunk(&long, "nope", 48, 0, T).unwrap_err().kind, ErrorKind::UnknownTask);
+    assert_eq!(client.chunk(&long, "query", usize::MAX, 0, T).unwrap_err().kind, ErrorKind::InvalidOption);
+    assert_eq!(client.ping(T).unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn a_service_without_chunking_is_named_as_such() {
+    // What a service from before Chunk answers: a Pong, then a Protocol error for the new tag.
+    let path = socket_path();
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        for reply in [protocol::Response::Pong("0.2.0".into()), protocol::Response::error(ErrorKind::Protocol, "malformed request: unknown request tag 4")] {
+            let len = protocol::read_len(&mut s).unwrap().unwrap();
+            protocol::read_payload(&mut s, len).unwrap();
+            s.write_all(&reply.encode().unwrap()).unwrap();
+        }
+    });
+    let e = connect(&path).chunk("text", "query", 48, 0, T).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Protocol);
+    assert!(e.message.contains("does not know chunking"), "{e}");
+}
+
 /// Sends raw bytes and reads one response frame.
 fn raw_exchange(path: &Path, bytes: &[u8]) -> protocol::Response {
     let mut s = UnixStream::connect(path).unwrap();

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::protocol::{self, CallStats, ErrorKind, Request, Response, MAX_FRAME};
+use crate::chunk::Chunk;
 
 /// A failed request: the service's error, or `Unavailable`/`Protocol` for the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,14 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
+
+/// A service older than chunking refuses its tag as malformed: say what that means.
+fn older_service(e: ServiceError) -> ServiceError {
+    if e.kind != ErrorKind::Protocol || !e.message.contains("unknown request tag") {
+        return e;
+    }
+    ServiceError { kind: e.kind, message: format!("embedding service: it does not know chunking; restart a newer one ({})", e.message) }
+}
 
 fn unavailable(what: impl std::fmt::Display) -> ServiceError {
     ServiceError { kind: ErrorKind::Unavailable, message: format!("embedding service: {what}") }
@@ -130,6 +139,30 @@ impl Client {
     pub fn embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, texts: &[S], timeout: Duration) -> Result<Embedding, ServiceError> {
         self.send_embed(task, dim, truncate, texts)?;
         let reply = self.poll_reply(timeout);
+        self.finish(reply, timeout)
+    }
+
+    /// Queues a Chunk request; `poll_chunks` sends it and waits for the chunks.
+    pub fn send_chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize) -> Result<(), ServiceError> {
+        let (max_tokens, overlap) = (u32::try_from(max_tokens).unwrap_or(u32::MAX), u32::try_from(overlap).unwrap_or(u32::MAX));
+        let frame = protocol::encode_chunk(task, max_tokens, overlap, text)
+            .map_err(|e| ServiceError { kind: ErrorKind::InvalidOption, message: e.to_string() })?;
+        self.send(frame)
+    }
+
+    /// Waits up to `timeout` for the reply to `send_chunk`: None when it has not come yet (call
+    /// again), else the chunks (as `Engine::chunk` gives them) or the service's error.
+    pub fn poll_chunks(&mut self, timeout: Duration) -> Option<Result<Vec<Chunk>, ServiceError>> {
+        Some(self.poll_response(timeout)?.map_err(older_service).and_then(|r| match r {
+            Response::Chunks(chunks) => Ok(chunks),
+            other => Err(self.out_of_step(&other)),
+        }))
+    }
+
+    /// `send_chunk`, then waits for the reply for at most `timeout`.
+    pub fn chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize, timeout: Duration) -> Result<Vec<Chunk>, ServiceError> {
+        self.send_chunk(text, task, max_tokens, overlap)?;
+        let reply = self.poll_chunks(timeout);
         self.finish(reply, timeout)
     }
 

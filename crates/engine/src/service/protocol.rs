@@ -10,6 +10,7 @@
 //! | Embed | 1 | task: str, dim: u32, truncate: u8, count: u32, count × text: str |
 //! | Stats | 2 | — |
 //! | Ping  | 3 | — |
+//! | Chunk | 4 | task: str, max_tokens: u32, overlap: u32, text: str |
 //!
 //! | response | tag | body |
 //! |---|---|---|
@@ -17,13 +18,16 @@
 //! | Error    | 2 | kind: u8 ([`ErrorKind`]), message: str |
 //! | Stats    | 3 | JSON: str |
 //! | Pong     | 4 | server version: str |
+//! | Chunks   | 5 | count: u32, count × (start byte, end byte, start char, end char): u64 × 4 |
 //!
-//! A request of another version is answered with `Error { kind: Protocol }` naming both
-//! versions, and the connection is closed.
+//! A request of another version, or with a tag the service does not know (Chunk, to a service
+//! older than it), is answered with `Error { kind: Protocol }` saying so, and the connection is
+//! closed.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use crate::chunk::Chunk;
 use crate::error::Error;
 
 pub const VERSION: u8 = 1;
@@ -31,11 +35,18 @@ pub const VERSION: u8 = 1;
 /// Largest payload either side accepts.
 pub const MAX_FRAME: usize = 1 << 30;
 
+/// Bytes of one chunk in a Chunks reply.
+const CHUNK_BYTES: usize = 32;
+
+/// Most chunks one Chunks reply holds.
+pub const MAX_CHUNKS: usize = (MAX_FRAME - 16) / CHUNK_BYTES;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     Embed { task: String, dim: u32, truncate: bool, texts: Vec<String> },
     Stats,
     Ping,
+    Chunk { task: String, max_tokens: u32, overlap: u32, text: String },
 }
 
 /// What one Embed request cost, as the service measured it.
@@ -60,6 +71,8 @@ pub enum Response {
     Error { kind: ErrorKind, message: String },
     Stats(String),
     Pong(String),
+    /// Offsets only: the client has the text.
+    Chunks(Vec<Chunk>),
 }
 
 macro_rules! error_kinds {
@@ -196,6 +209,7 @@ impl Request {
             Request::Embed { task, dim, truncate, texts } => encode_embed(task, *dim, *truncate, texts),
             Request::Stats => Frame::new(2).finish(),
             Request::Ping => Frame::new(3).finish(),
+            Request::Chunk { task, max_tokens, overlap, text } => encode_chunk(task, *max_tokens, *overlap, text),
         }
     }
 
@@ -217,6 +231,7 @@ impl Request {
             }
             2 => Request::Stats,
             3 => Request::Ping,
+            4 => Request::Chunk { task: r.str()?, max_tokens: r.u32()?, overlap: r.u32()?, text: r.str()? },
             t => return Err(invalid(format!("unknown request tag {t}"))),
         };
         r.end()?;
@@ -236,6 +251,16 @@ pub fn encode_embed<S: AsRef<str>>(task: &str, dim: u32, truncate: bool, texts: 
         f = f.str(t.as_ref());
     }
     f.finish()
+}
+
+/// A Chunk request's frame from a borrowed text (what the client sends).
+pub fn encode_chunk(task: &str, max_tokens: u32, overlap: u32, text: &str) -> io::Result<Vec<u8>> {
+    if text.len() > MAX_FRAME {
+        return Err(invalid(format!("a text of {} bytes is over the frame limit of {MAX_FRAME}", text.len())));
+    }
+    let mut f = Frame::new(4).str(task).u32(max_tokens).u32(overlap);
+    f.0.reserve(4 + text.len());
+    f.str(text).finish()
 }
 
 impl Response {
@@ -260,6 +285,17 @@ impl Response {
             Response::Error { kind, message } => Frame::new(2).u8(*kind as u8).str(message).finish(),
             Response::Stats(json) => Frame::new(3).str(json).finish(),
             Response::Pong(version) => Frame::new(4).str(version).finish(),
+            Response::Chunks(chunks) => {
+                if chunks.len() > MAX_CHUNKS {
+                    return Err(invalid(format!("{} chunks are over the {MAX_CHUNKS} a reply holds", chunks.len())));
+                }
+                let mut f = Frame::new(5).u32(chunks.len() as u32);
+                f.0.reserve(chunks.len() * CHUNK_BYTES);
+                for c in chunks {
+                    f = f.u64(c.start_byte as u64).u64(c.end_byte as u64).u64(c.start_char as u64).u64(c.end_char as u64);
+                }
+                f.finish()
+            }
         }
     }
 
@@ -285,6 +321,17 @@ impl Response {
             }
             3 => Response::Stats(r.str()?),
             4 => Response::Pong(r.str()?),
+            5 => {
+                let count = r.u32()? as usize;
+                if count > r.rest.len() / CHUNK_BYTES {
+                    return Err(invalid(format!("{count} chunks do not fit the frame")));
+                }
+                let mut offset = || r.u64().map(|v| v as usize);
+                let chunks = (0..count)
+                    .map(|_| Ok(Chunk { start_byte: offset()?, end_byte: offset()?, start_char: offset()?, end_char: offset()? }))
+                    .collect::<io::Result<_>>()?;
+                Response::Chunks(chunks)
+            }
             t => return Err(invalid(format!("unknown response tag {t}"))),
         };
         r.end()?;
@@ -365,12 +412,14 @@ mod tests {
         round_trip_request(Request::Embed { task: "query".into(), dim: 768, truncate: true, texts: vec!["a".into(), "".into(), "é".into()] });
         round_trip_request(Request::Stats);
         round_trip_request(Request::Ping);
+        round_trip_request(Request::Chunk { task: "document".into(), max_tokens: 512, overlap: 64, text: "é\n\nb".into() });
         let stats = CallStats { texts: 2, tokens: 9, truncated: 1, forward_passes: 1, queue_wait: Duration::from_micros(7), forward_time: Duration::from_micros(11) };
         for r in [
             Response::Embedded { dim: 2, vectors: vec![1.0, 0.0, 0.5, -0.5], stats },
             Response::error(ErrorKind::Checksum, "bad"),
             Response::Stats("{}".into()),
             Response::Pong("0.2.0".into()),
+            Response::Chunks(vec![Chunk { start_byte: 0, end_byte: 5, start_char: 0, end_char: 4 }, Chunk { start_byte: 3, end_byte: 6, start_char: 2, end_char: 5 }]),
         ] {
             assert_eq!(Response::decode(&r.encode().unwrap()[4..]).unwrap(), r);
         }

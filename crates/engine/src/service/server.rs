@@ -1,5 +1,6 @@
 //! The listening side: a thread per connection reads requests into the queue and writes the
-//! replies; one model thread (`scheduler`) runs them.
+//! replies; one model thread (`scheduler`) runs them. Chunk requests only tokenize: their
+//! connection's thread answers them, without the queue.
 
 use std::io::{self, ErrorKind as IoKind};
 use std::os::fd::AsRawFd;
@@ -18,7 +19,7 @@ use super::protocol::{self, ErrorKind, Request, Response, VersionMismatch};
 use super::queue::{Job, Queue, PEER_CHECK};
 use super::scheduler::Scheduler;
 use crate::engine::Engine;
-use crate::error::Error;
+use crate::error::{catch_panic, Error};
 
 /// Frames up to this size are read before reserving queue room (an Embed then reserves its
 /// bytes with its texts), so that the DBA's Stats and Ping get through a full queue.
@@ -188,6 +189,10 @@ fn connection(shared: &Shared, mut stream: UnixStream, id: u64) {
             }
             Ok(Request::Ping) => Response::Pong(env!("CARGO_PKG_VERSION").into()),
             Ok(Request::Stats) => Response::Stats(shared.stats()),
+            Ok(Request::Chunk { task, max_tokens, overlap, text }) => match chunk(shared, &stream, &task, max_tokens, overlap, &text) {
+                Some(r) => r,
+                None => return,
+            },
             Ok(Request::Embed { task, dim, truncate, texts }) => match embed(shared, &stream, id, (permit, len - reserved), task, dim, truncate, texts) {
                 Some(r) => r,
                 None => return,
@@ -196,6 +201,35 @@ fn connection(shared: &Shared, mut stream: UnixStream, id: u64) {
         if reply(shared, &mut stream, &response).is_err() {
             return;
         }
+    }
+}
+
+/// The model once loaded, or the reply for a model that failed to load; None when the client
+/// left while it was loading.
+fn loaded<'s>(shared: &'s Shared, stream: &UnixStream) -> Option<Result<&'s Arc<Engine>, Response>> {
+    loop {
+        match shared.engine.get() {
+            Some(Ok(e)) => return Some(Ok(e)),
+            Some(Err((kind, message))) => return Some(Err(Response::error(*kind, message.clone()))),
+            None if peer_gone(stream) => return None,
+            None => std::thread::sleep(PEER_CHECK),
+        }
+    }
+}
+
+/// Chunks one text on the connection's thread, stopping when the client leaves (None) or the
+/// chunks would not fit one reply (`MAX_CHUNKS`).
+fn chunk(shared: &Shared, stream: &UnixStream, task: &str, max_tokens: u32, overlap: u32, text: &str) -> Option<Response> {
+    let engine = match loaded(shared, stream)? {
+        Ok(e) => e,
+        Err(r) => return Some(r),
+    };
+    let gone = || peer_gone(stream);
+    let chunks = catch_panic(|| engine.chunker(task, max_tokens as usize, overlap as usize)?.chunks_up_to(text, &gone, protocol::MAX_CHUNKS));
+    match chunks {
+        Ok(chunks) => Some(Response::Chunks(chunks)),
+        Err(Error::Cancelled) => None,
+        Err(e) => Some(Response::from_error(&e)),
     }
 }
 
@@ -212,13 +246,9 @@ fn embed(
     texts: Vec<String>,
 ) -> Option<Response> {
     let gone = || peer_gone(stream);
-    let engine = loop {
-        match shared.engine.get() {
-            Some(Ok(e)) => break e,
-            Some(Err((kind, message))) => return Some(Response::error(*kind, message.clone())),
-            None if gone() => return None,
-            None => std::thread::sleep(PEER_CHECK),
-        }
+    let engine = match loaded(shared, stream)? {
+        Ok(e) => e,
+        Err(r) => return Some(r),
     };
     let checked = engine.prompt(&task).and_then(|_| engine.check_dim(dim as i64));
     let dim = match checked {
