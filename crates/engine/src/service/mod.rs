@@ -1,5 +1,6 @@
 //! `embeddinggemma serve`: one model per machine behind a Unix socket, batching the requests
-//! of all its clients together (see `scheduler` for the policy, `protocol` for the wire format).
+//! of all its clients together (see `scheduler` for the policy, `protocol` for the wire format),
+//! and chunking texts for them (tokenizing only, on each connection's thread).
 
 mod client;
 mod metrics;
