@@ -11,20 +11,24 @@ use crate::vector::PgVector;
 
 /// Texts per engine call of embed_batch: enough for the planner to fill its buckets, few
 /// enough that a call over a huge array holds only one chunk's vectors at a time.
-const CHUNK_TEXTS: usize = 1024;
+pub(crate) const CHUNK_TEXTS: usize = 1024;
 /// Bytes of text per chunk, so that a chunk of long texts stays small too.
-const CHUNK_BYTES: usize = 8 << 20;
+pub(crate) const CHUNK_BYTES: usize = 8 << 20;
 
 /// The texts of an array argument, copied into one buffer: the argument does not outlive the
 /// first call of a set-returning function, and one String per element would cost more than
 /// the texts themselves for short ones.
-struct Texts {
+pub(crate) struct Texts {
     buffer: String,
     spans: Vec<Option<(u32, u32)>>,
 }
 
 impl Texts {
-    fn new(inputs: Array<&str>) -> Texts {
+    pub(crate) fn one(text: &str) -> Texts {
+        Texts { buffer: text.to_string(), spans: vec![Some((0, text.len() as u32))] }
+    }
+
+    pub(crate) fn new(inputs: Array<&str>) -> Texts {
         let mut buffer = String::new();
         let spans = inputs
             .iter()
@@ -40,7 +44,11 @@ impl Texts {
         Texts { buffer, spans }
     }
 
-    fn get(&self, i: usize) -> Option<&str> {
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub(crate) fn get(&self, i: usize) -> Option<&str> {
         self.spans[i].map(|(start, len)| &self.buffer[start as usize..(start + len) as usize])
     }
 }

@@ -2,6 +2,7 @@
 //! PostgreSQL. A thin layer over `embeddinggemma-engine`: SQL functions, GUCs, the vector
 //! datum, per-backend model state.
 
+mod chunks;
 mod cpu_slots;
 mod errors;
 mod functions;

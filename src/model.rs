@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request, Stats};
+use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request, Stats};
 use pgrx::PgSqlErrorCode;
 
 use crate::errors::{raise, raise_engine, setup_hint};
@@ -154,15 +154,39 @@ pub fn with_engine<R>(f: impl FnOnce(&mut Arc<Engine>) -> R) -> R {
     })
 }
 
+/// CPU threads all backends together may use (embeddinggemma.max_threads).
+fn total_threads() -> usize {
+    match guc::MAX_THREADS.get() {
+        0 => cores(),
+        n => n as usize,
+    }
+}
+
+/// Cuts `text` into chunks for `task` (tokenizing only, on one CPU slot); raises an ERROR on
+/// failure.
+pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
+    if service::chosen() {
+        return service::chunk(text, task, max_tokens, overlap);
+    }
+    worker::finish_unfinished();
+    with_engine(|engine| {
+        let slots = cpu_slots::acquire(1, total_threads());
+        let (engine, task, text) = (engine.clone(), task.to_string(), text.to_string());
+        let result = worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
+        drop(slots);
+        result.unwrap_or_else(|e| match e {
+            Error::InvalidOption(_) => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {e}"), crate::chunks::CHUNK_HINT),
+            e => raise_engine(e),
+        })
+    })
+}
+
 /// Embeds `texts` (all non-NULL) with the current settings; raises an ERROR on failure.
 pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
     let max_batch_tokens = guc::MAX_BATCH_TOKENS.get().max(1) as usize;
     let truncate = guc::TRUNCATE.get();
     let max_call_memory = (guc::MAX_CALL_MEMORY.get().max(1) as usize) << 20;
-    let total = match guc::MAX_THREADS.get() {
-        0 => cores(),
-        n => n as usize,
-    };
+    let total = total_threads();
     let want = match guc::THREADS.get() {
         0 => total,
         n => n as usize,

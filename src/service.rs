@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use embeddinggemma_engine::service::{CallStats, Client, ErrorKind, ServiceError};
+use embeddinggemma_engine::Chunk;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::errors::raise;
@@ -98,44 +99,70 @@ fn connect() -> Client {
     Client::connect(Path::new(SOCKET), CONNECT_TIMEOUT).unwrap_or_else(|e| raise_service(e))
 }
 
-/// One request on `client`, waiting for its reply while serving interrupts.
-fn request(client: &mut Client, texts: &[&str], task: &str, dim: usize, truncate: bool) -> Result<embeddinggemma_engine::service::Embedding, ServiceError> {
-    client.send_embed(task, dim, truncate, texts)?;
+/// One request on `client` (`send` queues it), waiting for its reply (`poll`) while serving
+/// interrupts.
+fn request<R>(
+    client: &mut Client,
+    send: &dyn Fn(&mut Client) -> Result<(), ServiceError>,
+    poll: &dyn Fn(&mut Client, Duration) -> Option<Result<R, ServiceError>>,
+) -> Result<R, ServiceError> {
+    send(client)?;
     let _event = worker::WaitEvent::start();
     loop {
-        if let Some(reply) = client.poll_reply(POLL) {
+        if let Some(reply) = poll(client, POLL) {
             return reply;
         }
         worker::serve_interrupts();
     }
 }
 
-/// Embeds `texts` through the service; raises an ERROR on failure.
-pub fn embed(texts: &[&str], task: &str, dim: usize, truncate: bool) -> (Vec<Vec<f32>>, CallStats) {
+/// A request to the service on this backend's connection; raises an ERROR on failure.
+fn call<R>(
+    send: &dyn Fn(&mut Client) -> Result<(), ServiceError>,
+    poll: &dyn Fn(&mut Client, Duration) -> Option<Result<R, ServiceError>>,
+    raise_error: fn(ServiceError) -> !,
+) -> R {
     let cached = CONNECTION.with(|c| c.borrow_mut().take());
     let reused = cached.is_some();
     let mut checkout = Checkout(Some(cached.unwrap_or_else(connect)));
-    let mut reply = request(checkout.0.as_mut().expect("checked out"), texts, task, dim, truncate);
+    let mut reply = request(checkout.0.as_mut().expect("checked out"), send, poll);
     // A connection kept from an earlier call may predate a restart of the service: one retry
-    // on a fresh one (embedding is idempotent).
+    // on a fresh one (requests are idempotent).
     if reused && matches!(&reply, Err(e) if e.kind == ErrorKind::Unavailable) {
         checkout.0 = Some(connect());
-        reply = request(checkout.0.as_mut().expect("checked out"), texts, task, dim, truncate);
+        reply = request(checkout.0.as_mut().expect("checked out"), send, poll);
     }
     match reply {
-        Ok(embedding) => {
+        Ok(r) => {
             checkout.put_back();
-            let vectors = (0..embedding.len()).map(|i| embedding.vector(i).to_vec()).collect();
-            (vectors, embedding.stats)
+            r
         }
         Err(e) => {
             // Keep a connection that is still in step (a refused request) for the next call.
             if e.kind != ErrorKind::Unavailable && e.kind != ErrorKind::Protocol {
                 checkout.put_back();
             }
-            raise_service(e)
+            raise_error(e)
         }
     }
+}
+
+/// Embeds `texts` through the service; raises an ERROR on failure.
+pub fn embed(texts: &[&str], task: &str, dim: usize, truncate: bool) -> (Vec<Vec<f32>>, CallStats) {
+    let embedding = call(&|c| c.send_embed(task, dim, truncate, texts), &|c, t| c.poll_reply(t), raise_service);
+    let vectors = (0..embedding.len()).map(|i| embedding.vector(i).to_vec()).collect();
+    (vectors, embedding.stats)
+}
+
+/// Chunks `text` through the service (tokenizing only); raises an ERROR on failure.
+pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
+    fn raise_chunk_error(e: ServiceError) -> ! {
+        if e.kind == ErrorKind::InvalidOption {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {}", e.message), crate::chunks::CHUNK_HINT)
+        }
+        raise_service(e)
+    }
+    call(&|c| c.send_chunk(text, task, max_tokens, overlap), &|c, t| c.poll_chunks(t), raise_chunk_error)
 }
 
 /// The service's statistics (JSON), or why they cannot be had.

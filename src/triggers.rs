@@ -25,35 +25,40 @@ pub struct SourceColumn {
     pub padded: bool,
 }
 
-/// Raises an ERROR naming the column unless `source` is a text column (text, varchar, char or
-/// a domain over one) and `target` a `vector` column that can hold `dim` values.
-pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) -> SourceColumn {
-    let table = relation.name().to_string();
-    let desc = relation.tuple_desc();
-    let find = |name: &str, role: &str| {
-        desc.iter().find(|a| !a.attisdropped && a.name() == name).unwrap_or_else(|| {
-            raise(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                format!("embeddinggemma: {role} column \"{name}\" does not exist in table \"{table}\""),
-                "Pass the names of the text column and of the vector column, e.g. ('body', 'v').",
-            )
-        })
-    };
-    let src = find(source, "source");
+fn find_column(relation: &PgRelation, name: &str, role: &str) -> pg_sys::FormData_pg_attribute {
+    relation.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == name).copied().unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("embeddinggemma: {role} column \"{name}\" does not exist in table \"{}\"", relation.name()),
+            "Pass the names of the text column and of the vector column, e.g. ('body', 'v').",
+        )
+    })
+}
+
+/// Raises an ERROR naming the column unless `source` is text, varchar, char or a domain over one.
+pub fn check_source(relation: &PgRelation, source: &str) -> SourceColumn {
+    let src = find_column(relation, source, "source");
     // SAFETY: a catalog lookup on the backend's thread; unknown OIDs come back unchanged.
     let base = unsafe { pg_sys::getBaseType(src.atttypid) };
     if !TEXT_TYPES.contains(&base) {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("embeddinggemma: source column \"{source}\" of \"{table}\" is {}, not text", type_name(src.atttypid, src.atttypmod)),
+            format!("embeddinggemma: source column \"{source}\" of \"{}\" is {}, not text", relation.name(), type_name(src.atttypid, src.atttypmod)),
             "The source column must be text, varchar, char or a domain over one of them.",
         )
     }
-    let source_column = SourceColumn {
+    SourceColumn {
         attno: NonZeroUsize::new(src.attnum as usize).expect("user columns are numbered from 1"),
         padded: base == pg_sys::BPCHAROID,
-    };
-    let dst = find(target, "target");
+    }
+}
+
+/// Raises an ERROR naming the column unless `source` is a text column (text, varchar, char or
+/// a domain over one) and `target` a `vector` column that can hold `dim` values.
+pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) -> SourceColumn {
+    let source_column = check_source(relation, source);
+    let table = relation.name().to_string();
+    let dst = find_column(relation, target, "target");
     if dst.atttypid != vector_type_oid() {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
@@ -85,16 +90,25 @@ unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc
     Some(if column.padded { text.trim_end_matches(' ').to_string() } else { text })
 }
 
-#[pg_extern(sql = "")]
-fn embeddinggemma_check_columns(tbl: pg_sys::Oid, source: &str, target: &str, dim: i32) {
+/// Opens `tbl` for the checks, locked to the end of the transaction; raises an ERROR if it does not exist.
+fn open_checked(tbl: pg_sys::Oid) -> PgRelation {
     // SAFETY: get_rel_name only reads the catalog; NULL means no such relation.
     if unsafe { pg_sys::get_rel_name(tbl) }.is_null() {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("embeddinggemma: no relation with OID {}", tbl.to_u32()), "Pass a table name, e.g. 'docs'::regclass.")
     }
     // SAFETY: the relation exists (checked above) and is opened with a lock held to the end of
     // the transaction.
-    let relation = unsafe { PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-    check_columns(&relation, source, target, dim);
+    unsafe { PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) }
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_check_columns(tbl: pg_sys::Oid, source: &str, target: &str, dim: i32) {
+    check_columns(&open_checked(tbl), source, target, dim);
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_check_source(tbl: pg_sys::Oid, source: &str) {
+    check_source(&open_checked(tbl), source);
 }
 
 const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
