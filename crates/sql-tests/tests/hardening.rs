@@ -1,6 +1,6 @@
 //! Issue 9: triggers on every text type, the key-and-text swap, non-unique keys, backfill
 //! under concurrent updates and on big tables, least privilege, a hostile search_path, the
-//! upgrade from 0.1.0, bounded memory of embed_batch. With the tiny model where the model
+//! upgrades from 0.1.0 and 0.2.0, bounded memory of embed_batch. With the tiny model where the model
 //! does not matter (dim 48), so these run fast.
 
 use std::thread;
@@ -304,22 +304,25 @@ fn fresh_database(admin: &mut Client, name: &str) -> Client {
     Client::connect(&format!("{} dbname={name}", dsn()), NoTls).unwrap()
 }
 
-#[test]
-fn upgrading_from_0_1_0_gives_the_objects_of_a_fresh_install() {
+/// The version `CREATE EXTENSION` installs now.
+const CURRENT: &str = env!("CARGO_PKG_VERSION");
+
+/// Installs `from`, upgrades it, and compares every object with a fresh install; then uses it.
+fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
     let mut admin = connect();
     let mut fresh = fresh_database(&mut admin, "eg_fresh");
     fresh.batch_execute("CREATE EXTENSION embeddinggemma CASCADE").unwrap();
     let mut upgraded = fresh_database(&mut admin, "eg_upgraded");
-    upgraded.batch_execute("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '0.1.0'").unwrap();
+    upgraded.batch_execute(&format!("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '{from}'")).unwrap();
     let old = describe_extension(&mut upgraded);
     upgraded.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
     let version: String = upgraded.query_one("SELECT extversion FROM pg_extension WHERE extname = 'embeddinggemma'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, CURRENT);
     let (want, got) = (describe_extension(&mut fresh), describe_extension(&mut upgraded));
-    assert_ne!(old, want, "0.1.0 and 0.2.0 should differ");
+    assert_ne!(old, want, "{from} and {CURRENT} should differ");
     let missing: Vec<&String> = want.iter().filter(|l| !got.contains(l)).collect();
     let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "upgraded install differs:\nmissing {missing:#?}\nextra {extra:#?}");
+    assert!(missing.is_empty() && extra.is_empty(), "install upgraded from {from} differs:\nmissing {missing:#?}\nextra {extra:#?}");
     // The upgraded install works.
     use_tiny_model(&mut upgraded);
     upgraded
@@ -330,9 +333,18 @@ fn upgrading_from_0_1_0_gives_the_objects_of_a_fresh_install() {
         .unwrap();
     backfill(&mut upgraded, "up_docs", 256).unwrap();
     assert_eq!(assert_rows_match(&mut upgraded, "up_docs"), 2);
+    let chunks: i64 = upgraded.query_one("SELECT count(*) FROM embed_chunks('one two', 512, 0, 'document', 48)", &[]).unwrap().get(0);
+    assert_eq!(chunks, 1);
     drop((fresh, upgraded));
     admin.batch_execute("DROP DATABASE eg_fresh WITH (FORCE)").unwrap();
     admin.batch_execute("DROP DATABASE eg_upgraded WITH (FORCE)").unwrap();
+}
+
+// One test: both use the same two databases.
+#[test]
+fn upgrading_from_0_1_0_and_0_2_0_gives_the_objects_of_a_fresh_install() {
+    upgrade_gives_the_objects_of_a_fresh_install("0.1.0");
+    upgrade_gives_the_objects_of_a_fresh_install("0.2.0");
 }
 
 /// Peak resident memory of the backend `pid` (VmHWM), in bytes; the tests run beside the server.

@@ -208,3 +208,32 @@ fn a_model_that_fails_verification_is_reported_and_every_call_says_why() {
     wait_running(&mut admin, Duration::from_secs(60));
     assert_eq!(embed(&mut user, "verified again", "query", 128).len(), 128);
 }
+
+#[test]
+fn chunks_through_the_service_equal_in_process_and_the_backend_loads_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = connect_service();
+    wait_running(&mut c, Duration::from_secs(180));
+    let mut local = connect();
+    let doc = docstrings(6).join("\n\n");
+    let rows = |c: &mut Client| -> Vec<(i32, i32, i32, String, Vec<f32>)> {
+        c.query("SELECT chunk, start_offset, end_offset, body, embedding::real[] FROM embed_chunks($1, 128, 16, 'document', 768) ORDER BY chunk", &[&doc])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    };
+    let (served, in_process) = (rows(&mut c), rows(&mut local));
+    assert!(served.len() >= 3, "{} chunks", served.len());
+    assert_eq!(served.len(), in_process.len());
+    for (s, l) in served.iter().zip(&in_process) {
+        assert_eq!((s.0, s.1, s.2, &s.3), (l.0, l.1, l.2, &l.3), "chunk {} differs", s.0);
+        let d = cosine_distance(&s.4, &l.4);
+        assert!(d <= SAME_TEXT, "chunk {}: {d:e} from in-process", s.0);
+    }
+    let (code, _, hint) = expect_error(&mut c, "SELECT * FROM chunks('text', 3)");
+    assert_eq!(code, "22023");
+    assert!(hint.is_some());
+    let loads: i64 = c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0);
+    assert_eq!(loads, 0, "the backend loaded the model to chunk");
+}
