@@ -1,6 +1,9 @@
 """SQL throughput of the extension on the docstrings corpus, all in one run.
 
-usage: sql_bench.py DSN MODEL_DIR CORPUS N ENGINE_BIN
+usage: sql_bench.py DSN MODEL_DIR CORPUS N ENGINE_BIN [DTYPE]
+
+DTYPE (f32, the default, or bf16) is set for the session (embeddinggemma.dtype) and passed to
+the engine's bench; with bf16 the client pipeline (d), a float32 yardstick, is left out.
 
 (a) UPDATE docs SET v = embed(body)                        -- row by row, one forward pass per row
 (b) CALL embeddinggemma_backfill('docs', 'body', 'v')       -- embed_batch per 256 rows, COMMIT each
@@ -20,6 +23,7 @@ import time
 import psycopg
 
 dsn, model_dir, corpus, n, engine_bin = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+dtype = sys.argv[6] if len(sys.argv) > 6 else "f32"
 texts = [json.loads(line) for line in open(corpus)][:n]
 
 with psycopg.connect(dsn + " dbname=postgres", autocommit=True) as admin:
@@ -35,7 +39,9 @@ with conn.cursor().copy("COPY docs (id, body) FROM STDIN") as copy:
     for i, t in enumerate(texts):
         copy.write_row((i, t))
 conn.execute("VACUUM ANALYZE docs")
+conn.execute(f"SET embeddinggemma.dtype = '{dtype}'")
 conn.execute("SELECT embed('warm up')")  # loads the model in this backend
+print(f"dtype {conn.execute('SELECT dtype FROM embeddinggemma_info()').fetchone()[0]}", flush=True)
 
 
 def stats():
@@ -86,14 +92,15 @@ def client_pipeline():
     return time.perf_counter() - t0
 
 
-conn.execute("UPDATE docs SET v = NULL")
-dt = client_pipeline()  # model loading is outside the timed part, as for the extension's warm-up
-print(f"(d) client pipeline (psycopg + sentence-transformers): rows={n} seconds={dt:.1f} rows_per_s={n/dt:.2f} "
-      f"tokens_per_s={tokens/dt:.0f}", flush=True)
-results.append(("(d) client pipeline", dt, tokens, None, None))
+if dtype == "f32":
+    conn.execute("UPDATE docs SET v = NULL")
+    dt = client_pipeline()  # model loading is outside the timed part, as for the extension's warm-up
+    print(f"(d) client pipeline (psycopg + sentence-transformers): rows={n} seconds={dt:.1f} rows_per_s={n/dt:.2f} "
+          f"tokens_per_s={tokens/dt:.0f}", flush=True)
+    results.append(("(d) client pipeline", dt, tokens, None, None))
 
 out = subprocess.run([engine_bin, "bench", "--model", model_dir, "--corpus", corpus, "--limit", str(n),
-                      "--threads", "2"], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                      "--threads", "2", "--dtype", dtype], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
 engine_tps = float(re.search(r"tokens_per_s=([0-9.]+)", out).group(1))
 print(f"(e) engine bench: {out}")
 for name, dt, tok, _, _ in results:
