@@ -237,3 +237,22 @@ fn chunks_through_the_service_equal_in_process_and_the_backend_loads_nothing() {
     let loads: i64 = c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0);
     assert_eq!(loads, 0, "the backend loaded the model to chunk");
 }
+
+#[test]
+fn a_hot_standby_embeds_and_chunks_through_its_own_service() {
+    let dsn = std::env::var("EMBEDDINGGEMMA_TEST_STANDBY_DSN")
+        .expect("EMBEDDINGGEMMA_TEST_STANDBY_DSN is not set: run the SQL tests through scripts/test");
+    let mut standby = Client::connect(&dsn, NoTls).expect("cannot connect to the standby");
+    assert!(standby.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get::<_, bool>(0), "not a standby");
+    let pid = wait_running(&mut standby, Duration::from_secs(180));
+    let mut primary = connect();
+    for (text, task) in [("Which planet is known as the Red Planet?", "query"), ("Mars, the fourth planet, is red.", "document")] {
+        let d = cosine_distance(&embed(&mut standby, text, task, 768), &embed(&mut primary, text, task, 768));
+        assert!(d <= SAME_TEXT, "{text}: the standby's vector is {d:e} from in-process");
+    }
+    let chunks: i64 = standby.query_one("SELECT count(*) FROM embed_chunks(repeat('A sentence of text. ', 200), 64, 8)", &[]).unwrap().get(0);
+    assert!(chunks > 1, "{chunks} chunks");
+    let loads: i64 = standby.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0);
+    assert_eq!(loads, 0, "the standby's backend loaded the model itself");
+    eprintln!("standby: service pid {pid} running, embed and embed_chunks served");
+}
