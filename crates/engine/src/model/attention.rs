@@ -51,9 +51,11 @@ impl Attention {
             + self.k_norm.bytes()
     }
 
-    /// Projects x: [B·T, hidden] to [B, T, n, head_dim], normed and rotated when `norm` is given.
+    /// Projects x: [B·T, hidden] to [B, T, n, head_dim] (B, T as `batch.dims()`), normed and
+    /// rotated when `norm` is given.
     fn project(&self, proj: &Linear, norm: Option<&RmsNorm>, x: &Tensor, n: usize, batch: &Batch, kind: LayerType) -> Result<Tensor> {
-        let y = proj.forward(x)?.reshape((batch.size, batch.len, n, self.head_dim))?;
+        let (b, t) = batch.dims();
+        let y = proj.forward(x)?.reshape((b, t, n, self.head_dim))?;
         let Some(norm) = norm else {
             return Ok(y);
         };
@@ -61,7 +63,7 @@ impl Attention {
         Ok(candle_nn::rotary_emb::rope_thd(&norm.forward(&y)?, &rope.cos, &rope.sin)?)
     }
 
-    /// x: [B·T, hidden] → [B·T, hidden].
+    /// x: [B·T, hidden] → [B·T, hidden] (B·T = Σ lengths when the batch is packed).
     pub fn forward(&self, x: &Tensor, batch: &Batch, kind: LayerType) -> Result<Tensor> {
         let q = self.project(&self.q, Some(&self.q_norm), x, self.heads, batch, kind)?;
         let k = self.project(&self.k, Some(&self.k_norm), x, self.kv_heads, batch, kind)?;
@@ -77,7 +79,8 @@ impl Attention {
             }
             Some(masks) => self.attend_portable(&q, &k, &v, masks.get(kind), batch)?,
         };
-        self.o.forward(&out.reshape((batch.size * batch.len, self.heads * self.head_dim))?)
+        let (b, t) = batch.dims();
+        self.o.forward(&out.reshape((b * t, self.heads * self.head_dim))?)
     }
 
     /// Attention on candle's generic ops with additive masks: q [B, T, heads, d], k and v

@@ -1,5 +1,9 @@
 //! Per-forward-pass inputs shared by every layer: sequence lengths, RoPE tables and, for the
 //! portable path, attention masks.
+//!
+//! With the CPU kernels a batch is packed: the sequences' rows follow each other with no
+//! padding, so row-wise work (projections, norms, MLP) runs on real tokens only. Elsewhere it
+//! is right-padded to `len`, the shape candle's generic attention with masks needs.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -11,7 +15,8 @@ use crate::error::Result;
 /// whose keys are all masked then gets a uniform softmax instead of NaN.
 const MASKED: f32 = -1e30;
 
-/// cos and sin of the rotary angles for positions 0..T, each [T, head_dim / 2].
+/// cos and sin of the rotary angles, one row [head_dim / 2] per row of the batch's
+/// [1 or B, T, heads, head_dim] projections (rope_thd's layout).
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
@@ -38,6 +43,11 @@ impl Rope {
             Ok(Tensor::from_vec(v, (len, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
         };
         Ok(Rope { cos: table(cos)?, sin: table(sin)? })
+    }
+
+    /// Row i takes the angles of position `positions[i]`.
+    fn gather(self, positions: &Tensor) -> Result<Rope> {
+        Ok(Rope { cos: self.cos.index_select(positions, 0)?, sin: self.sin.index_select(positions, 0)? })
     }
 }
 
@@ -79,11 +89,13 @@ impl Masks {
     }
 }
 
-/// A bucket of right-padded sequences of equal padded length `len`.
+/// A bucket of sequences, longest `len`: packed (CPU kernels) or right-padded to `len`.
 pub struct Batch {
     pub size: usize,
     pub len: usize,
     pub lengths: Vec<usize>,
+    /// Rows hold only real tokens, sequence after sequence.
+    pub packed: bool,
     /// Keys a sliding layer's query sees: |q − k| < window.
     pub window: usize,
     pub rope_full: Rope,
@@ -95,16 +107,36 @@ pub struct Batch {
 impl Batch {
     pub fn new(lengths: &[usize], len: usize, cfg: &GemmaConfig, at: &Placement) -> Result<Batch> {
         let window = cfg.sliding_half_window();
-        let masks = if at.cpu_kernels() { None } else { Some(Masks::new(lengths, len, window, &at.device)?) };
+        let packed = at.cpu_kernels();
+        let masks = if packed { None } else { Some(Masks::new(lengths, len, window, &at.device)?) };
+        let rope = |base: f64| -> Result<Rope> {
+            let table = Rope::new(base, cfg.head_dim, len, at.activations, &at.device)?;
+            if !packed {
+                return Ok(table);
+            }
+            let positions: Vec<u32> = lengths.iter().flat_map(|&n| 0..n as u32).collect();
+            let n = positions.len();
+            table.gather(&Tensor::from_vec(positions, n, &at.device)?)
+        };
         Ok(Batch {
             size: lengths.len(),
             len,
             lengths: lengths.to_vec(),
+            packed,
             window,
-            rope_full: Rope::new(cfg.rope_theta_full, cfg.head_dim, len, at.activations, &at.device)?,
-            rope_sliding: Rope::new(cfg.rope_theta_sliding, cfg.head_dim, len, at.activations, &at.device)?,
+            rope_full: rope(cfg.rope_theta_full)?,
+            rope_sliding: rope(cfg.rope_theta_sliding)?,
             masks,
         })
+    }
+
+    /// The [B, T] the rows are laid out as: [1, Σ lengths] packed, [B, len] padded.
+    pub fn dims(&self) -> (usize, usize) {
+        if self.packed {
+            (1, self.lengths.iter().sum())
+        } else {
+            (self.size, self.len)
+        }
     }
 
     pub fn rope(&self, kind: LayerType) -> &Rope {

@@ -85,12 +85,11 @@ impl CustomOp1 for GeluGate {
     }
 }
 
-/// Bidirectional attention over right-padded sequences.
+/// Bidirectional attention over packed sequences: `lengths` rows each, one after another.
 ///
-/// q: [B, T, heads, d], k and v: [B, T, kv_heads, d], all contiguous float32; the result is
-/// [B, T, heads · d]. A query at position p of a sequence of real length L sees keys k < L, and
-/// with a `window` only those with |p − k| < window. Padded query rows come out as zeros: no
-/// real position ever reads them.
+/// q: [1, N, heads, d], k and v: [1, N, kv_heads, d] with N = Σ lengths, all contiguous
+/// float32; the result is [1, N, heads · d]. A query at position p of a sequence of length L
+/// sees that sequence's keys k < L, and with a `window` only those with |p − k| < window.
 pub struct Attention {
     pub lengths: Vec<usize>,
     pub window: Option<usize>,
@@ -137,19 +136,25 @@ impl Attention {
         }
         tasks
     }
+
+    /// The first row of each sequence.
+    fn starts(&self) -> Vec<usize> {
+        self.lengths.iter().scan(0, |row, &n| Some(std::mem::replace(row, *row + n))).collect()
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Attention {
     /// The same attention with bf16 products: each (sequence, kv head) has its keys packed as
     /// the columns of q·kᵀ and its values, transposed, as the columns of p·v.
-    fn bf16(&self, q: &[f32], k: &[f32], v: &[f32], (_, t, heads, kv_heads, d): (usize, usize, usize, usize, usize), out: SendPtr) {
+    fn bf16(&self, q: &[f32], k: &[f32], v: &[f32], (heads, kv_heads, d): (usize, usize, usize), out: SendPtr) {
         use super::bf16_gemm::{to_bf16_rows, PackedBf16, NR};
         let (group, q_row, kv_row) = (heads / kv_heads, heads * d, kv_heads * d);
+        let starts = self.starts();
         let packed: Vec<(PackedBf16, PackedBf16)> = (0..self.lengths.len() * kv_heads)
             .into_par_iter()
             .map(|i| {
-                let at = |j: usize| (i / kv_heads) * t * kv_row + (i % kv_heads) * d + j * kv_row;
+                let at = |j: usize| starts[i / kv_heads] * kv_row + (i % kv_heads) * d + j * kv_row;
                 let len = self.lengths[i / kv_heads];
                 (PackedBf16::pack(len, d, |j| &k[at(j)..at(j) + d]), PackedBf16::pack_transposed(d, len, |j| &v[at(j)..at(j) + d]))
             })
@@ -170,7 +175,7 @@ impl Attention {
                 scores.resize(m * sn, 0.0);
                 let (keys, values) = &packed[task.seq * kv_heads + task.kv_head];
                 for head in task.kv_head * group..(task.kv_head + 1) * group {
-                    let q_at = task.seq * t * q_row + task.rows.start * q_row + head * d;
+                    let q_at = (starts[task.seq] + task.rows.start) * q_row + head * d;
                     to_bf16_rows(&q[q_at..], q_row, m, d, qs, d_stride);
                     // SAFETY: `scores` holds m rows of sn values; the output rows `task.rows` of
                     // `head` belong to this task alone.
@@ -212,20 +217,21 @@ impl CustomOp3 for Attention {
         let v = contiguous_f32(sv, lv, "attention v")?;
         let (b, t, heads, d) = lq.shape().dims4()?;
         let (kb, kt, kv_heads, kd) = lk.shape().dims4()?;
-        if (kb, kt, kd) != (b, t, d) || lv.shape() != lk.shape() || self.lengths.len() != b || heads % kv_heads != 0 {
+        if (kb, kt, kd) != (b, t, d) || lv.shape() != lk.shape() || heads % kv_heads != 0 {
             candle_core::bail!("attention: inconsistent shapes {:?} {:?} {:?}", lq.shape(), lk.shape(), lv.shape())
         }
-        if self.lengths.iter().any(|&l| l > t) {
-            candle_core::bail!("attention: a length exceeds the padded length {t}")
+        if b != 1 || self.lengths.iter().sum::<usize>() != t {
+            candle_core::bail!("attention: expected [1, Σ lengths = {}, …] packed rows, got {:?}", self.lengths.iter().sum::<usize>(), lq.shape())
         }
         let group = heads / kv_heads;
         let (q_row, kv_row) = (heads * d, kv_heads * d);
-        let mut out = vec![0f32; b * t * heads * d];
+        let starts = self.starts();
+        let mut out = vec![0f32; t * heads * d];
         let out_ptr = SendPtr(out.as_mut_ptr());
         #[cfg(target_arch = "x86_64")]
         if BF16_ATTENTION.with(std::cell::Cell::get) {
-            self.bf16(q, k, v, (b, t, heads, kv_heads, d), out_ptr);
-            return Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))));
+            self.bf16(q, k, v, (heads, kv_heads, d), out_ptr);
+            return Ok((CpuStorage::F32(out), Shape::from((1, t, heads * d))));
         }
 
         self.tasks(kv_heads).par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
@@ -236,12 +242,13 @@ impl CustomOp3 for Attention {
             };
             let (m, n) = (task.rows.len(), k1 - k0);
             scores.resize(m * n, 0.0);
-            let seq_q = task.seq * t * q_row;
-            let seq_kv = task.seq * t * kv_row + task.kv_head * d;
+            let seq_q = starts[task.seq] * q_row;
+            let seq_kv = starts[task.seq] * kv_row + task.kv_head * d;
             for head in task.kv_head * group..(task.kv_head + 1) * group {
                 let q_at = seq_q + task.rows.start * q_row + head * d;
-                // SAFETY: every pointer/stride pair stays inside its slice: rows < len ≤ t,
-                // keys in k0..k1 ≤ len, head < heads, and d columns from each row start.
+                // SAFETY: every pointer/stride pair stays inside its slice: rows < len, keys in
+                // k0..k1 ≤ len from the sequence's start (starts + lengths ≤ t), head < heads,
+                // and d columns from each row start.
                 unsafe {
                     gemm(
                         m, n, d,
@@ -271,7 +278,7 @@ impl CustomOp3 for Attention {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
+        Ok((CpuStorage::F32(out), Shape::from((1, t, heads * d))))
     }
 }
 
@@ -294,6 +301,11 @@ fn softmax_in_place(row: &mut [f32], lo: usize, hi: usize) {
 mod tests {
     use super::*;
 
+    /// n reproducible values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0).collect()
+    }
+
     /// bf16 attention against float32 on ragged lengths, with and without a window: each
     /// output row must point the same way (inputs and probabilities rounded to bf16).
     #[cfg(target_arch = "x86_64")]
@@ -304,26 +316,51 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let (b, t, heads, kv, d) = (3, 301, 3, 1, 256);
-        let values = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0).collect()
-        };
-        let tensor = |v: Vec<f32>, h: usize| Tensor::from_vec(v, (b, t, h, d), &Device::Cpu).unwrap();
-        let q = tensor(values(b * t * heads * d, 1), heads);
-        let k = tensor(values(b * t * kv * d, 2), kv);
-        let v = tensor(values(b * t * kv * d, 3), kv);
+        let (lengths, heads, kv, d) = (vec![301, 33, 2], 3, 1, 256);
+        let t: usize = lengths.iter().sum();
+        let tensor = |v: Vec<f32>, h: usize| Tensor::from_vec(v, (1, t, h, d), &Device::Cpu).unwrap();
+        let q = tensor(values(t * heads * d, 1), heads);
+        let k = tensor(values(t * kv * d, 2), kv);
+        let v = tensor(values(t * kv * d, 3), kv);
         for window in [None, Some(40)] {
-            let op = Attention { lengths: vec![301, 33, 2], window, scale: 0.3 };
+            let op = Attention { lengths: lengths.clone(), window, scale: 0.3 };
             let run = |bf16| with_bf16_attention(bf16, || q.apply_op3_no_bwd(&k, &v, &op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
             let (want, got) = (run(false), run(true));
             for (row, (w, g)) in want.chunks(d).zip(got.chunks(d)).enumerate() {
                 let dot: f32 = w.iter().zip(g).map(|(a, b)| a * b).sum();
                 let norms = w.iter().map(|a| a * a).sum::<f32>().sqrt() * g.iter().map(|a| a * a).sum::<f32>().sqrt();
-                if norms == 0.0 {
-                    assert!(g.iter().all(|&x| x == 0.0), "row {row}: padding must stay zero");
-                    continue;
-                }
                 assert!(dot / norms > 0.999, "window {window:?} row {row}: cosine {}", dot / norms);
+            }
+        }
+    }
+
+    /// Each sequence of a packed run reads only its own rows: its output equals running it alone.
+    #[test]
+    fn packed_sequences_match_each_alone() {
+        use candle_core::{Device, Tensor};
+        let (lengths, heads, kv, d) = ([7usize, 130, 1, 45], 4, 2, 32);
+        let t: usize = lengths.iter().sum();
+        let (q, k, v) = (values(t * heads * d, 1), values(t * kv * d, 2), values(t * kv * d, 3));
+        let run = |lengths: &[usize], rows: std::ops::Range<usize>, window, bf16| {
+            let n = rows.len();
+            let tensor = |x: &[f32], h: usize| Tensor::from_slice(&x[rows.start * h * d..rows.end * h * d], (1, n, h, d), &Device::Cpu).unwrap();
+            let op = Attention { lengths: lengths.to_vec(), window, scale: 0.2 };
+            let out = with_bf16_attention(bf16, || tensor(&q, heads).apply_op3_no_bwd(&tensor(&k, kv), &tensor(&v, kv), &op));
+            out.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        #[cfg(target_arch = "x86_64")]
+        let modes = if super::super::bf16_gemm::supported() { vec![false, true] } else { vec![false] };
+        #[cfg(not(target_arch = "x86_64"))]
+        let modes = vec![false];
+        for bf16 in modes {
+            for window in [None, Some(16)] {
+                let packed = run(&lengths, 0..t, window, bf16);
+                let mut start = 0;
+                for &n in &lengths {
+                    let alone = run(&[n], start..start + n, window, bf16);
+                    assert_eq!(alone, packed[start * heads * d..(start + n) * heads * d], "bf16 {bf16} window {window:?} length {n}");
+                    start += n;
+                }
             }
         }
     }

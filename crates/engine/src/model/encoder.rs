@@ -119,21 +119,25 @@ impl Encoder {
         self.layers.iter().map(Layer::bytes).sum::<usize>() + self.norm.bytes()
     }
 
-    /// Runs right-padded `seqs` (each at most `len` ids) to the last hidden state [B·len, hidden].
+    /// Runs `seqs` (each at most `len` ids) to the last hidden state: [Σ lengths, hidden] with
+    /// the sequences' rows one after another on the CPU kernels (packed: no compute is spent on
+    /// padding), else [B·len, hidden] right-padded. `SentenceHead::forward` takes either.
     /// `cancel` is polled between layers.
     pub fn forward(&self, seqs: &[&[u32]], len: usize, cancel: &(dyn Fn() -> bool + Sync)) -> Result<Tensor> {
         let hidden = self.cfg.hidden_size;
-        let mut rows = Vec::with_capacity(seqs.len() * len * hidden);
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let batch = Batch::new(&lengths, len, &self.cfg, &self.at)?;
+        let (b, t) = batch.dims();
+        let pad = if batch.packed { 0 } else { len };
+        let mut rows = Vec::with_capacity(b * t * hidden);
         for seq in seqs {
-            for &id in seq.iter().chain(std::iter::repeat_n(&self.cfg.pad_token_id, len - seq.len())) {
+            for &id in seq.iter().chain(std::iter::repeat_n(&self.cfg.pad_token_id, pad.saturating_sub(seq.len()))) {
                 self.embeddings.gather_row(id, self.embed_scale, &mut rows)?;
             }
         }
-        let mut x = Tensor::from_vec(rows, (seqs.len() * len, hidden), &Device::Cpu)?
+        let mut x = Tensor::from_vec(rows, (b * t, hidden), &Device::Cpu)?
             .to_dtype(self.at.activations)?
             .to_device(&self.at.device)?;
-        let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let batch = Batch::new(&lengths, len, &self.cfg, &self.at)?;
         for layer in &self.layers {
             if cancel() {
                 return Err(Error::Cancelled);

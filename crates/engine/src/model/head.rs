@@ -29,14 +29,18 @@ impl SentenceHead {
         self.dense.iter().map(Linear::bytes).sum()
     }
 
-    /// hidden: [B·len, width] → B unit vectors.
+    /// hidden: [Σ lengths, width] packed or [B·len, width] right-padded (`Encoder::forward`)
+    /// → B unit vectors. The row count tells the layouts apart; where it cannot, they agree.
     pub fn forward(&self, hidden: &Tensor, lengths: &[usize], len: usize) -> Result<Vec<Vec<f32>>> {
         let width = hidden.dim(1)?;
+        let packed = hidden.dim(0)? == lengths.iter().sum::<usize>();
         let hidden = hidden.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let values = hidden.flatten_all()?.to_vec1::<f32>()?;
         let mut pooled = Vec::with_capacity(lengths.len() * width);
-        for (b, &n) in lengths.iter().enumerate() {
-            let rows = &values[b * len * width..(b * len + n) * width];
+        let mut start = 0;
+        for &n in lengths {
+            let rows = &values[start * width..(start + n) * width];
+            start += if packed { n } else { len };
             let mut sum = vec![0f64; width];
             for row in rows.chunks_exact(width) {
                 sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
