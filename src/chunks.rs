@@ -40,6 +40,10 @@ impl Cut {
 /// exclusive), body and, for embed_chunks, the embedding.
 type Row = (i32, i32, i32, i32, String, Option<PgVector>);
 
+/// A row waiting to be returned. The vector becomes a datum only when its row is asked for:
+/// a datum made earlier would live in the memory of an earlier call, freed by then.
+type Pending = (i32, i32, i32, i32, String, Option<Vec<f32>>);
+
 /// The chunks of the documents, cut as rows are asked for and embedded a batch at a time: the
 /// batches are those embed_batch would make over the same bodies.
 struct ChunkRows {
@@ -50,7 +54,7 @@ struct ChunkRows {
     dim: Option<i32>,
     /// Chunks cut but not yet embedded: (document, chunk number, offsets).
     pending: VecDeque<(usize, usize, Chunk)>,
-    ready: VecDeque<Row>,
+    ready: VecDeque<Pending>,
 }
 
 impl ChunkRows {
@@ -92,7 +96,7 @@ impl ChunkRows {
         for (doc, n, c) in &batch {
             let offset = |chars: usize| i32::try_from(chars + 1).expect("a text is at most 1 GB");
             let body = self.body(*doc, c).to_string();
-            let row = (*doc as i32 + 1, *n as i32 + 1, offset(c.start_char), offset(c.end_char), body, vectors.next().map(|v| PgVector::from_slice(&v)));
+            let row = (*doc as i32 + 1, *n as i32 + 1, offset(c.start_char), offset(c.end_char), body, vectors.next());
             self.ready.push_back(row);
         }
     }
@@ -105,7 +109,8 @@ impl Iterator for ChunkRows {
         if self.ready.is_empty() {
             self.fill();
         }
-        self.ready.pop_front()
+        let (doc, n, start, end, body, vector) = self.ready.pop_front()?;
+        Some((doc, n, start, end, body, vector.map(|v| PgVector::from_slice(&v))))
     }
 }
 
