@@ -333,7 +333,7 @@ fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
         .unwrap();
     backfill(&mut upgraded, "up_docs", 256).unwrap();
     assert_eq!(assert_rows_match(&mut upgraded, "up_docs"), 2);
-    let chunks: i64 = upgraded.query_one("SELECT count(*) FROM embed_chunks('one two', 512, 0, 'document', 48)", &[]).unwrap().get(0);
+    let chunks: i64 = upgraded.query_one("SELECT count(*) FROM embed_chunks('one two', 48, 0, 'document', 48)", &[]).unwrap().get(0);
     assert_eq!(chunks, 1);
     drop((fresh, upgraded));
     admin.batch_execute("DROP DATABASE eg_fresh WITH (FORCE)").unwrap();
