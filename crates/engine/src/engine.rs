@@ -284,6 +284,12 @@ impl Engine {
         planner::plan_within(lengths, self.info.max_batch_tokens, self.info.max_batch_size, &fits)
     }
 
+    /// Token positions a pass computes for `real` tokens planned as `padded`: the CPU kernels
+    /// run a bucket packed (no padding rows), other devices padded.
+    pub fn computed_tokens(&self, real: usize, padded: usize) -> usize {
+        if self.memory.portable { padded } else { real }
+    }
+
     /// Estimated peak bytes of one call's forward pass over `size` texts padded to `len`
     /// tokens, plus the call's fixed overhead: what `max_memory` is compared with.
     pub fn estimate_memory(&self, size: usize, len: usize) -> usize {
@@ -307,8 +313,8 @@ impl Engine {
         self.info.max_batch_size = max_batch_size.max(1);
     }
 
-    /// One forward pass over token ids (a bucket of `plan`, ids as `tokenize` gives them),
-    /// padded to the longest: unit vectors of the model's full width, in the order of `seqs`.
+    /// One forward pass over token ids (a bucket of `plan`, ids as `tokenize` gives them;
+    /// packed on the CPU kernels, else padded to the longest): unit vectors of the model's full width, in the order of `seqs`.
     /// For callers that plan texts of several requests together (the service).
     pub fn forward_ids(&self, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
         let padded_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -413,7 +419,7 @@ impl Engine {
             ))
         })?;
         stats.real_tokens = plan.real_tokens as u64;
-        stats.padded_tokens = plan.padded_tokens as u64;
+        stats.padded_tokens = self.computed_tokens(plan.real_tokens, plan.padded_tokens) as u64;
 
         let started = Instant::now();
         let mut vectors = vec![Vec::new(); texts.len()];

@@ -176,7 +176,7 @@ impl Scheduler {
                 connections.sort_unstable();
                 connections.dedup();
                 let real: usize = seqs.iter().map(|s| s.len()).sum();
-                self.metrics.pass(members.len(), connections.len(), real, len * members.len(), time);
+                self.metrics.pass(members.len(), connections.len(), real, self.engine.computed_tokens(real, len * members.len()), time);
             }
             Err(Error::Cancelled) if cancel() => {}
             Err(e) => {
