@@ -2,6 +2,92 @@
 -- Leaves the same objects as a fresh CREATE EXTENSION of 0.3.0 (tested).
 \echo Use "ALTER EXTENSION embeddinggemma UPDATE" to load this file. \quit
 
+-- The key check, shared by the statement trigger and the chunk trigger.
+-- Raises an error unless key_col is a column of tbl with a unique index of its own: rows are
+-- written back (or their chunks found) by key, and two rows with one key would be mixed up.
+CREATE FUNCTION embeddinggemma_check_key(tbl regclass, key_col text)
+RETURNS void
+STABLE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                    WHERE attrelid = tbl AND attname = key_col AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'embeddinggemma: key column "%" does not exist in table %', key_col, tbl
+            USING ERRCODE = 'undefined_column', HINT = 'The first argument names a unique key of the table, e.g. its primary key.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
+                      AND a.attname = key_col) THEN
+        RAISE EXCEPTION 'embeddinggemma: key column "%" of table % is not unique', key_col, tbl
+            USING ERRCODE = 'invalid_object_definition',
+                  HINT = format('Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON %s (%I);', tbl, key_col);
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION embeddinggemma_statement_trigger()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    caller_path text := pg_catalog.current_setting('search_path');
+    key_col text := TG_ARGV[0];
+    source  text := TG_ARGV[1];
+    target  text := TG_ARGV[2];
+    task    text := coalesce(TG_ARGV[3], 'document');
+    dim     int  := coalesce(TG_ARGV[4], '768')::int;
+    -- Set while this trigger writes the vectors: its own UPDATE fires it again.
+    busy    text := 'embeddinggemma_internal.statement_trigger_busy';
+    changed text;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF TG_LEVEL <> 'STATEMENT' OR TG_WHEN <> 'AFTER' OR TG_OP NOT IN ('INSERT', 'UPDATE') OR TG_NARGS NOT BETWEEN 3 AND 5 THEN
+        RAISE EXCEPTION 'embeddinggemma_statement_trigger() must be fired AFTER INSERT or AFTER UPDATE … FOR EACH STATEMENT with arguments (key column, source column, target column [, task [, dim]])'
+            USING ERRCODE = 'triggered_action_exception',
+                  HINT = 'CREATE TRIGGER docs_embed AFTER INSERT ON docs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger(''id'', ''body'', ''v'');';
+    END IF;
+    IF current_setting(busy, true) = TG_RELID::oid::text THEN
+        PERFORM pg_catalog.set_config('search_path', caller_path, true);
+        RETURN NULL;
+    END IF;
+    PERFORM @extschema@.embeddinggemma_check_columns(TG_RELID, source, target, dim);
+    PERFORM @extschema@.embeddinggemma_check_key(TG_RELID, key_col);
+    -- A row needs a vector unless an old row had the same text and the vector it still
+    -- carries: rows are told apart by their text and vector, not by a key that may change.
+    changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n WHERE n.%2$I IS NOT NULL', key_col, source);
+    IF TG_OP = 'UPDATE' THEN
+        changed := changed || format(' AND NOT EXISTS (SELECT FROM old_rows o WHERE o.%1$I OPERATOR(pg_catalog.=) n.%1$I
+                                        AND (o.%2$I::pg_catalog.float4[] OPERATOR(pg_catalog.=) n.%2$I::pg_catalog.float4[]
+                                             OR (o.%2$I IS NULL AND n.%2$I IS NULL)))', source, target);
+    END IF;
+    PERFORM set_config(busy, TG_RELID::oid::text, true);
+    PERFORM set_config('search_path', caller_path, true);
+    EXECUTE format('UPDATE %1$s t SET %2$I = NULL FROM new_rows n
+                     WHERE t.%3$I OPERATOR(pg_catalog.=) n.%3$I AND n.%4$I IS NULL AND n.%2$I IS NOT NULL',
+                   TG_RELID::regclass, target, key_col, source);
+    EXECUTE format($q$
+        WITH changed AS (%1$s),
+             batch AS (SELECT pg_catalog.array_agg(k) AS keys, pg_catalog.array_agg(body) AS bodies FROM changed),
+             embedded AS (SELECT b.keys[e.ord] AS k, e.embedding
+                            FROM batch b, @extschema@.embed_batch(b.bodies, $1, $2) e)
+        UPDATE %2$s t SET %3$I = e.embedding FROM embedded e WHERE t.%4$I OPERATOR(pg_catalog.=) e.k
+    $q$, changed, TG_RELID::regclass, target, key_col) USING task, dim;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    PERFORM set_config(busy, '', true);
+    PERFORM set_config('search_path', caller_path, true);
+    RETURN NULL;
+EXCEPTION WHEN undefined_table THEN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF SQLERRM NOT LIKE '%new_rows%' AND SQLERRM NOT LIKE '%old_rows%' THEN
+        RAISE;
+    END IF;
+    RAISE EXCEPTION 'embeddinggemma_statement_trigger(): %', SQLERRM
+        USING ERRCODE = 'triggered_action_exception',
+              HINT = 'Name the transition tables new_rows (and old_rows for UPDATE): REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows.';
+END
+$fn$;
+
 -- Backfill progress bookkeeping, shared by the row and the chunk backfill.
 -- Records a batch of a backfill run in its progress row (in the batch's transaction, so
 -- rows_done counts committed work exactly) and says where the run stands.
@@ -176,18 +262,7 @@ BEGIN
             USING ERRCODE = 'triggered_action_exception', HINT = usage;
     END;
     task := coalesce(args[7], 'document');
-    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = tbl AND attname = key_col AND attnum > 0 AND NOT attisdropped) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" does not exist in table %', key_col, tbl
-            USING ERRCODE = 'undefined_column', HINT = 'The first argument names a unique key of the table, e.g. its primary key.';
-    END IF;
-    -- Chunks are found by key: two documents with one key would share them.
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
-                      AND a.attname = key_col) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" of table % is not unique', key_col, tbl
-            USING ERRCODE = 'invalid_object_definition',
-                  HINT = format('Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON %s (%I);', tbl, key_col);
-    END IF;
+    PERFORM @extschema@.embeddinggemma_check_key(tbl, key_col);
     PERFORM @extschema@.embeddinggemma_check_columns(chunk_table, 'body', 'embedding', dim);
     FOREACH col IN ARRAY ARRAY[chunk_key, 'chunk', 'start_offset', 'end_offset'] LOOP
         IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = chunk_table AND attname = col AND attnum > 0 AND NOT attisdropped) THEN

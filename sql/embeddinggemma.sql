@@ -129,6 +129,29 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_trigger_wrapper';
 COMMENT ON FUNCTION embeddinggemma_trigger() IS
 'BEFORE INSERT OR UPDATE FOR EACH ROW trigger: embeddinggemma_trigger(source, target [, task [, dim]]) sets target to embed(source); an UPDATE that leaves source unchanged does no work; a NULL source gives a NULL target.';
 
+-- Raises an error unless key_col is a column of tbl with a unique index of its own: rows are
+-- written back (or their chunks found) by key, and two rows with one key would be mixed up.
+CREATE FUNCTION embeddinggemma_check_key(tbl regclass, key_col text)
+RETURNS void
+STABLE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                    WHERE attrelid = tbl AND attname = key_col AND attnum > 0 AND NOT attisdropped) THEN
+        RAISE EXCEPTION 'embeddinggemma: key column "%" does not exist in table %', key_col, tbl
+            USING ERRCODE = 'undefined_column', HINT = 'The first argument names a unique key of the table, e.g. its primary key.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
+                      AND a.attname = key_col) THEN
+        RAISE EXCEPTION 'embeddinggemma: key column "%" of table % is not unique', key_col, tbl
+            USING ERRCODE = 'invalid_object_definition',
+                  HINT = format('Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON %s (%I);', tbl, key_col);
+    END IF;
+END
+$fn$;
+
 -- Bulk writes: one embed_batch() over the statement's transition table, then one UPDATE.
 -- Objects a user created elsewhere (a trojan operator or function) must never run with the
 -- privileges of whoever fired the trigger: this function's own statements run with a pinned
@@ -160,19 +183,7 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM @extschema@.embeddinggemma_check_columns(TG_RELID, source, target, dim);
-    IF NOT EXISTS (SELECT FROM pg_attribute
-                    WHERE attrelid = TG_RELID AND attname = key_col AND attnum > 0 AND NOT attisdropped) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" does not exist in table %', key_col, TG_RELID::regclass
-            USING ERRCODE = 'undefined_column', HINT = 'The first argument names a unique key of the table, e.g. its primary key.';
-    END IF;
-    -- Vectors are written back by key: two rows with one key would get each other's.
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = TG_RELID AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
-                      AND a.attname = key_col) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" of table % is not unique', key_col, TG_RELID::regclass
-            USING ERRCODE = 'invalid_object_definition',
-                  HINT = format('Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON %s (%I);', TG_RELID::regclass, key_col);
-    END IF;
+    PERFORM @extschema@.embeddinggemma_check_key(TG_RELID, key_col);
     -- A row needs a vector unless an old row had the same text and the vector it still
     -- carries: rows are told apart by their text and vector, not by a key that may change.
     changed := format('SELECT n.%1$I AS k, n.%2$I AS body FROM new_rows n WHERE n.%2$I IS NOT NULL', key_col, source);
@@ -532,18 +543,7 @@ BEGIN
             USING ERRCODE = 'triggered_action_exception', HINT = usage;
     END;
     task := coalesce(args[7], 'document');
-    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = tbl AND attname = key_col AND attnum > 0 AND NOT attisdropped) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" does not exist in table %', key_col, tbl
-            USING ERRCODE = 'undefined_column', HINT = 'The first argument names a unique key of the table, e.g. its primary key.';
-    END IF;
-    -- Chunks are found by key: two documents with one key would share them.
-    IF NOT EXISTS (SELECT FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                    WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
-                      AND a.attname = key_col) THEN
-        RAISE EXCEPTION 'embeddinggemma: key column "%" of table % is not unique', key_col, tbl
-            USING ERRCODE = 'invalid_object_definition',
-                  HINT = format('Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON %s (%I);', tbl, key_col);
-    END IF;
+    PERFORM @extschema@.embeddinggemma_check_key(tbl, key_col);
     PERFORM @extschema@.embeddinggemma_check_columns(chunk_table, 'body', 'embedding', dim);
     FOREACH col IN ARRAY ARRAY[chunk_key, 'chunk', 'start_offset', 'end_offset'] LOOP
         IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = chunk_table AND attname = col AND attnum > 0 AND NOT attisdropped) THEN

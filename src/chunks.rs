@@ -12,7 +12,13 @@ use crate::functions::{Texts, CHUNK_BYTES, CHUNK_TEXTS};
 use crate::model;
 use crate::vector::PgVector;
 
-pub const CHUNK_HINT: &str = "max_tokens counts the task's prompt, <bos> and <eos> as embedded, up to the model's 2048; overlap is at most half of the tokens left for text. The defaults, 512 and 64, suit most documents.";
+const CHUNK_HINT: &str = "max_tokens counts the task's prompt, <bos> and <eos> as embedded, up to the model's 2048; overlap is at most half of the tokens left for text. The defaults, 512 and 64, suit most documents.";
+
+/// Raises the ERROR for chunk settings out of range (`why` names the range), in-process or
+/// from the service.
+pub fn raise_bad_cut(why: impl std::fmt::Display) -> ! {
+    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {why}"), CHUNK_HINT)
+}
 
 /// How documents are cut, checked for sign (the engine checks the ranges).
 struct Cut {
@@ -24,9 +30,7 @@ struct Cut {
 impl Cut {
     fn new(max_tokens: i32, overlap: i32, task: &str) -> Cut {
         let non_negative = |name: &str, v: i32| {
-            usize::try_from(v).unwrap_or_else(|_| {
-                raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {name} must not be negative, not {v}"), CHUNK_HINT)
-            })
+            usize::try_from(v).unwrap_or_else(|_| raise_bad_cut(format!("{name} must not be negative, not {v}")))
         };
         Cut { max_tokens: non_negative("max_tokens", max_tokens), overlap: non_negative("overlap", overlap), task: task.to_string() }
     }

@@ -175,7 +175,7 @@ pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<C
         let result = worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
         drop(slots);
         result.unwrap_or_else(|e| match e {
-            Error::InvalidOption(_) => raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {e}"), crate::chunks::CHUNK_HINT),
+            Error::InvalidOption(_) => crate::chunks::raise_bad_cut(e),
             e => raise_engine(e),
         })
     })

@@ -158,7 +158,7 @@ pub fn embed(texts: &[&str], task: &str, dim: usize, truncate: bool) -> (Vec<Vec
 pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
     fn raise_chunk_error(e: ServiceError) -> ! {
         if e.kind == ErrorKind::InvalidOption {
-            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {}", e.message), crate::chunks::CHUNK_HINT)
+            crate::chunks::raise_bad_cut(e.message)
         }
         raise_service(e)
     }
