@@ -106,19 +106,9 @@ fn device_name(device: &Device) -> String {
     }
 }
 
-/// Hands the activations' freed memory back to the system, so an idle process (a PostgreSQL
-/// backend between statements) holds little more than the weights.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Large activations are allocated and freed many times per forward pass; glibc would map and
 /// unmap each one, paying page faults and zeroing every time. Keeping them on the heap lets
-/// them be reused; `release_free_memory` returns them after each call.
+/// them be reused; the end of each call's `ReuseScope` returns them.
 fn keep_large_allocations_on_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts glibc allocator thresholds.
@@ -365,7 +355,9 @@ impl Engine {
         cancel: &(dyn Fn() -> bool + Sync),
         sink: &mut dyn FnMut(usize, Vec<Vec<f32>>) -> Result<()>,
     ) -> Result<Stats> {
-        let result = (|| {
+        // Ending the call's scope hands its freed activations back to the system.
+        let _reuse = crate::reuse_alloc::ReuseScope::enter();
+        (|| {
             let prompt = self.prompt(request.task)?;
             let dim = self.check_dim(request.dim as i64)?;
             let mut stats = Stats::default();
@@ -380,9 +372,7 @@ impl Engine {
                 sink(first, vectors)?;
             }
             Ok(stats)
-        })();
-        release_free_memory();
-        result
+        })()
     }
 
     fn embed_window(

@@ -11,6 +11,7 @@ mod manifest;
 mod model;
 mod options;
 pub mod planner;
+pub mod reuse_alloc;
 pub mod service;
 mod stats;
 mod threads;

@@ -1,0 +1,110 @@
+//! The reusing global allocator, installed as a PostgreSQL backend installs it: freed large
+//! blocks are reused inside a scope (also dirty, also by other threads) and all returned when it
+//! ends, nothing is kept outside one, and the real model's vectors are bit for bit the same
+//! whether its activations land in fresh or reused blocks.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::*;
+use embeddinggemma_engine::reuse_alloc::{cached_bytes, ReuseScope, ReusingAllocator, CACHE_LIMIT};
+use embeddinggemma_engine::{Precision, Request};
+
+#[global_allocator]
+static ALLOCATOR: ReusingAllocator = ReusingAllocator;
+
+/// The cache is process-wide: tests that look at it run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn large_blocks_are_reused_only_inside_a_scope() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 3 * MIB / 4; // 3 MiB of f32
+
+    drop(vec![1.0f32; n]);
+    assert_eq!(cached_bytes(), 0, "kept a block outside a scope");
+
+    let scope = ReuseScope::enter();
+    let first = vec![1.0f32; n];
+    let at = first.as_ptr();
+    drop(first);
+    assert!(cached_bytes() >= 3 * MIB);
+    let zeroed = vec![0.0f32; n];
+    assert_eq!(zeroed.as_ptr(), at, "a block of the same class was not reused");
+    assert!(zeroed.iter().all(|&x| x == 0.0), "a reused block handed out as zeroed was not");
+    drop(zeroed);
+
+    // Requests down to half the block's size reuse it; smaller or larger ones do not.
+    let near = Vec::<f32>::with_capacity(n - 1000);
+    assert_eq!(near.as_ptr(), at);
+    drop(near);
+    let half = Vec::<f32>::with_capacity(n / 2 + 1);
+    assert_eq!(half.as_ptr(), at);
+    drop(half);
+    let (third, larger) = (Vec::<f32>::with_capacity(n / 3), Vec::<f32>::with_capacity(n + n / 4));
+    assert!(third.as_ptr() != at && larger.as_ptr() != at);
+    drop((third, larger));
+
+    // Growing through the classes keeps the contents.
+    let mut grown: Vec<u32> = Vec::new();
+    for i in 0..(40 * MIB / 4) as u32 {
+        grown.push(i);
+    }
+    assert!(grown.iter().enumerate().all(|(i, &x)| x == i as u32));
+    drop(grown);
+
+    // The cache never holds more than its limit, however much is freed at once.
+    let blocks: Vec<Vec<u8>> = (0..(CACHE_LIMIT / (100 * MIB) + 2)).map(|_| Vec::with_capacity(100 * MIB)).collect();
+    drop(blocks);
+    assert!(cached_bytes() <= CACHE_LIMIT, "{} cached", cached_bytes());
+
+    let inner = ReuseScope::enter();
+    drop(inner);
+    assert!(cached_bytes() > 0, "an inner scope's end emptied an outer scope's cache");
+    drop(scope);
+    assert_eq!(cached_bytes(), 0, "the last scope's end did not free the cache");
+}
+
+#[test]
+fn threads_share_the_cache_without_mixing_blocks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let scope = ReuseScope::enter();
+    std::thread::scope(|s| {
+        for t in 0..4u32 {
+            s.spawn(move || {
+                for round in 0..200u32 {
+                    let words = MIB / 4 * (1 + ((t + round) % 5) as usize) + round as usize;
+                    let tag = t << 16 | round;
+                    let block = vec![tag; words];
+                    assert!(block.iter().all(|&x| x == tag), "thread {t} round {round}: block changed under it");
+                }
+            });
+        }
+    });
+    drop(scope);
+    assert_eq!(cached_bytes(), 0);
+}
+
+#[test]
+fn vectors_do_not_depend_on_reused_blocks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let engine = real_engine(Precision::Bf16);
+    let docs = docstrings(12);
+    let texts: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let request = Request { task: "document", dim: 768, truncate: true };
+
+    let (fresh, _) = engine.embed(&texts, &request, &never).unwrap();
+    assert_eq!(cached_bytes(), 0, "an engine call left blocks cached");
+
+    // Held across calls, the scope hands the second call the first call's dirty blocks.
+    let scope = ReuseScope::enter();
+    let (first, _) = engine.embed(&texts, &request, &never).unwrap();
+    assert!(cached_bytes() >= MIB, "the forward pass freed no large block into the cache");
+    let (reused, _) = engine.embed(&texts, &request, &never).unwrap();
+    drop(scope);
+    assert_eq!(first, fresh);
+    assert_eq!(reused, fresh, "vectors changed when computed in reused blocks");
+}
