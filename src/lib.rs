@@ -11,11 +11,17 @@ mod model;
 mod service;
 mod stats;
 mod supervisor;
+mod transaction_memory;
 mod triggers;
 mod vector;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
+
+/// PostgreSQL owns this process's malloc settings, so rather than retune glibc the engine's
+/// activations reuse freed blocks for the length of each call (see `ReusingAllocator`).
+#[global_allocator]
+static ALLOCATOR: embeddinggemma_engine::reuse_alloc::ReusingAllocator = embeddinggemma_engine::reuse_alloc::ReusingAllocator;
 
 pgrx::extension_sql_file!("../sql/embeddinggemma.sql", name = "embeddinggemma", finalize);
 

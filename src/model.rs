@@ -12,7 +12,7 @@ use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, M
 use pgrx::PgSqlErrorCode;
 
 use crate::errors::{raise, raise_engine, setup_hint};
-use crate::{cpu_slots, guc, service, worker};
+use crate::{cpu_slots, guc, service, transaction_memory, worker};
 
 /// The settings a loaded engine was built from; any change means a reload.
 #[derive(Clone, PartialEq, Eq)]
@@ -217,6 +217,7 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         let waiting = Instant::now();
         let slots = cpu_slots::acquire(want, total);
         let wait_time = waiting.elapsed();
+        transaction_memory::hold_until_transaction_end();
         let threads = slots.count();
         let (engine, task, texts) = (engine.clone(), task.to_string(), texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
         let result = worker::run(move |stop| {

@@ -511,3 +511,35 @@ fn a_64_mb_text_costs_what_a_2048_token_text_costs() {
     // The 64 MB argument itself is in the backend (twice, as text and as the repeat() result).
     assert!(peak <= 600.0, "peak RSS grew {peak:.0} MB");
 }
+
+/// RssAnon of the backend `pid`, in MB.
+fn anon_mb(pid: i32) -> f64 {
+    load::rss_anon_kb(pid).expect("backend status unreadable") as f64 / 1024.0
+}
+
+/// In-process calls keep their freed activation blocks for the rest of the transaction (so a
+/// row-by-row UPDATE faults them in once, not once per row) and give them back when it commits,
+/// rolls back or fails; an idle backend holds the model and not its activations.
+#[test]
+fn activation_memory_is_kept_for_the_transaction_and_returned_at_its_end() {
+    let mut c = connect();
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    // About 1,500 tokens: some 60 MB of activation blocks of 1 MiB and more.
+    let long = "SELECT vector_dims(embed(repeat('the quick brown fox jumps over the lazy dog ', 170)))";
+    c.batch_execute(long).unwrap(); // loads the model
+    c.batch_execute(long).unwrap(); // a statement of its own: its blocks go at its end
+    let idle = anon_mb(pid);
+    for end in ["COMMIT", "ROLLBACK", "SELECT 1/0"] {
+        c.batch_execute("BEGIN").unwrap();
+        c.batch_execute(long).unwrap();
+        let held = anon_mb(pid);
+        let ended = c.batch_execute(end);
+        assert_eq!(ended.is_err(), end == "SELECT 1/0");
+        // The client may see an ERROR before the backend has aborted; ROLLBACK's answer comes after.
+        c.batch_execute("ROLLBACK").unwrap();
+        let after = anon_mb(pid);
+        eprintln!("{end}: backend RssAnon idle {idle:.0} MB, in the transaction {held:.0} MB, after {after:.0} MB");
+        assert!(held > after + 30.0, "{end}: no activations kept in the transaction, or not returned at its end ({held:.0} MB, then {after:.0} MB)");
+        assert!(after < idle + 20.0, "{end}: memory outlived the transaction ({after:.0} MB, idle {idle:.0} MB)");
+    }
+}
