@@ -9,11 +9,14 @@ the engine's bench; with bf16 the client pipeline (d), a float32 yardstick, is l
 (b) CALL embeddinggemma_backfill('docs', 'body', 'v')       -- embed_batch per 256 rows, COMMIT each
 (c) UPDATE docs SET v = e.embedding FROM embed_batch(ids, bodies) e WHERE docs.id = e.id
 (d) a client pipeline: read rows, sentence-transformers (float32, batch 32), write back
-(e) the engine's own bench on the same texts, the yardstick for (a)-(c)
+(e) the engine's own bench on the same texts, the yardstick for (a)-(c): run before (a) and
+    after (c), the ratio taken to the mean of the two, so a machine whose speed drifts (shared
+    cores) moves the yardstick with the runs
 (f) write paths: INSERT … SELECT through the row trigger vs the statement trigger, on these
-    texts and on 1000 one-line sentences
+    texts and on 1000 one-line sentences (WRITE_PATHS=0 leaves them out)
 Each prints rows/s and tokens/s (real tokens, as embeddinggemma_stats() counts them).
 """
+import os
 import json
 import re
 import subprocess
@@ -69,6 +72,15 @@ def measure(name, sql_or_fn):
           f"forward_passes={passes} fill={fill:.3f}", flush=True)
 
 
+def engine_bench():
+    out = subprocess.run([engine_bin, "bench", "--model", model_dir, "--corpus", corpus, "--limit", str(n),
+                          "--threads", "2", "--dtype", dtype], capture_output=True, text=True, check=True).stdout
+    line = out.strip().splitlines()[-1]
+    print(f"(e) engine bench: {line}", flush=True)
+    return float(re.search(r"tokens_per_s=([0-9.]+)", line).group(1))
+
+
+engine_before = engine_bench()
 measure("(a) UPDATE docs SET v = embed(body)", "UPDATE docs SET v = embed(body)")
 measure("(b) CALL embeddinggemma_backfill", "CALL embeddinggemma_backfill('docs', 'body', 'v')")
 measure("(c) UPDATE … FROM embed_batch(ids, bodies)",
@@ -99,10 +111,8 @@ if dtype == "f32":
           f"tokens_per_s={tokens/dt:.0f}", flush=True)
     results.append(("(d) client pipeline", dt, tokens, None, None))
 
-out = subprocess.run([engine_bin, "bench", "--model", model_dir, "--corpus", corpus, "--limit", str(n),
-                      "--threads", "2", "--dtype", dtype], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-engine_tps = float(re.search(r"tokens_per_s=([0-9.]+)", out).group(1))
-print(f"(e) engine bench: {out}")
+engine_tps = (engine_before + engine_bench()) / 2
+print(f"    the engine, mean of both runs: {engine_tps:.0f} tokens/s")
 for name, dt, tok, _, _ in results:
     print(f"    {name}: {tok/dt/engine_tps:.2f} × the engine")
 
@@ -111,6 +121,8 @@ ROW_TRIGGER = ("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON w FOR EACH ROW "
                "EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')")
 STATEMENT_TRIGGER = ("CREATE TRIGGER e AFTER INSERT ON w REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
                      "EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v')")
+if os.environ.get("WRITE_PATHS", "1") == "0":
+    sys.exit(0)
 conn.execute("DROP TABLE IF EXISTS sentences")
 conn.execute("CREATE TABLE sentences AS SELECT g::bigint AS id, format('Sentence %s: the quick brown fox jumps over the lazy dog.', g) AS body "
              "FROM generate_series(1, 1000) g")
