@@ -3,8 +3,9 @@
 //! time, so every layer's activations were faulted in and zeroed again (about 3.5 µs a page
 //! here); in bf16, where the products are fast, that cost a backend's batches 10 %. While a
 //! `ReuseScope` is alive (each engine call holds one; a host may hold one longer, such as a
-//! transaction), freed blocks of 1 MiB and more are kept by size class for the next layer, pass
-//! or call; when the last scope ends they, and malloc's own free memory, go back to the system.
+//! transaction), freed blocks of 1 MiB and more are kept for the next layer, pass or call (the
+//! smallest that fits, else a smaller one grown); when the last scope ends they, and malloc's
+//! own free memory, go back to the system.
 //! Everything else, and everything outside a scope, goes straight to the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -24,9 +25,6 @@ const HEADER: usize = 16;
 /// Size classes per power of two: a new block is at most 12.5 % larger than asked.
 const STEPS_LOG2: u32 = 3;
 const CLASSES: usize = ((usize::BITS - MIN_CACHED_LOG2) << STEPS_LOG2) as usize;
-/// A request takes a cached block of its class or up to this many classes larger (at most
-/// twice its size), so texts of other lengths reuse the blocks earlier ones left.
-const FIT_CLASSES: usize = 1 << STEPS_LOG2;
 /// The most freed memory kept at once, as the CLI's malloc settings keep (512 MiB).
 pub const CACHE_LIMIT: usize = 512 << 20;
 
@@ -82,20 +80,31 @@ unsafe fn next_at(block: *mut u8) -> *mut *mut u8 {
     block.add(std::mem::size_of::<usize>()).cast()
 }
 
-/// A cached block for `size` bytes (its own class or up to FIT_CLASSES larger), or null.
+/// A cached block for `size` bytes, or null: the smallest that holds it, else the largest
+/// smaller one grown in place or moved (its pages stay resident; only the growth faults in).
+/// Passes of other lengths thus reuse what earlier ones left, as a heap would.
 fn take(size: usize) -> *mut u8 {
     let first = class_of(size);
     let mut cache = lock();
-    for class in first..(first + FIT_CLASSES).min(CLASSES) {
-        let block = cache.heads[class];
-        if !block.is_null() {
-            // SAFETY: a cached block's header holds the next block of its list.
-            cache.heads[class] = unsafe { next_at(block).read() };
-            cache.bytes -= class_bytes(class);
-            return unsafe { block.add(HEADER) };
-        }
+    let found = (first..CLASSES).chain((0..first).rev()).find(|&class| !cache.heads[class].is_null());
+    let Some(class) = found else { return ptr::null_mut() };
+    let block = cache.heads[class];
+    // SAFETY: a cached block's header holds the next block of its list.
+    cache.heads[class] = unsafe { next_at(block).read() };
+    cache.bytes -= class_bytes(class);
+    drop(cache);
+    if class >= first {
+        return unsafe { block.add(HEADER) };
     }
-    ptr::null_mut()
+    // SAFETY: the block is ours alone now, mapped with block_layout(class).
+    unsafe {
+        let grown = remap(block, block_layout(class), block_layout(first));
+        if grown.is_null() {
+            return grown;
+        }
+        grown.cast::<usize>().write(first);
+        grown.add(HEADER)
+    }
 }
 
 /// A new block of `size`'s class, its header written: mapped directly, so it comes zeroed and
@@ -123,6 +132,24 @@ unsafe fn map(layout: Layout) -> *mut u8 {
 #[cfg(unix)]
 unsafe fn unmap(block: *mut u8, layout: Layout) {
     libc::munmap(block.cast(), layout.size());
+}
+
+/// Grows a mapped block (moving it if need be); null if it cannot, the block then unmapped.
+#[cfg(target_os = "linux")]
+unsafe fn remap(block: *mut u8, old: Layout, new: Layout) -> *mut u8 {
+    match libc::mremap(block.cast(), old.size(), new.size(), libc::MREMAP_MAYMOVE) {
+        libc::MAP_FAILED => {
+            unmap(block, old);
+            ptr::null_mut()
+        }
+        grown => grown.cast(),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+unsafe fn remap(block: *mut u8, old: Layout, _new: Layout) -> *mut u8 {
+    unmap(block, old);
+    ptr::null_mut()
 }
 
 #[cfg(not(unix))]

@@ -1,6 +1,6 @@
 //! The reusing global allocator, installed as a PostgreSQL backend installs it: freed large
-//! blocks are reused inside a scope (also dirty, also by other threads) and all returned when it
-//! ends, nothing is kept outside one, and the real model's vectors are bit for bit the same
+//! blocks are reused inside a scope (also dirty, also by other threads, also grown for larger
+//! requests) and all returned when it ends, nothing is kept outside one, and the real model's vectors are bit for bit the same
 //! whether its activations land in fresh or reused blocks.
 
 mod common;
@@ -37,16 +37,17 @@ fn large_blocks_are_reused_only_inside_a_scope() {
     assert!(zeroed.iter().all(|&x| x == 0.0), "a reused block handed out as zeroed was not");
     drop(zeroed);
 
-    // Requests down to half the block's size reuse it; smaller or larger ones do not.
-    let near = Vec::<f32>::with_capacity(n - 1000);
-    assert_eq!(near.as_ptr(), at);
-    drop(near);
-    let half = Vec::<f32>::with_capacity(n / 2 + 1);
-    assert_eq!(half.as_ptr(), at);
-    drop(half);
-    let (third, larger) = (Vec::<f32>::with_capacity(n / 3), Vec::<f32>::with_capacity(n + n / 4));
-    assert!(third.as_ptr() != at && larger.as_ptr() != at);
-    drop((third, larger));
+    // A smaller request takes the cached block too; a larger one grows it rather than leaving
+    // it cached and mapping another.
+    let smaller = Vec::<f32>::with_capacity(n / 3);
+    assert_eq!(smaller.as_ptr(), at);
+    drop(smaller);
+    let cached = cached_bytes();
+    let larger = vec![2.0f32; 2 * n];
+    assert_eq!(cached_bytes(), 0, "a larger request left the {cached} cached bytes unused");
+    assert!(larger.iter().all(|&x| x == 2.0));
+    drop(larger);
+    assert!(cached_bytes() >= 6 * MIB);
 
     // Growing through the classes keeps the contents.
     let mut grown: Vec<u32> = Vec::new();
