@@ -19,7 +19,8 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 /// PostgreSQL owns this process's malloc settings, so rather than retune glibc the engine's
-/// activations reuse freed blocks for the length of each call (see `ReusingAllocator`).
+/// activations reuse freed blocks while a call or its transaction lasts (see `ReusingAllocator`
+/// and `transaction_memory`).
 #[global_allocator]
 static ALLOCATOR: embeddinggemma_engine::reuse_alloc::ReusingAllocator = embeddinggemma_engine::reuse_alloc::ReusingAllocator;
 

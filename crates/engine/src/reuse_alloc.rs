@@ -220,7 +220,8 @@ impl Drop for ReuseScope {
     }
 }
 
-fn trim_malloc() {
+/// Hands malloc's free heap pages back to the system (glibc; elsewhere nothing).
+pub(crate) fn trim_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {

@@ -49,11 +49,7 @@ impl RmsNorm {
 /// stacked weights) to the system: the engine keeps freed memory on the heap for reuse, so
 /// without this they would stay resident for the life of the process.
 pub fn release_load_transients() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::reuse_alloc::trim_malloc();
 }
 
 /// A bias-free linear layer, weight stored [out, in] as in the checkpoint.

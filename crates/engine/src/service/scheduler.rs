@@ -110,7 +110,8 @@ impl Scheduler {
         loop {
             let idle = active.is_empty();
             if idle {
-                release_free_memory();
+                // Hands freed activations back to the system when the queue runs dry.
+                crate::reuse_alloc::trim_malloc();
             }
             let window = if idle { self.batch_wait } else { Duration::ZERO };
             active.extend(self.queue.take(idle, window).into_iter().map(Active::new));
@@ -216,14 +217,5 @@ impl Scheduler {
             self.metrics.withdrawn();
         }
         true
-    }
-}
-
-/// Hands freed activations back to the system when the queue runs dry.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
