@@ -119,16 +119,28 @@ fn keep_large_allocations_on_heap() {
 }
 
 /// candle 0.11 runs large elementwise ops on a process-wide pool of its own, started on first
-/// use with one thread per core and kept for the process's life. A host process that gives
-/// the engine its own pool (a PostgreSQL backend) must not get those idle threads, so unless
-/// the operator set CANDLE_NUM_THREADS, the pool is made empty: those ops then run on the
-/// calling thread, and the matrix products and attention still run on the caller's pool.
-fn no_candle_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Called while loading, before any candle op; nothing else reads the environment then.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+/// use with one thread per core (or `CANDLE_NUM_THREADS`) and kept for the process's life. A
+/// host process that gives the engine its own pool (a PostgreSQL backend) must not get those
+/// idle threads: this makes the pool empty unless the operator set `CANDLE_NUM_THREADS`, so
+/// those ops run on the calling thread (the matrix products and attention still run on the
+/// caller's pool).
+///
+/// # Safety
+/// It writes the process environment: call it while the process has one thread (PostgreSQL's
+/// `_PG_init`), before any thread that might read the environment exists. Returns whether it
+/// set the variable (so that a host can leave it out of the environment of processes that
+/// keep threads of their own, such as `embeddinggemma serve`).
+pub unsafe fn confine_candle_threads() -> bool {
+    if std::env::var_os(CANDLE_THREADS).is_some() {
+        return false;
     }
+    // SAFETY: per this function's contract, no other thread exists.
+    unsafe { std::env::set_var(CANDLE_THREADS, "1") };
+    true
 }
+
+/// candle's environment variable for the size of its pool.
+pub const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
 
 impl Engine {
     /// Verifies the checksums, then loads config, tokenizer and weights from a
@@ -141,9 +153,6 @@ impl Engine {
         let started = Instant::now();
         if options.tune_allocator {
             keep_large_allocations_on_heap();
-        }
-        if !options.own_thread_pool {
-            no_candle_threads();
         }
         let dir = dir.canonicalize().map_err(|e| Error::file(dir, e))?;
         if options.max_batch_tokens == 0 {
@@ -264,14 +273,20 @@ impl Engine {
 
     /// The buckets `embed` would run for texts of these token counts (of one window).
     pub fn plan(&self, lengths: &[usize]) -> Plan {
-        let memory = MemoryModel { threads: self.info.threads, ..self.memory };
-        self.plan_with(lengths, &memory).unwrap_or_else(|p| p)
+        self.plan_tokens(lengths, self.info.max_batch_tokens)
     }
 
-    fn plan_with(&self, lengths: &[usize], memory: &MemoryModel) -> std::result::Result<Plan, Plan> {
+    /// `plan` with passes of at most `max_tokens` tokens (and `max_batch_tokens`): smaller
+    /// passes for work that must yield to other work soon.
+    pub fn plan_tokens(&self, lengths: &[usize], max_tokens: usize) -> Plan {
+        let memory = MemoryModel { threads: self.info.threads, ..self.memory };
+        self.plan_with(lengths, &memory, max_tokens.min(self.info.max_batch_tokens)).unwrap_or_else(|p| p)
+    }
+
+    fn plan_with(&self, lengths: &[usize], memory: &MemoryModel, max_tokens: usize) -> std::result::Result<Plan, Plan> {
         let budget = self.max_memory.saturating_sub(CALL_OVERHEAD_BYTES);
         let fits = |size: usize, len: usize| memory.pass_bytes(size, len) <= budget;
-        planner::plan_within(lengths, self.info.max_batch_tokens, self.info.max_batch_size, &fits)
+        planner::plan_within(lengths, max_tokens.max(1), self.info.max_batch_size, &fits)
     }
 
     /// Token positions a pass computes for `real` tokens planned as `padded`: the CPU kernels
@@ -398,7 +413,7 @@ impl Engine {
 
         let lengths: Vec<usize> = tokenized.iter().map(|t| t.ids.len()).collect();
         let memory = MemoryModel { threads: rayon::current_num_threads(), ..self.memory };
-        let plan = self.plan_with(&lengths, &memory).map_err(|plan| {
+        let plan = self.plan_with(&lengths, &memory, self.info.max_batch_tokens).map_err(|plan| {
             let bucket = &plan.buckets[0];
             Error::InvalidOption(format!(
                 "text {} ({} tokens) needs about {} MiB for its forward pass, more than the memory limit of {} MiB",

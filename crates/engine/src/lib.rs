@@ -19,7 +19,7 @@ mod tokenize;
 mod weights;
 
 pub use chunk::{Chunk, Chunker};
-pub use engine::{Engine, EngineInfo, WINDOW_TEXTS};
+pub use engine::{confine_candle_threads, Engine, EngineInfo, CANDLE_THREADS, WINDOW_TEXTS};
 pub use error::{Error, Result};
 pub use manifest::{sha256_file, Manifest};
 pub use options::{

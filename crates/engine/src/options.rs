@@ -95,7 +95,8 @@ pub struct EngineOptions {
     pub max_memory: usize,
     /// Keep a pool of `threads` threads for `embed` for the engine's life (the CLI). Off, `embed`
     /// starts its threads per call and joins them before returning, so an idle process holds
-    /// none; `embed_in` always runs on the caller's pool.
+    /// none (with candle's own pool confined by the host: `confine_candle_threads`); `embed_in`
+    /// always runs on the caller's pool.
     pub own_thread_pool: bool,
     /// Tune glibc's malloc for repeated large activations (mmap and trim thresholds at
     /// 512 MiB). Process-wide, so off by default: a host such as PostgreSQL keeps its settings.

@@ -39,6 +39,14 @@ unsafe impl Send for Cache {}
 
 static CACHE: Mutex<Cache> = Mutex::new(Cache { heads: [ptr::null_mut(); CLASSES], bytes: 0 });
 static SCOPES: AtomicUsize = AtomicUsize::new(0);
+static GIVE_BACK_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// For tests: a function every free of a large block calls before it takes the cache's lock,
+/// to hold a free there while a scope ends.
+#[doc(hidden)]
+pub fn set_give_back_hook(hook: Option<fn()>) {
+    GIVE_BACK_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
+}
 
 fn lock() -> std::sync::MutexGuard<'static, Cache> {
     CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -80,13 +88,19 @@ unsafe fn next_at(block: *mut u8) -> *mut *mut u8 {
     block.add(std::mem::size_of::<usize>()).cast()
 }
 
-/// A cached block for `size` bytes, or null: the smallest that holds it, else the largest
-/// smaller one grown in place or moved (its pages stay resident; only the growth faults in).
-/// Passes of other lengths thus reuse what earlier ones left, as a heap would.
+/// Classes above a request's that may serve it: blocks up to twice its size. A larger block
+/// would hold idle memory for the request's life (a 1 MiB buffer in a 1 GiB block).
+const LARGER_CLASSES: usize = 1 << STEPS_LOG2;
+
+/// A cached block for `size` bytes, or null: the smallest that holds it (at most twice as
+/// large), else the largest smaller one grown in place or moved (its pages stay resident; only
+/// the growth faults in). Passes of other lengths thus reuse what earlier ones left, as a heap
+/// would.
 fn take(size: usize) -> *mut u8 {
     let first = class_of(size);
     let mut cache = lock();
-    let found = (first..CLASSES).chain((0..first).rev()).find(|&class| !cache.heads[class].is_null());
+    let larger = first..(first + LARGER_CLASSES + 1).min(CLASSES);
+    let found = larger.chain((0..first).rev()).find(|&class| !cache.heads[class].is_null());
     let Some(class) = found else { return ptr::null_mut() };
     let block = cache.heads[class];
     // SAFETY: a cached block's header holds the next block of its list.
@@ -162,29 +176,30 @@ unsafe fn unmap(block: *mut u8, layout: Layout) {
     System.dealloc(block, layout)
 }
 
-/// Keeps a freed block if a scope is alive and the cache has room, else frees it.
+/// Keeps a freed block if a scope is alive and the cache has room, else frees it. The scope
+/// count is read under the cache's lock, under which the last scope's end empties the cache:
+/// no block is kept once no scope is alive.
 unsafe fn give_back(user: *mut u8) {
     let block = user.sub(HEADER);
     let class = class_at(user);
-    if SCOPES.load(Ordering::Acquire) > 0 {
-        let mut cache = lock();
-        if cache.bytes + class_bytes(class) <= CACHE_LIMIT {
-            next_at(block).write(cache.heads[class]);
-            cache.heads[class] = block;
-            cache.bytes += class_bytes(class);
-            return;
-        }
+    let hook = GIVE_BACK_HOOK.load(Ordering::Acquire);
+    if hook != 0 {
+        // SAFETY: only `set_give_back_hook` stores here, and only `fn()` pointers.
+        unsafe { std::mem::transmute::<usize, fn()>(hook)() };
     }
+    let mut cache = lock();
+    if SCOPES.load(Ordering::Acquire) > 0 && cache.bytes + class_bytes(class) <= CACHE_LIMIT {
+        next_at(block).write(cache.heads[class]);
+        cache.heads[class] = block;
+        cache.bytes += class_bytes(class);
+        return;
+    }
+    drop(cache);
     unmap(block, block_layout(class));
 }
 
-/// Frees every cached block.
-fn release() {
-    let heads = {
-        let mut cache = lock();
-        cache.bytes = 0;
-        std::mem::replace(&mut cache.heads, [ptr::null_mut(); CLASSES])
-    };
+/// Frees the blocks of detached lists.
+fn release(heads: [*mut u8; CLASSES]) {
     for (class, mut block) in heads.into_iter().enumerate() {
         while !block.is_null() {
             // SAFETY: as in `take`; the lists were detached above, so no one else sees them.
@@ -213,8 +228,15 @@ impl ReuseScope {
 
 impl Drop for ReuseScope {
     fn drop(&mut self) {
-        if SCOPES.fetch_sub(1, Ordering::AcqRel) == 1 {
-            release();
+        let detached = {
+            let mut cache = lock();
+            (SCOPES.fetch_sub(1, Ordering::AcqRel) == 1).then(|| {
+                cache.bytes = 0;
+                std::mem::replace(&mut cache.heads, [ptr::null_mut(); CLASSES])
+            })
+        };
+        if let Some(heads) = detached {
+            release(heads);
             trim_malloc();
         }
     }

@@ -37,9 +37,9 @@ fn large_blocks_are_reused_only_inside_a_scope() {
     assert!(zeroed.iter().all(|&x| x == 0.0), "a reused block handed out as zeroed was not");
     drop(zeroed);
 
-    // A smaller request takes the cached block too; a larger one grows it rather than leaving
-    // it cached and mapping another.
-    let smaller = Vec::<f32>::with_capacity(n / 3);
+    // A smaller request takes the cached block too, if at least half its size; a larger one
+    // grows it rather than leaving it cached and mapping another.
+    let smaller = Vec::<f32>::with_capacity(2 * n / 3);
     assert_eq!(smaller.as_ptr(), at);
     drop(smaller);
     let cached = cached_bytes();
@@ -108,4 +108,55 @@ fn vectors_do_not_depend_on_reused_blocks() {
     drop(scope);
     assert_eq!(first, fresh);
     assert_eq!(reused, fresh, "vectors changed when computed in reused blocks");
+}
+
+#[test]
+fn a_small_request_does_not_take_a_much_larger_block() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let scope = ReuseScope::enter();
+    drop(Vec::<u8>::with_capacity(64 * MIB));
+    let cached = cached_bytes();
+    assert!(cached >= 64 * MIB);
+    let small = Vec::<u8>::with_capacity(MIB);
+    assert_eq!(cached_bytes(), cached, "a 1 MiB request took the 64 MiB block");
+    drop(small);
+    // Up to twice its size, a cached block serves.
+    drop(scope);
+    let scope = ReuseScope::enter();
+    drop(Vec::<u8>::with_capacity(2 * MIB));
+    let half = Vec::<u8>::with_capacity(MIB + MIB / 8);
+    assert_eq!(cached_bytes(), 0, "a request of over half a cached block's size did not take it");
+    drop(half);
+    drop(scope);
+    assert_eq!(cached_bytes(), 0);
+}
+
+static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static GO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Holds the first free that reaches it until GO.
+fn pause_once() {
+    embeddinggemma_engine::reuse_alloc::set_give_back_hook(None);
+    PAUSED.store(true, std::sync::atomic::Ordering::SeqCst);
+    while !GO.load(std::sync::atomic::Ordering::SeqCst) {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn no_block_stays_cached_after_the_last_scope_even_when_a_free_races_its_end() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let scope = ReuseScope::enter();
+    let block = vec![7u8; 2 * MIB];
+    embeddinggemma_engine::reuse_alloc::set_give_back_hook(Some(pause_once));
+    // A free, held on its way to the cache while the last scope ends.
+    let freeing = std::thread::spawn(move || drop(block));
+    while !PAUSED.load(SeqCst) {
+        std::hint::spin_loop();
+    }
+    drop(scope);
+    GO.store(true, SeqCst);
+    freeing.join().unwrap();
+    assert_eq!(cached_bytes(), 0, "a block freed as the last scope ended stayed cached");
 }

@@ -1,5 +1,6 @@
 //! `embeddinggemma serve` on the tiny model: results equal to in-process `embed`, batching
-//! across connections, withdrawal, fairness, errors, the socket and the process's lifetime.
+//! across connections, withdrawal, fairness, errors, the socket and the process's lifetime; a
+//! failed load tried again, draining, model settings checked per request, bounded chunking.
 
 mod common;
 
@@ -30,8 +31,7 @@ fn socket_path() -> PathBuf {
 fn start(options: ServeOptions, engine: EngineOptions) -> PathBuf {
     let path = socket_path();
     let listener = service::bind(&path).unwrap();
-    let engine = Engine::load(&data("tiny/model"), &engine);
-    std::thread::spawn(move || service::serve(listener, engine, options));
+    service::start(listener, move || Engine::load(&data("tiny/model"), &engine), options).unwrap();
     path
 }
 
@@ -128,7 +128,7 @@ fn a_withdrawn_request_runs_no_forward_pass() {
     let options = ServeOptions { batch_wait: Duration::from_millis(300), ..ServeOptions::default() };
     let path = start(options, engine_options());
     let mut leaving = connect(&path);
-    leaving.send_embed("document", 48, true, &texts("withdrawn", 50)).unwrap();
+    leaving.send_embed("document", 48, true, "", false, &texts("withdrawn", 50)).unwrap();
     assert!(leaving.poll_reply(Duration::ZERO).is_none());
     wait_for(&path, "the request to be queued", |s| s["queue"]["requests"] == 1);
     drop(leaving);
@@ -148,7 +148,7 @@ fn a_huge_request_does_not_starve_a_small_one() {
     let engine = Engine::load(&data("tiny/model"), &engine_options()).unwrap();
     let huge = texts("bulk", 5_000);
     let mut big = connect(&path);
-    big.send_embed("document", 48, true, &huge).unwrap();
+    big.send_embed("document", 48, true, "", false, &huge).unwrap();
     let mut big_reply = None;
     // Sending takes polls too; wait until the huge request is under way.
     while stats(&path)["forward_passes"].as_u64() == Some(0) {
@@ -178,13 +178,13 @@ fn a_full_queue_holds_new_requests_back_while_stats_get_through() {
     let options = ServeOptions { max_queue_texts: 300, ..ServeOptions::default() };
     let path = start(options, EngineOptions { max_batch_tokens: 256, ..engine_options() });
     let mut big = connect(&path);
-    big.send_embed("document", 48, true, &texts("bulk", 300)).unwrap();
+    big.send_embed("document", 48, true, "", false, &texts("bulk", 300)).unwrap();
     // Polling sends the request too.
     while stats(&path)["forward_passes"].as_u64() == Some(0) {
         assert!(big.poll_reply(Duration::from_millis(5)).is_none());
     }
     let mut small = connect(&path);
-    small.send_embed("query", 48, true, &["small".to_string()]).unwrap();
+    small.send_embed("query", 48, true, "", false, &["small".to_string()]).unwrap();
     let deadline = Instant::now() + T;
     let (mut big_done, mut small_done) = (None, None);
     while big_done.is_none() || small_done.is_none() {
@@ -216,11 +216,11 @@ fn requests_wait_for_the_model_to_load() {
         gate.recv().unwrap();
         Engine::load(&data("tiny/model"), &engine_options())
     };
-    std::thread::spawn(move || service::serve_loading(listener, load, ServeOptions::default()));
+    service::start(listener, load, ServeOptions::default()).unwrap();
     let s = stats(&path);
     assert_eq!((s["loading"].as_bool(), s["ready"].as_bool()), (Some(true), Some(false)), "{s:#}");
     let mut client = connect(&path);
-    client.send_embed("query", 48, true, &["early".to_string()]).unwrap();
+    client.send_embed("query", 48, true, "", false, &["early".to_string()]).unwrap();
     assert!(client.poll_reply(Duration::from_millis(50)).is_none());
     release.send(()).unwrap();
     let got = client.poll_reply(T).expect("a reply once loaded").unwrap();
@@ -390,9 +390,199 @@ fn the_binary_reports_a_model_it_cannot_verify() {
     let e = client.embed("query", 48, true, &["x".to_string()], T).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Checksum, "{e}");
     let s: Value = serde_json::from_str(&client.stats(T).unwrap()).unwrap();
-    assert_eq!(s["load_error"].as_str(), Some(e.message.as_str()));
+    let reason = s["load_error"].as_str().unwrap().to_string();
+    assert!(e.message.starts_with(&reason), "{e} / {reason}");
+    assert!(e.message.contains("tries again within"), "{e}");
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&e.message));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&reason));
+}
+
+/// A load that fails until `available` is set, then loads the tiny model.
+fn load_when(available: &Arc<std::sync::atomic::AtomicBool>) -> impl Fn() -> embeddinggemma_engine::Result<Engine> + Send + 'static {
+    let available = available.clone();
+    move || {
+        let dir = if available.load(std::sync::atomic::Ordering::SeqCst) { data("tiny/model") } else { PathBuf::from("/nonexistent/model") };
+        Engine::load(&dir, &engine_options())
+    }
+}
+
+#[test]
+fn a_failed_load_is_tried_again_with_backoff_and_at_once_when_asked() {
+    for asked in [true, false] {
+        let available = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = socket_path();
+        let service = service::start(service::bind(&path).unwrap(), load_when(&available), ServeOptions::default()).unwrap();
+        let e = connect(&path).embed("query", 48, true, &["x".to_string()], T).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::ModelFile, "{e}");
+        assert!(e.message.contains("tries again within"), "{e}");
+        let s = wait_for(&path, "a failed load", |s| s["load_attempts"].as_u64() >= Some(1) && s["next_attempt_s"].is_number());
+        assert_eq!(s["ready"], false);
+        available.store(true, std::sync::atomic::Ordering::SeqCst);
+        let fixed = Instant::now();
+        if asked {
+            service.retry_load();
+        }
+        wait_for(&path, "the model once its files are there", |s| s["ready"] == true);
+        eprintln!("loaded {:?} after the files came ({})", fixed.elapsed(), if asked { "asked" } else { "backoff" });
+        assert_eq!(connect(&path).embed("query", 48, true, &["x".to_string()], T).unwrap().len(), 1);
+    }
+}
+
+/// Sends `busy`'s request (a client sends while it polls) until the service has it queued.
+fn in_progress(path: &Path, busy: &mut Client) {
+    let deadline = Instant::now() + T;
+    while stats(path)["queue"]["texts"].as_u64() == Some(0) {
+        assert!(busy.poll_reply(Duration::from_millis(5)).is_none(), "answered before it was seen queued");
+        assert!(Instant::now() < deadline, "the request never reached the queue");
+    }
+}
+
+#[test]
+fn draining_finishes_the_requests_in_hand_and_refuses_new_ones() {
+    let path = socket_path();
+    let engine = engine_options();
+    let service = service::start(service::bind(&path).unwrap(), move || Engine::load(&data("tiny/model"), &engine), ServeOptions::default()).unwrap();
+    let mut busy = connect(&path);
+    let bulk = texts("bulk", 3000);
+    busy.send_embed("document", 48, true, "", false, &bulk).unwrap();
+    in_progress(&path, &mut busy);
+    service.drain();
+    let e = connect(&path).embed("query", 48, true, &["late".to_string()], T).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains("restarting"), "{e}");
+    assert_eq!(stats(&path)["draining"], true);
+    let done = busy.poll_reply(T * 4).expect("the request in hand is answered").unwrap();
+    assert_eq!(done.len(), bulk.len());
+    let drained = std::thread::spawn(move || service.wait_drained());
+    let deadline = Instant::now() + T;
+    while !drained.is_finished() {
+        assert!(Instant::now() < deadline, "the service never drained");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn requests_naming_other_model_settings_are_refused() {
+    let options = ServeOptions { model_key: "model_path=/m\ndtype=f32".into(), ..ServeOptions::default() };
+    let path = start(options, engine_options());
+    let mut client = connect(&path);
+    let one = ["text".to_string()];
+    client.send_embed("query", 48, true, "model_path=/m\ndtype=bf16", false, &one).unwrap();
+    let e = client.poll_reply(T).unwrap().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ModelMismatch, "{e}");
+    client.send_chunk("some text", "query", 48, 8, "model_path=/other\ndtype=f32").unwrap();
+    assert_eq!(client.poll_chunks(T).unwrap().unwrap_err().kind, ErrorKind::ModelMismatch);
+    for model in ["model_path=/m\ndtype=f32", ""] {
+        client.send_embed("query", 48, true, model, false, &one).unwrap();
+        assert_eq!(client.poll_reply(T).unwrap().unwrap().len(), 1, "{model:?}");
+    }
+}
+
+#[test]
+fn chunk_requests_run_on_at_most_chunk_workers_at_once() {
+    let workers = 2;
+    let path = start(ServeOptions { chunk_workers: workers, ..ServeOptions::default() }, engine_options());
+    let engine = Engine::load(&data("tiny/model"), &engine_options()).unwrap();
+    let long = "Sentences of a longer text, cut into many chunks. ".repeat(8000);
+    let expected = engine.chunk(&long, "document", 48, 8, &never).unwrap();
+    let barrier = Arc::new(Barrier::new(6));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (path, long, barrier) = (path.clone(), long.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = connect(&path);
+                barrier.wait();
+                c.chunk(&long, "document", 48, 8, T * 4).unwrap()
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), expected);
+    }
+    let s = stats(&path);
+    let peak = s["chunking"]["peak"].as_u64().unwrap();
+    eprintln!("6 concurrent chunk requests, {workers} workers: at most {peak} at once");
+    assert!((1..=workers as u64).contains(&peak), "{s:#}");
+}
+
+/// A copy of the tiny model's directory at `to`.
+fn copy_tiny_model(to: &Path) {
+    for entry in walk(&data("tiny/model")) {
+        let rel = entry.strip_prefix(data("tiny/model")).unwrap();
+        std::fs::create_dir_all(to.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(&entry, to.join(rel)).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p)
+            } else {
+                vec![p]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn the_binary_loads_again_on_sighup_and_drains_then_exits_on_sigusr1() {
+    let path = socket_path();
+    let home = tempfile::tempdir().unwrap();
+    let model = home.path().join("model");
+    let mut command = serve_command(&path, &data("tiny/SHA256SUMS"));
+    command.args(["--model"]).arg(&model);
+    let mut child = command.spawn().unwrap();
+    let mut client = wait_connect(&path, &mut child);
+    let e = client.embed("query", 48, true, &["x".to_string()], T).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ModelFile, "{e}");
+    copy_tiny_model(&model);
+    // SAFETY: signals our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    wait_for(&path, "the model after SIGHUP", |s| s["ready"] == true);
+    let mut busy = connect(&path);
+    busy.send_embed("document", 48, true, "", false, &texts("bulk", 3000)).unwrap();
+    in_progress(&path, &mut busy);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    wait_for(&path, "draining", |s| s["draining"] == true);
+    assert_eq!(connect(&path).embed("query", 48, true, &["late".to_string()], T).unwrap_err().kind, ErrorKind::Unavailable);
+    assert_eq!(busy.poll_reply(T * 4).expect("answered while draining").unwrap().len(), 3000);
+    let deadline = Instant::now() + T;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the drained service did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn interactive_requests_overtake_a_background_backlog() {
+    let path = start(ServeOptions::default(), engine_options());
+    let mut backlog = connect(&path);
+    let bulk = texts("backlog", 20_000);
+    backlog.send_embed("document", 48, true, "", true, &bulk).unwrap();
+    in_progress(&path, &mut backlog);
+    // Search queries while the backlog drains: each is answered before the backlog is.
+    let mut query = connect(&path);
+    for i in 0..5 {
+        let started = Instant::now();
+        let got = query.embed("query", 48, true, &[format!("query {i}")], T).unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(backlog.poll_reply(Duration::ZERO).is_none(), "query {i} waited for the whole backlog ({:?})", started.elapsed());
+    }
+    let done = backlog.poll_reply(T * 4).expect("the backlog is answered").unwrap();
+    assert_eq!(done.len(), bulk.len());
+    let s = stats(&path);
+    eprintln!("background: {:#}", s["background"]);
+    assert_eq!(s["background"]["texts"], 20_000);
+    assert_eq!(s["background"]["requests"], 1);
 }

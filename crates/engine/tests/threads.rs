@@ -40,6 +40,9 @@ fn blocked_signals() -> u64 {
 
 #[test]
 fn no_idle_threads_and_signals_blocked_from_birth() {
+    // As a host does at start (PostgreSQL's _PG_init): this binary's one test runs it before
+    // anything else reads the environment.
+    unsafe { embeddinggemma_engine::confine_candle_threads() };
     let before = thread_count();
     let engine = Engine::load(&data("tiny/model"), &tiny_options()).unwrap();
     assert_eq!(thread_count(), before, "load started threads");

@@ -22,8 +22,10 @@ const USAGE: &str = "usage:
       embeds the corpus and ends with one line of throughput figures
   embeddinggemma serve --model DIR --socket PATH [--checksums FILE] [--device …] [--dtype …] [--threads N]
                        [--max-batch-tokens N] [--max-memory-mb N] [--batch-wait-ms N] [--max-queue-texts N] [--max-queue-mb N]
+                       [--model-key KEY]
       loads the model once and serves embed and chunk requests on a Unix socket (mode 0600) until stdin
-      closes, the parent dies or SIGTERM";
+      closes, the parent dies or SIGTERM; a failed load is tried again (SIGHUP: now); SIGUSR1 drains and
+      exits; with --model-key, requests naming other model settings are refused";
 
 struct Args {
     command: String,
@@ -92,9 +94,13 @@ fn parse_args() -> Result<Args, String> {
             "--batch-wait-ms" => args.serve.batch_wait = std::time::Duration::from_millis(value(&flag, it.next())?),
             "--max-queue-texts" => args.serve.max_queue_texts = value(&flag, it.next())?,
             "--max-queue-mb" => args.serve.max_queue_bytes = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
+            "--model-key" => args.serve.model_key = value(&flag, it.next())?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other:?}")),
         }
+    }
+    if args.options.threads > 0 {
+        args.serve.chunk_workers = args.options.threads;
     }
     Ok(args)
 }
@@ -201,11 +207,16 @@ fn bench(engine: &Engine, args: &Args) -> Result<(), String> {
 }
 
 /// Listens first, then loads (callers wait for the load); a model that fails to load is
-/// reported to every caller.
+/// reported to every caller and tried again. Signals, taken on the main thread (blocked in
+/// every other, which inherit the mask): SIGHUP tries a failed load again now; SIGUSR1 drains
+/// (finishes what was asked, refuses new requests) and exits, for a replacement that binds the
+/// socket path anew; SIGTERM and SIGINT exit.
 fn serve(args: Args, model: PathBuf) -> Result<(), String> {
+    let signals = block_signals(&[libc::SIGHUP, libc::SIGUSR1, libc::SIGTERM, libc::SIGINT]);
     let socket = args.socket.as_ref().ok_or("serve needs --socket PATH")?;
     let listener = service::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    service::exit_with_parent(socket);
+    let file = service::SocketFile::of(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    service::exit_with_parent(file.clone());
     eprintln!("embeddinggemma serve: listening on {}", socket.display());
     let options = args.options;
     let load = move || {
@@ -215,7 +226,45 @@ fn serve(args: Args, model: PathBuf) -> Result<(), String> {
         }
         engine
     };
-    service::serve_loading(listener, load, args.serve).map_err(|e| e.to_string())
+    let service = service::start(listener, load, args.serve).map_err(|e| e.to_string())?;
+    loop {
+        let mut signal = 0;
+        // SAFETY: waits for one of the signals blocked above.
+        if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
+            continue;
+        }
+        match signal {
+            libc::SIGHUP => service.retry_load(),
+            libc::SIGUSR1 => {
+                eprintln!("embeddinggemma serve: draining");
+                let service = service.clone();
+                std::thread::spawn(move || {
+                    service.drain();
+                    service.wait_drained();
+                    eprintln!("embeddinggemma serve: drained; exiting");
+                    std::process::exit(0);
+                });
+            }
+            _ => {
+                file.remove_if_ours();
+                std::process::exit(0);
+            }
+        }
+    }
+}
+
+/// Blocks `signals` in this thread (and the threads it starts); returns the set for sigwait.
+fn block_signals(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: a sigset built with the libc calls, then set as this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
 }
 
 fn log_loaded(engine: &Engine) {

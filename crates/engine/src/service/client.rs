@@ -78,13 +78,37 @@ pub struct Client {
     broken: Option<ServiceError>,
 }
 
+/// The outcome of a connection attempt that must not block.
+pub enum Opened {
+    Connected(Client),
+    /// The service's backlog is full: try again shortly.
+    Busy,
+}
+
 impl Client {
-    /// Connects to the service's socket. A Unix socket connects at once or fails at once (no
-    /// service listening); `timeout` bounds the blocking `stats`/`ping` of this client.
+    /// Connects to the service's socket and checks that it answers, waiting at most `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ServiceError> {
-        let stream = UnixStream::connect(path).map_err(|e| unavailable(format!("cannot connect to {}: {e}", path.display())))?;
-        stream.set_nonblocking(true).map_err(unavailable)?;
-        let mut client = Client {
+        let deadline = Instant::now() + timeout;
+        let mut client = loop {
+            match Client::open(path)? {
+                Opened::Connected(c) => break c,
+                Opened::Busy if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Opened::Busy => return Err(unavailable(format!("{} accepts no connection", path.display()))),
+            }
+        };
+        client.ping(deadline.saturating_duration_since(Instant::now()))?;
+        Ok(client)
+    }
+
+    /// Connects without blocking (a full backlog is `Busy`, not a wait) and without a ping: for
+    /// callers that must serve their own interrupts while they wait (`send_ping`, `poll_pong`).
+    pub fn open(path: &Path) -> Result<Opened, ServiceError> {
+        let stream = match connect_nonblocking(path) {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Opened::Busy),
+            Err(e) => return Err(unavailable(format!("cannot connect to {}: {e}", path.display()))),
+        };
+        Ok(Opened::Connected(Client {
             stream,
             out: Vec::new(),
             sent: 0,
@@ -93,9 +117,7 @@ impl Client {
             payload: Vec::new(),
             waiting: false,
             broken: None,
-        };
-        client.ping(timeout)?;
-        Ok(client)
+        }))
     }
 
     /// Whether a request is in flight (sent or being sent, its reply not yet read).
@@ -118,10 +140,12 @@ impl Client {
         Ok(())
     }
 
-    /// Queues an Embed request; `poll_reply` sends it and waits for its vectors.
-    pub fn send_embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, texts: &[S]) -> Result<(), ServiceError> {
+    /// Queues an Embed request (`model`: the settings the caller's session names, or "" for
+    /// any; `background`: nobody waits on it interactively); `poll_reply` sends it and waits
+    /// for its vectors.
+    pub fn send_embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, model: &str, background: bool, texts: &[S]) -> Result<(), ServiceError> {
         let dim = u32::try_from(dim).unwrap_or(u32::MAX);
-        let frame = protocol::encode_embed(task, dim, truncate, texts)
+        let frame = protocol::encode_embed(task, dim, truncate, model, background, texts)
             .map_err(|e| ServiceError { kind: ErrorKind::InvalidOption, message: e.to_string() })?;
         self.send(frame)
     }
@@ -137,15 +161,16 @@ impl Client {
 
     /// `send_embed`, then waits for the reply for at most `timeout`.
     pub fn embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, texts: &[S], timeout: Duration) -> Result<Embedding, ServiceError> {
-        self.send_embed(task, dim, truncate, texts)?;
+        self.send_embed(task, dim, truncate, "", false, texts)?;
         let reply = self.poll_reply(timeout);
         self.finish(reply, timeout)
     }
 
-    /// Queues a Chunk request; `poll_chunks` sends it and waits for the chunks.
-    pub fn send_chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize) -> Result<(), ServiceError> {
+    /// Queues a Chunk request (`model` as for `send_embed`); `poll_chunks` sends it and waits
+    /// for the chunks.
+    pub fn send_chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize, model: &str) -> Result<(), ServiceError> {
         let (max_tokens, overlap) = (u32::try_from(max_tokens).unwrap_or(u32::MAX), u32::try_from(overlap).unwrap_or(u32::MAX));
-        let frame = protocol::encode_chunk(task, max_tokens, overlap, text)
+        let frame = protocol::encode_chunk(task, max_tokens, overlap, model, text)
             .map_err(|e| ServiceError { kind: ErrorKind::InvalidOption, message: e.to_string() })?;
         self.send(frame)
     }
@@ -161,32 +186,47 @@ impl Client {
 
     /// `send_chunk`, then waits for the reply for at most `timeout`.
     pub fn chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize, timeout: Duration) -> Result<Vec<Chunk>, ServiceError> {
-        self.send_chunk(text, task, max_tokens, overlap)?;
+        self.send_chunk(text, task, max_tokens, overlap, "")?;
         let reply = self.poll_chunks(timeout);
         self.finish(reply, timeout)
     }
 
     /// The service's statistics, as a JSON object.
     pub fn stats(&mut self, timeout: Duration) -> Result<String, ServiceError> {
-        self.exchange(Request::Stats, timeout, |r| match r {
+        self.send_stats()?;
+        let reply = self.poll_stats(timeout);
+        self.finish(reply, timeout)
+    }
+
+    /// Queues a Stats request; `poll_stats` sends it and waits for the JSON.
+    pub fn send_stats(&mut self) -> Result<(), ServiceError> {
+        self.send(Request::Stats.encode().map_err(unavailable)?)
+    }
+
+    pub fn poll_stats(&mut self, timeout: Duration) -> Option<Result<String, ServiceError>> {
+        Some(self.poll_response(timeout)?.and_then(|r| match r {
             Response::Stats(json) => Ok(json),
-            other => Err(other),
-        })
+            other => Err(self.out_of_step(&other)),
+        }))
     }
 
     /// Checks that the service answers; returns its version.
     pub fn ping(&mut self, timeout: Duration) -> Result<String, ServiceError> {
-        self.exchange(Request::Ping, timeout, |r| match r {
-            Response::Pong(version) => Ok(version),
-            other => Err(other),
-        })
+        self.send_ping()?;
+        let reply = self.poll_pong(timeout);
+        self.finish(reply, timeout)
     }
 
-    /// Sends `request` and waits for the reply `pick` accepts.
-    fn exchange<T>(&mut self, request: Request, timeout: Duration, pick: fn(Response) -> Result<T, Response>) -> Result<T, ServiceError> {
-        self.send(request.encode().map_err(unavailable)?)?;
-        let reply = self.poll_response(timeout).map(|r| pick(r?).map_err(|other| self.out_of_step(&other)));
-        self.finish(reply, timeout)
+    /// Queues a Ping; `poll_pong` sends it and waits for the service's version.
+    pub fn send_ping(&mut self) -> Result<(), ServiceError> {
+        self.send(Request::Ping.encode().map_err(unavailable)?)
+    }
+
+    pub fn poll_pong(&mut self, timeout: Duration) -> Option<Result<String, ServiceError>> {
+        Some(self.poll_response(timeout)?.and_then(|r| match r {
+            Response::Pong(version) => Ok(version),
+            other => Err(self.out_of_step(&other)),
+        }))
     }
 
     fn finish<T>(&mut self, reply: Option<Result<T, ServiceError>>, timeout: Duration) -> Result<T, ServiceError> {
@@ -314,4 +354,35 @@ fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// A Unix-socket connection made without blocking: a full backlog gives `WouldBlock`.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied into it within its bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long or not a path"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: a new descriptor, owned by the stream below (closed on every error path by it).
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we own.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(fd, (&raw const addr).cast(), len) } != 0 {
+        let e = io::Error::last_os_error();
+        // A Unix socket either connects at once or, with a full backlog, says EAGAIN.
+        return Err(if e.raw_os_error() == Some(libc::EAGAIN) { io::ErrorKind::WouldBlock.into() } else { e });
+    }
+    Ok(stream)
 }

@@ -57,6 +57,13 @@ struct Counters {
     errors: HashMap<ErrorKind, u64>,
     queue_wait: Recent,
     forward: Recent,
+    /// Background requests (asynchronous queues draining): their own count and queue wait, so
+    /// that the interactive figures stay what a query sees.
+    background_requests: u64,
+    background_texts: u64,
+    background_queue_wait: Recent,
+    /// Times a background pass let interactive requests through between its layers.
+    preempted: u64,
 }
 
 /// Queue depth, read from the queue when stats are asked for.
@@ -87,14 +94,24 @@ impl Metrics {
         self.with(|c| c.connections += 1);
     }
 
-    pub fn served(&self, texts: u64, tokens: u64, truncated: u64, queue_wait: Duration) {
+    pub fn served(&self, texts: u64, tokens: u64, truncated: u64, queue_wait: Duration, background: bool) {
         self.with(|c| {
             c.requests += 1;
             c.texts += texts;
             c.tokens += tokens;
             c.truncated += truncated;
-            c.queue_wait.push(queue_wait);
+            if background {
+                c.background_requests += 1;
+                c.background_texts += texts;
+                c.background_queue_wait.push(queue_wait);
+            } else {
+                c.queue_wait.push(queue_wait);
+            }
         });
+    }
+
+    pub fn preempted(&self) {
+        self.with(|c| c.preempted += 1);
     }
 
     pub fn withdrawn(&self) {
@@ -117,14 +134,16 @@ impl Metrics {
         });
     }
 
-    pub fn json(&self, depth: Depth, settings: Value, info: Option<&EngineInfo>, load_error: Option<&str>) -> String {
+    /// Everything as a JSON object; `state` adds the service's own fields (its model's load
+    /// attempts, whether it drains).
+    pub fn json(&self, depth: Depth, settings: Value, info: Option<&EngineInfo>, load_error: Option<&str>, state: Value) -> String {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let per_pass = |n: u64| if c.passes == 0 { 0.0 } else { round3(n as f64 / c.passes as f64) };
         let forward_s = c.forward_time.as_secs_f64();
         let (rss, anon) = memory_kb();
         let errors: serde_json::Map<String, Value> =
             ErrorKind::ALL.iter().filter_map(|k| c.errors.get(k).map(|n| (k.name().to_string(), json!(n)))).collect();
-        let stats = json!({
+        let mut stats = json!({
             "uptime_s": round3(self.started.elapsed().as_secs_f64()),
             "pid": std::process::id(),
             "ready": info.is_some(),
@@ -147,12 +166,21 @@ impl Metrics {
                 "peak_texts": depth.peak_texts, "peak_requests": depth.peak_requests,
             },
             "queue_wait": c.queue_wait.percentiles(),
+            "background": {
+                "requests": c.background_requests,
+                "texts": c.background_texts,
+                "queue_wait": c.background_queue_wait.percentiles(),
+                "preempted": c.preempted,
+            },
             "forward_time": c.forward.percentiles(),
             "memory": { "rss_mb": rss / 1024, "anon_mb": anon / 1024, "peak_rss_mb": peak_rss_kb() / 1024 },
             "errors": errors,
             "settings": settings,
             "model": info.map(info_json),
         });
+        if let (Some(all), Value::Object(extra)) = (stats.as_object_mut(), state) {
+            all.extend(extra);
+        }
         stats.to_string()
     }
 }

@@ -9,6 +9,6 @@ mod queue;
 mod scheduler;
 mod server;
 
-pub use client::{Client, Embedding, ServiceError};
+pub use client::{Client, Embedding, Opened, ServiceError};
 pub use protocol::{CallStats, ErrorKind};
-pub use server::{bind, exit_with_parent, serve, serve_loading, ServeOptions};
+pub use server::{bind, exit_with_parent, serve, start, ServeOptions, Service, SocketFile};

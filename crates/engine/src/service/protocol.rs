@@ -7,10 +7,16 @@
 //!
 //! | request | tag | body |
 //! |---|---|---|
-//! | Embed | 1 | task: str, dim: u32, truncate: u8, count: u32, count × text: str |
+//! | Embed | 1 | task: str, dim: u32, truncate: u8, model: str, background: u8, count: u32, count × text: str |
 //! | Stats | 2 | — |
 //! | Ping  | 3 | — |
-//! | Chunk | 4 | task: str, max_tokens: u32, overlap: u32, text: str |
+//! | Chunk | 4 | task: str, max_tokens: u32, overlap: u32, model: str, text: str |
+//!
+//! `model` names the settings the caller's session would load (an empty string: any model). A
+//! service started with a `model_key` refuses a request naming other settings with
+//! `Error { kind: ModelMismatch }`, so no call is ever computed by a model other than the one
+//! its session names. `background` marks work nobody waits on interactively (an asynchronous
+//! queue draining): the service runs interactive requests first (see `scheduler`).
 //!
 //! | response | tag | body |
 //! |---|---|---|
@@ -30,7 +36,7 @@ use std::time::Duration;
 use crate::chunk::Chunk;
 use crate::error::Error;
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Largest payload either side accepts.
 pub const MAX_FRAME: usize = 1 << 30;
@@ -43,10 +49,10 @@ pub const MAX_CHUNKS: usize = (MAX_FRAME - 16) / CHUNK_BYTES;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    Embed { task: String, dim: u32, truncate: bool, texts: Vec<String> },
+    Embed { task: String, dim: u32, truncate: bool, model: String, background: bool, texts: Vec<String> },
     Stats,
     Ping,
-    Chunk { task: String, max_tokens: u32, overlap: u32, text: String },
+    Chunk { task: String, max_tokens: u32, overlap: u32, model: String, text: String },
 }
 
 /// What one Embed request cost, as the service measured it.
@@ -101,6 +107,8 @@ error_kinds! {
     Internal = 13,
     /// A malformed frame or another protocol version.
     Protocol = 14,
+    /// The request names model settings other than the service's.
+    ModelMismatch = 15,
 }
 
 impl ErrorKind {
@@ -206,10 +214,10 @@ impl Request {
     /// The whole frame, length prefix included.
     pub fn encode(&self) -> io::Result<Vec<u8>> {
         match self {
-            Request::Embed { task, dim, truncate, texts } => encode_embed(task, *dim, *truncate, texts),
+            Request::Embed { task, dim, truncate, model, background, texts } => encode_embed(task, *dim, *truncate, model, *background, texts),
             Request::Stats => Frame::new(2).finish(),
             Request::Ping => Frame::new(3).finish(),
-            Request::Chunk { task, max_tokens, overlap, text } => encode_chunk(task, *max_tokens, *overlap, text),
+            Request::Chunk { task, max_tokens, overlap, model, text } => encode_chunk(task, *max_tokens, *overlap, model, text),
         }
     }
 
@@ -221,17 +229,19 @@ impl Request {
                 let task = r.str()?;
                 let dim = r.u32()?;
                 let truncate = r.u8()? != 0;
+                let model = r.str()?;
+                let background = r.u8()? != 0;
                 let count = r.u32()? as usize;
                 // Each text takes at least its 4-byte length: bounds the allocation.
                 if count > r.rest.len() / 4 {
                     return Err(invalid(format!("{count} texts announced in a frame of {} bytes", payload.len())));
                 }
                 let texts = (0..count).map(|_| r.str()).collect::<io::Result<_>>()?;
-                Request::Embed { task, dim, truncate, texts }
+                Request::Embed { task, dim, truncate, model, background, texts }
             }
             2 => Request::Stats,
             3 => Request::Ping,
-            4 => Request::Chunk { task: r.str()?, max_tokens: r.u32()?, overlap: r.u32()?, text: r.str()? },
+            4 => Request::Chunk { task: r.str()?, max_tokens: r.u32()?, overlap: r.u32()?, model: r.str()?, text: r.str()? },
             t => return Err(invalid(format!("unknown request tag {t}"))),
         };
         r.end()?;
@@ -240,12 +250,12 @@ impl Request {
 }
 
 /// An Embed request's frame from borrowed texts (what the client sends).
-pub fn encode_embed<S: AsRef<str>>(task: &str, dim: u32, truncate: bool, texts: &[S]) -> io::Result<Vec<u8>> {
+pub fn encode_embed<S: AsRef<str>>(task: &str, dim: u32, truncate: bool, model: &str, background: bool, texts: &[S]) -> io::Result<Vec<u8>> {
     let bytes: usize = texts.iter().map(|t| 4 + t.as_ref().len()).sum();
     if bytes > MAX_FRAME {
         return Err(invalid(format!("{} texts of {bytes} bytes are over the frame limit of {MAX_FRAME}", texts.len())));
     }
-    let mut f = Frame::new(1).str(task).u32(dim).u8(truncate as u8).u32(texts.len() as u32);
+    let mut f = Frame::new(1).str(task).u32(dim).u8(truncate as u8).str(model).u8(background as u8).u32(texts.len() as u32);
     f.0.reserve(bytes);
     for t in texts {
         f = f.str(t.as_ref());
@@ -254,11 +264,11 @@ pub fn encode_embed<S: AsRef<str>>(task: &str, dim: u32, truncate: bool, texts: 
 }
 
 /// A Chunk request's frame from a borrowed text (what the client sends).
-pub fn encode_chunk(task: &str, max_tokens: u32, overlap: u32, text: &str) -> io::Result<Vec<u8>> {
+pub fn encode_chunk(task: &str, max_tokens: u32, overlap: u32, model: &str, text: &str) -> io::Result<Vec<u8>> {
     if text.len() > MAX_FRAME {
         return Err(invalid(format!("a text of {} bytes is over the frame limit of {MAX_FRAME}", text.len())));
     }
-    let mut f = Frame::new(4).str(task).u32(max_tokens).u32(overlap);
+    let mut f = Frame::new(4).str(task).u32(max_tokens).u32(overlap).str(model);
     f.0.reserve(4 + text.len());
     f.str(text).finish()
 }
@@ -409,10 +419,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        round_trip_request(Request::Embed { task: "query".into(), dim: 768, truncate: true, texts: vec!["a".into(), "".into(), "é".into()] });
+        round_trip_request(Request::Embed { task: "query".into(), dim: 768, truncate: true, model: "m".into(), background: true, texts: vec!["a".into(), "".into(), "é".into()] });
         round_trip_request(Request::Stats);
         round_trip_request(Request::Ping);
-        round_trip_request(Request::Chunk { task: "document".into(), max_tokens: 512, overlap: 64, text: "é\n\nb".into() });
+        round_trip_request(Request::Chunk { task: "document".into(), max_tokens: 512, overlap: 64, model: String::new(), text: "é\n\nb".into() });
         let stats = CallStats { texts: 2, tokens: 9, truncated: 1, forward_passes: 1, queue_wait: Duration::from_micros(7), forward_time: Duration::from_micros(11) };
         for r in [
             Response::Embedded { dim: 2, vectors: vec![1.0, 0.0, 0.5, -0.5], stats },
@@ -434,7 +444,7 @@ mod tests {
         let e = Request::decode(&frame[4..]).unwrap_err();
         assert!(e.get_ref().unwrap().is::<VersionMismatch>(), "{e}");
         // A count no frame could hold is refused before allocating.
-        let mut embed = Request::Embed { task: "q".into(), dim: 1, truncate: true, texts: vec![] }.encode().unwrap();
+        let mut embed = Request::Embed { task: "q".into(), dim: 1, truncate: true, model: String::new(), background: false, texts: vec![] }.encode().unwrap();
         let n = embed.len();
         embed[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Request::decode(&embed[4..]).is_err());

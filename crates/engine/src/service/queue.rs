@@ -21,6 +21,8 @@ pub struct Job {
     pub dim: usize,
     pub truncate: bool,
     pub texts: Vec<String>,
+    /// Nobody waits on it interactively (an asynchronous queue draining).
+    pub background: bool,
     pub arrived: Instant,
     /// Set by the connection thread when its client goes away.
     pub withdrawn: Arc<AtomicBool>,
@@ -128,6 +130,14 @@ impl Queue {
         drop(s);
         self.arrived.notify_all();
         Some(())
+    }
+
+    /// The queued jobs `pick` accepts, without waiting (the others stay queued).
+    pub fn take_matching(&self, pick: impl Fn(&Job) -> bool) -> Vec<Job> {
+        let mut s = self.lock();
+        let (picked, kept) = std::mem::take(&mut s.jobs).into_iter().partition(|j| pick(j));
+        s.jobs = kept;
+        picked
     }
 
     /// The model thread's intake: what is queued now, or when `block`, waits for something and

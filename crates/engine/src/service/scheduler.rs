@@ -8,9 +8,16 @@
 //! however large the requests beside it, and a large one advances every round, in buckets as
 //! full as planning it whole would make. The round then plans the texts of all requests
 //! together (small requests share passes).
+//!
+//! Interactive requests come first. Background requests (an asynchronous queue draining) run
+//! when no interactive one is in progress, and in at least every `BACKGROUND_SHARE`-th round
+//! beside them, so they are never starved. While interactive requests have come recently,
+//! background passes are small (`BACKGROUND_TOKENS`), and between the layers of a background
+//! pass, small interactive requests that arrived meanwhile are served at once: a search query
+//! waits for at most a fraction of one small layer, not for a whole pass.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::metrics::Metrics;
@@ -24,6 +31,14 @@ use crate::model::normalize;
 const LOOKAHEAD: usize = 4;
 /// Texts tokenized at once while filling a look-ahead.
 const TOKENIZE_CHUNK: usize = 256;
+/// With interactive work in progress, background work still runs every this many rounds.
+const BACKGROUND_SHARE: u32 = 4;
+/// Tokens in a background pass while interactive requests came within `RECENT`.
+const BACKGROUND_TOKENS: usize = 512;
+const RECENT: Duration = Duration::from_secs(10);
+/// Interactive requests of at most this many texts are served between a background pass's
+/// layers.
+const PREEMPT_TEXTS: usize = 64;
 
 struct Active {
     job: Job,
@@ -75,12 +90,13 @@ impl Active {
         Ok(())
     }
 
-    /// The first bucket of the look-ahead's plan (its longest texts): for a request whose texts
-    /// all fit in the look-ahead, the rounds then run exactly the buckets of planning it whole.
-    fn take(&mut self, engine: &Engine) -> Vec<(usize, Vec<u32>)> {
+    /// The first bucket of the look-ahead's plan under `budget` tokens (its longest texts): for
+    /// a request whose texts all fit in the look-ahead, the rounds then run exactly the buckets
+    /// of planning it whole.
+    fn take(&mut self, engine: &Engine, budget: usize) -> Vec<(usize, Vec<u32>)> {
         let lengths: Vec<usize> = self.ahead.iter().map(|t| t.1.len()).collect();
         let mut chosen = vec![false; lengths.len()];
-        for &m in engine.plan(&lengths).buckets.first().map_or(&[][..], |b| &b.members[..]) {
+        for &m in engine.plan_tokens(&lengths, budget).buckets.first().map_or(&[][..], |b| &b.members[..]) {
             chosen[m] = true;
         }
         let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead).into_iter().zip(chosen).partition(|(_, c)| *c);
@@ -99,14 +115,21 @@ pub struct Scheduler {
     pub queue: Arc<Queue>,
     pub metrics: Arc<Metrics>,
     pub batch_wait: Duration,
+    /// When an interactive request last arrived.
+    pub last_interactive: Mutex<Option<Instant>>,
 }
 
 /// One text of a round: (request in `active`, index in the request, ids).
 type Taken = (usize, usize, Vec<u32>);
 
 impl Scheduler {
+    pub fn new(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>, batch_wait: Duration) -> Scheduler {
+        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None) }
+    }
+
     pub fn run(self) -> ! {
         let mut active: Vec<Active> = Vec::new();
+        let mut interactive_rounds = 0;
         loop {
             let idle = active.is_empty();
             if idle {
@@ -115,33 +138,66 @@ impl Scheduler {
             }
             let window = if idle { self.batch_wait } else { Duration::ZERO };
             active.extend(self.queue.take(idle, window).into_iter().map(Active::new));
-            self.round(&mut active);
+            let interactive = active.iter().any(|a| !a.job.background);
+            let background = active.iter().any(|a| a.job.background);
+            if interactive {
+                self.saw_interactive();
+                self.round(&mut active, false);
+                interactive_rounds += 1;
+            }
+            if background && (!interactive || interactive_rounds >= BACKGROUND_SHARE) {
+                interactive_rounds = 0;
+                self.round(&mut active, true);
+            }
             active.retain_mut(|a| !self.settle(a));
         }
     }
 
-    fn round(&self, active: &mut [Active]) {
-        let budget = self.engine.info().max_batch_tokens;
+    fn saw_interactive(&self) {
+        *self.last_interactive.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// One round over the requests of one class (background or not).
+    fn round(&self, active: &mut [Active], background: bool) {
+        let full = self.engine.info().max_batch_tokens;
+        let recent = self.last_interactive.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < RECENT);
+        let budget = if background && recent { BACKGROUND_TOKENS.min(full) } else { full };
         let mut taken: Vec<Taken> = Vec::new();
         for (r, a) in active.iter_mut().enumerate() {
-            if !a.live() {
+            if !a.live() || a.job.background != background {
                 continue;
             }
             match a.fill(&self.engine, LOOKAHEAD * budget) {
-                Ok(()) => taken.extend(a.take(&self.engine).into_iter().map(|(i, ids)| (r, i, ids))),
+                Ok(()) => taken.extend(a.take(&self.engine, budget).into_iter().map(|(i, ids)| (r, i, ids))),
                 Err(e) => a.failed = Some(Response::from_error(&e)),
             }
         }
         let lengths: Vec<usize> = taken.iter().map(|t| t.2.len()).collect();
-        for bucket in self.engine.plan(&lengths).buckets {
+        for bucket in self.engine.plan_tokens(&lengths, budget).buckets {
             let members: Vec<usize> = bucket.members.into_iter().filter(|&m| active[taken[m].0].live()).collect();
             if !members.is_empty() {
-                self.pass(active, &taken, &members);
+                self.pass(active, &taken, &members, background);
             }
         }
     }
 
-    fn pass(&self, active: &mut [Active], taken: &[Taken], members: &[usize]) {
+    /// Between the layers of a background pass: serves the small interactive requests that
+    /// arrived meanwhile, whole, before the pass goes on.
+    fn serve_interactive_now(&self) {
+        let mut jobs: Vec<Active> =
+            self.queue.take_matching(|j| !j.background && j.texts.len() <= PREEMPT_TEXTS).into_iter().map(Active::new).collect();
+        if jobs.is_empty() {
+            return;
+        }
+        self.saw_interactive();
+        self.metrics.preempted();
+        while !jobs.is_empty() {
+            self.round(&mut jobs, false);
+            jobs.retain_mut(|a| !self.settle(a));
+        }
+    }
+
+    fn pass(&self, active: &mut [Active], taken: &[Taken], members: &[usize], background: bool) {
         let seqs: Vec<&[u32]> = members.iter().map(|&m| taken[m].2.as_slice()).collect();
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut requests: Vec<usize> = members.iter().map(|&m| taken[m].0).collect();
@@ -159,8 +215,15 @@ impl Scheduler {
         }
         let flags: Vec<_> = requests.iter().map(|&r| active[r].job.withdrawn.clone()).collect();
         let cancel = || flags.iter().all(|f| f.load(Ordering::Relaxed));
+        // Checked between layers: a background pass lets interactive requests through there.
+        let between_layers = || {
+            if background {
+                self.serve_interactive_now();
+            }
+            cancel()
+        };
         let started = Instant::now();
-        let result = self.engine.forward_ids(&seqs, &cancel);
+        let result = self.engine.forward_ids(&seqs, &between_layers);
         let time = started.elapsed();
         match result {
             Ok(vectors) => {
@@ -208,7 +271,7 @@ impl Scheduler {
         } else if a.finished() {
             let s = &mut a.stats;
             s.texts = a.job.texts.len() as u64;
-            self.metrics.served(s.texts, s.tokens, s.truncated, s.queue_wait);
+            self.metrics.served(s.texts, s.tokens, s.truncated, s.queue_wait, a.job.background);
             Response::Embedded { dim: a.job.dim as u32, vectors: std::mem::take(&mut a.vectors), stats: a.stats }
         } else {
             return false;
