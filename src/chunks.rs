@@ -5,30 +5,21 @@ use std::collections::VecDeque;
 
 use embeddinggemma_engine::Chunk;
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
 
-use crate::errors::raise;
+use crate::errors::raise_bad_cut;
 use crate::functions::{Texts, CHUNK_BYTES, CHUNK_TEXTS};
-use crate::model;
+use crate::routing;
 use crate::vector::PgVector;
 
-const CHUNK_HINT: &str = "max_tokens counts the task's prompt, <bos> and <eos> as embedded, up to the model's 2048; overlap is at most half of the tokens left for text. The defaults, 512 and 64, suit most documents.";
-
-/// Raises the ERROR for chunk settings out of range (`why` names the range), in-process or
-/// from the service.
-pub fn raise_bad_cut(why: impl std::fmt::Display) -> ! {
-    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {why}"), CHUNK_HINT)
-}
-
 /// How documents are cut, checked for sign (the engine checks the ranges).
-struct Cut {
+pub struct Cut {
     max_tokens: usize,
     overlap: usize,
     task: String,
 }
 
 impl Cut {
-    fn new(max_tokens: i32, overlap: i32, task: &str) -> Cut {
+    pub fn new(max_tokens: i32, overlap: i32, task: &str) -> Cut {
         let non_negative = |name: &str, v: i32| {
             usize::try_from(v).unwrap_or_else(|_| raise_bad_cut(format!("{name} must not be negative, not {v}")))
         };
@@ -36,7 +27,7 @@ impl Cut {
     }
 
     fn apply(&self, text: &str) -> Vec<Chunk> {
-        model::chunk(text, &self.task, self.max_tokens, self.overlap)
+        routing::chunk(text, &self.task, self.max_tokens, self.overlap)
     }
 }
 
@@ -44,13 +35,14 @@ impl Cut {
 /// exclusive), body and, for embed_chunks, the embedding.
 type Row = (i32, i32, i32, i32, String, Option<PgVector>);
 
-/// A row waiting to be returned. The vector becomes a datum only when its row is asked for:
-/// a datum made earlier would live in the memory of an earlier call, freed by then.
-type Pending = (i32, i32, i32, i32, String, Option<Vec<f32>>);
+/// A chunk as cut and embedded: document ordinal, chunk number, 1-based character offsets (end
+/// exclusive), body, embedding. Its vector becomes a datum only when its row is returned: a
+/// datum made earlier would live in the memory of an earlier call, freed by then.
+pub type Pending = (i32, i32, i32, i32, String, Option<Vec<f32>>);
 
 /// The chunks of the documents, cut as rows are asked for and embedded a batch at a time: the
 /// batches are those embed_batch would make over the same bodies.
-struct ChunkRows {
+pub struct ChunkRows {
     docs: Texts,
     next_doc: usize,
     cut: Cut,
@@ -62,9 +54,9 @@ struct ChunkRows {
 }
 
 impl ChunkRows {
-    fn new(docs: Texts, cut: Cut, dim: Option<i32>) -> ChunkRows {
+    pub fn new(docs: Texts, cut: Cut, dim: Option<i32>) -> ChunkRows {
         if let Some(dim) = dim {
-            model::check_request(&cut.task, dim);
+            routing::check_request(&cut.task, dim);
         }
         ChunkRows { docs, next_doc: 0, cut, dim, pending: VecDeque::new(), ready: VecDeque::new() }
     }
@@ -93,7 +85,7 @@ impl ChunkRows {
         }
         let bodies: Vec<&str> = batch.iter().map(|(doc, _, c)| self.body(*doc, c)).collect();
         let vectors = match self.dim {
-            Some(dim) if !bodies.is_empty() => model::embed(&bodies, &self.cut.task, dim),
+            Some(dim) if !bodies.is_empty() => routing::embed(&bodies, &self.cut.task, dim),
             _ => Vec::new(),
         };
         let mut vectors = vectors.into_iter();
@@ -107,15 +99,18 @@ impl ChunkRows {
 }
 
 impl Iterator for ChunkRows {
-    type Item = Row;
+    type Item = Pending;
 
-    fn next(&mut self) -> Option<Row> {
+    fn next(&mut self) -> Option<Pending> {
         if self.ready.is_empty() {
             self.fill();
         }
-        let (doc, n, start, end, body, vector) = self.ready.pop_front()?;
-        Some((doc, n, start, end, body, vector.map(|v| PgVector::from_slice(&v))))
+        self.ready.pop_front()
     }
+}
+
+fn returned((doc, n, start, end, body, vector): Pending) -> Row {
+    (doc, n, start, end, body, vector.map(|v| PgVector::from_slice(&v)))
 }
 
 #[pg_extern(sql = "")]
@@ -141,7 +136,7 @@ fn embeddinggemma_embed_chunks(
     (name!(chunk, i32), name!(start_offset, i32), name!(end_offset, i32), name!(body, String), name!(embedding, Option<PgVector>)),
 > {
     let rows = ChunkRows::new(Texts::one(input), Cut::new(max_tokens, overlap, task), Some(dim));
-    TableIterator::new(rows.map(|(_, n, start, end, body, v)| (n, start, end, body, v)))
+    TableIterator::new(rows.map(returned).map(|(_, n, start, end, body, v)| (n, start, end, body, v)))
 }
 
 #[pg_extern(sql = "")]
@@ -162,5 +157,5 @@ fn embeddinggemma_embed_chunks_array(
         name!(embedding, Option<PgVector>),
     ),
 > {
-    TableIterator::new(ChunkRows::new(Texts::new(inputs), Cut::new(max_tokens, overlap, task), Some(dim)))
+    TableIterator::new(ChunkRows::new(Texts::new(inputs), Cut::new(max_tokens, overlap, task), Some(dim)).map(returned))
 }

@@ -60,3 +60,16 @@ pub fn raise_engine(e: Error) -> ! {
 pub fn setup_hint() -> &'static str {
     SETUP_HINT
 }
+
+const CHUNK_HINT: &str = "max_tokens counts the task's prompt, <bos> and <eos> as embedded, up to the model's 2048; overlap is at most half of the tokens left for text. The defaults, 512 and 64, suit most documents.";
+
+/// Raises the ERROR for chunk settings out of range (`why` names the range), in-process or
+/// from the service.
+pub fn raise_bad_cut(why: impl std::fmt::Display) -> ! {
+    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("embeddinggemma: {why}"), CHUNK_HINT)
+}
+
+/// What to do when a session's model settings differ from the service's.
+pub fn service_settings_hint() -> &'static str {
+    "The service runs the server's configuration (postgresql.conf, ALTER SYSTEM): set embeddinggemma.model_path, model_checksums, device and dtype there and SELECT pg_reload_conf(), or SET embeddinggemma.service = auto to embed with this session's settings in this backend."
+}

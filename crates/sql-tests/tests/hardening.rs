@@ -103,7 +103,7 @@ fn statement_trigger_swapping_keys_and_texts_leaves_no_stale_vector() {
 }
 
 #[test]
-fn statement_trigger_refuses_a_key_that_is_not_unique() {
+fn statement_trigger_refuses_a_key_that_is_not_unique_or_allows_null() {
     let mut c = tiny();
     c.batch_execute(
         "DROP TABLE IF EXISTS nu_docs;
@@ -117,7 +117,13 @@ fn statement_trigger_refuses_a_key_that_is_not_unique() {
     assert!(msg.contains("not unique"), "{msg}");
     assert!(hint.unwrap().contains("CREATE UNIQUE INDEX"));
     assert_eq!(c.query_one("SELECT count(*) FROM nu_docs", &[]).unwrap().get::<_, i64>(0), 0);
-    c.batch_execute("CREATE UNIQUE INDEX ON nu_docs (id); INSERT INTO nu_docs VALUES (1, 'a'), (2, 'b')").unwrap();
+    // Unique but nullable: rows with a NULL key could not be written back.
+    c.batch_execute("CREATE UNIQUE INDEX ON nu_docs (id)").unwrap();
+    let (code, msg, hint) = expect_error(&mut c, "INSERT INTO nu_docs VALUES (1, 'a'), (NULL, 'b')");
+    assert_eq!(code, "42P17", "{msg}");
+    assert!(msg.contains("allows NULL"), "{msg}");
+    assert!(hint.unwrap().contains("SET NOT NULL"));
+    c.batch_execute("ALTER TABLE nu_docs ALTER COLUMN id SET NOT NULL; INSERT INTO nu_docs VALUES (1, 'a'), (2, 'b')").unwrap();
     assert_eq!(assert_rows_match(&mut c, "nu_docs"), 2);
 }
 
@@ -213,22 +219,17 @@ fn ordinary_roles_cannot_forge_or_read_others_progress() {
     admin.batch_execute("GRANT SELECT ON pv_docs TO eg_ordinary").unwrap();
     let seen: i64 = user.query_one("SELECT count(*) FROM embeddinggemma_backfills WHERE relation = 'pv_docs'::regclass", &[]).unwrap().get(0);
     assert_eq!(seen, 1);
-    // Readable is not writable: the superuser's run cannot be altered or deleted...
-    let changed = user.execute("UPDATE embeddinggemma_backfill_progress SET rows_done = 0 WHERE relation = 'pv_docs'::regclass", &[]).unwrap();
-    assert_eq!(changed, 0);
-    let deleted = user.execute("DELETE FROM embeddinggemma_backfill_progress WHERE relation = 'pv_docs'::regclass", &[]).unwrap();
-    assert_eq!(deleted, 0);
-    // ...nor forged in another role's name.
-    let admin_role: String = admin.query_one("SELECT current_user::text", &[]).unwrap().get(0);
-    let (code, msg, _) = sql_error(
-        user.execute(
-            "INSERT INTO embeddinggemma_backfill_progress (relation, source, target, pid, started_at, updated_at, owner)
-             VALUES ('pv_docs', 'body', 'v', 1, now(), now(), $1)",
-            &[&admin_role],
-        )
-        .unwrap_err(),
-    );
-    assert_eq!(code, "42501", "{msg}");
+    // Readable is not writable: only the backfills write progress rows, so no role can alter,
+    // delete or forge one, not even in its own name.
+    for sql in [
+        "UPDATE embeddinggemma_backfill_progress SET rows_done = 0 WHERE relation = 'pv_docs'::regclass",
+        "DELETE FROM embeddinggemma_backfill_progress WHERE relation = 'pv_docs'::regclass",
+        "INSERT INTO embeddinggemma_backfill_progress (relation, source, target, pid, started_at, updated_at)
+         VALUES ('pv_docs', 'body', 'v', 1, now(), now())",
+    ] {
+        let (code, msg, _) = expect_error(&mut user, sql);
+        assert_eq!(code, "42501", "{sql}: {msg}");
+    }
     let done: i64 = admin.query_one("SELECT rows_done FROM embeddinggemma_backfill_progress WHERE relation = 'pv_docs'::regclass", &[]).unwrap().get(0);
     assert_eq!(done, 10);
 }
@@ -340,11 +341,12 @@ fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
     admin.batch_execute("DROP DATABASE eg_upgraded WITH (FORCE)").unwrap();
 }
 
-// One test: both use the same two databases.
+// One test: all use the same two databases.
 #[test]
-fn upgrading_from_0_1_0_and_0_2_0_gives_the_objects_of_a_fresh_install() {
+fn upgrading_from_0_1_0_0_2_0_and_0_3_0_gives_the_objects_of_a_fresh_install() {
     upgrade_gives_the_objects_of_a_fresh_install("0.1.0");
     upgrade_gives_the_objects_of_a_fresh_install("0.2.0");
+    upgrade_gives_the_objects_of_a_fresh_install("0.3.0");
 }
 
 /// Peak resident memory of the backend `pid` (VmHWM), in bytes; the tests run beside the server.
@@ -522,7 +524,7 @@ fn anon_mb(pid: i32) -> f64 {
 /// rolls back or fails; an idle backend holds the model and not its activations.
 #[test]
 fn activation_memory_is_kept_for_the_transaction_and_returned_at_its_end() {
-    let mut c = connect();
+    let mut c = connect_in_process();
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     // About 1,500 tokens: some 60 MB of activation blocks of 1 MiB and more.
     let long = "SELECT vector_dims(embed(repeat('the quick brown fox jumps over the lazy dog ', 170)))";
@@ -542,4 +544,67 @@ fn activation_memory_is_kept_for_the_transaction_and_returned_at_its_end() {
         assert!(held > after + 30.0, "{end}: no activations kept in the transaction, or not returned at its end ({held:.0} MB, then {after:.0} MB)");
         assert!(after < idle + 20.0, "{end}: memory outlived the transaction ({after:.0} MB, idle {idle:.0} MB)");
     }
+}
+
+#[test]
+fn a_backfill_ends_when_the_rows_left_are_rows_it_cannot_claim() {
+    tiny_model_role("eg_rls_role");
+    let mut admin = tiny();
+    admin
+        .batch_execute(
+            "DELETE FROM embeddinggemma_backfill_progress WHERE relation = to_regclass('rls_docs');
+             DROP TABLE IF EXISTS rls_docs;
+             CREATE TABLE rls_docs (id bigint PRIMARY KEY, body text, v vector(48));
+             INSERT INTO rls_docs (id, body) SELECT i, 'row ' || i FROM generate_series(1, 40) i;
+             ALTER TABLE rls_docs ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY see ON rls_docs FOR SELECT TO eg_rls_role USING (true);
+             CREATE POLICY change ON rls_docs FOR UPDATE TO eg_rls_role USING (id % 2 = 0) WITH CHECK (true);
+             GRANT SELECT, UPDATE ON rls_docs TO eg_rls_role;",
+        )
+        .unwrap();
+    let (mut role, notices) = connect_collecting_notices(&format!("{} user=eg_rls_role", dsn()));
+    // A backfill that spins would run into this instead of returning.
+    role.batch_execute("SET statement_timeout = '60s'; SET client_min_messages = notice").unwrap();
+    let started = Instant::now();
+    role.batch_execute("CALL embeddinggemma_backfill('rls_docs', 'body', 'v', 'document', 48, batch_size => 5)").unwrap();
+    let took = started.elapsed();
+    let last = notices.lock().unwrap().last().cloned().unwrap_or_default();
+    eprintln!("backfill under row-level security returned in {took:?}: {last}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(last.contains("20 left that this run cannot claim") && last.contains("row-level security"), "{last}");
+    let row = admin
+        .query_one("SELECT rows_done, rows_remaining, note, finished_at IS NOT NULL FROM embeddinggemma_backfill_progress WHERE relation = 'rls_docs'::regclass", &[])
+        .unwrap();
+    let (done, remaining, note, finished): (i64, i64, Option<String>, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((done, remaining, finished), (20, 20, true));
+    assert!(note.is_some_and(|n| n.contains("cannot claim")));
+    let odd_with_vector: i64 = admin.query_one("SELECT count(*) FROM rls_docs WHERE (id % 2 = 1) = (v IS NOT NULL)", &[]).unwrap().get(0);
+    assert_eq!(odd_with_vector, 0, "the rows it could claim are embedded, the others not");
+}
+
+#[test]
+fn a_backfill_beside_the_statement_row_and_chunk_triggers_embeds_each_row_once() {
+    let mut c = tiny();
+    c.batch_execute(
+        "DELETE FROM embeddinggemma_backfill_progress WHERE relation = to_regclass('once_docs');
+         DROP TABLE IF EXISTS once_chunks, once_docs;
+         CREATE TABLE once_docs (id bigint PRIMARY KEY, body text, v vector(48));
+         CREATE TABLE once_chunks (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(48),
+                                   PRIMARY KEY (doc_id, chunk));
+         INSERT INTO once_docs (id, body) SELECT i, 'row ' || i FROM generate_series(1, 30) i;
+         CREATE TRIGGER i AFTER INSERT ON once_docs REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v', 'document', '48');
+         CREATE TRIGGER u AFTER UPDATE ON once_docs REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v', 'document', '48');
+         CREATE TRIGGER r BEFORE UPDATE ON once_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v', 'document', '48');
+         CREATE TRIGGER c AFTER UPDATE ON once_docs FOR EACH ROW
+            EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'once_chunks', 'doc_id', '48', '8', 'document', '48');
+         SELECT embeddinggemma_stats_reset();",
+    )
+    .unwrap();
+    c.batch_execute("CALL embeddinggemma_backfill('once_docs', 'body', 'v', 'document', 48, batch_size => 7)").unwrap();
+    let texts: i64 = stat(&mut c, "texts");
+    eprintln!("backfill of 30 rows beside the statement, row and chunk triggers: {texts} texts embedded");
+    assert_eq!(texts, 30, "rows embedded more than once");
+    assert_eq!(assert_rows_match(&mut c, "once_docs"), 30);
 }

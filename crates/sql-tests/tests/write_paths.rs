@@ -156,13 +156,18 @@ fn statement_trigger_follows_key_changes_and_null_text() {
     .unwrap();
     assert!(c.query_one("SELECT v IS NULL FROM sk_docs WHERE id = 11", &[]).unwrap().get::<_, bool>(0));
     assert_eq!(assert_vectors_match_embed(&mut c, "sk_docs", "true"), 4);
-    // Misnamed transition tables get the hint; other missing tables keep their own error.
+    // Transition tables may have any names; without one the trigger says how to declare it.
     c.batch_execute(
-        "CREATE TEMP TABLE sk_bad (id int PRIMARY KEY, body text, v vector(768));
-         CREATE TRIGGER e AFTER INSERT ON sk_bad REFERENCING NEW TABLE AS inserted
-            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');",
+        "CREATE TEMP TABLE sk_named (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TRIGGER e AFTER INSERT ON sk_named REFERENCING NEW TABLE AS inserted
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');
+         INSERT INTO sk_named VALUES (1, 'x');
+         CREATE TEMP TABLE sk_bad (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TRIGGER e AFTER INSERT ON sk_bad FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');",
     )
     .unwrap();
+    let named: Vec<f32> = c.query_one("SELECT v::real[] FROM sk_named", &[]).unwrap().get(0);
+    assert!(cosine_distance(&named, &embed(&mut c, "x", "document", 768)) <= SAME_TEXT);
     let (code, msg, hint) = expect_error(&mut c, "INSERT INTO sk_bad VALUES (1, 'x')");
     assert_eq!(code, "09000", "{msg}");
     assert!(hint.unwrap().contains("REFERENCING NEW TABLE AS new_rows"));
@@ -334,7 +339,7 @@ fn stats_report_what_the_planner_did() {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let lengths: Vec<usize> = engine.tokenize(&refs, "document").unwrap().iter().map(|t| t.ids.len()).collect();
 
-    let mut c = connect();
+    let mut c = connect_in_process();
     c.batch_execute("SET embeddinggemma.max_batch_tokens = 2048; SELECT embeddinggemma_stats_reset()").unwrap();
     c.query("SELECT count(*) FROM embed_batch($1::text[])", &[&texts]).unwrap();
     let plan = planner::plan(&lengths, 2048, DEFAULT_MAX_BATCH_SIZE);

@@ -1,5 +1,5 @@
-//! `embeddinggemma_trigger()`: keeps a vector column in step with a text column, row by row,
-//! and the column check it shares with the statement trigger and the backfill (sql/).
+//! The checks every write path makes before it touches a table: the text column, the vector
+//! column, the key; and reading a row's text as `::text` gives it.
 
 use std::ffi::CStr;
 use std::num::NonZeroUsize;
@@ -8,8 +8,8 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
 
 use crate::errors::raise;
-use crate::model;
-use crate::vector::{vector_type_oid, PgVector};
+use crate::sql_text;
+use crate::vector::vector_type_oid;
 
 const TEXT_TYPES: [pg_sys::Oid; 3] = [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::BPCHAROID];
 
@@ -81,7 +81,7 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
 /// # Safety
 /// `tuple` must be a valid tuple of a relation whose descriptor is `desc`, and `column` must
 /// come from `check_columns` on that relation.
-unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, column: &SourceColumn) -> Option<String> {
+pub unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, column: &SourceColumn) -> Option<String> {
     // SAFETY: per this function's contract; the datum is a varlena of a text-like type.
     let text = unsafe {
         let datum = pgrx::heap_getattr_raw(tuple, column.attno, desc)?;
@@ -91,11 +91,8 @@ unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc
 }
 
 /// Opens `tbl` for the checks, locked to the end of the transaction; raises an ERROR if it does not exist.
-fn open_checked(tbl: pg_sys::Oid) -> PgRelation {
-    // SAFETY: get_rel_name only reads the catalog; NULL means no such relation.
-    if unsafe { pg_sys::get_rel_name(tbl) }.is_null() {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("embeddinggemma: no relation with OID {}", tbl.to_u32()), "Pass a table name, e.g. 'docs'::regclass.")
-    }
+pub fn open_checked(tbl: pg_sys::Oid) -> PgRelation {
+    sql_text::relation_name(tbl);
     // SAFETY: the relation exists (checked above) and is opened with a lock held to the end of
     // the transaction.
     unsafe { PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) }
@@ -111,46 +108,77 @@ fn embeddinggemma_check_source(tbl: pg_sys::Oid, source: &str) {
     check_source(&open_checked(tbl), source);
 }
 
-const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
 
-#[pg_trigger(sql = "")]
-fn embeddinggemma_trigger<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
-    let misuse = |what: &str| -> ! { raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_trigger(): {what}"), USAGE) };
-    let op = trigger.op()?;
-    let row_level = matches!(trigger.level(), PgTriggerLevel::Row);
-    let before = matches!(trigger.when()?, PgTriggerWhen::Before);
-    if !row_level || !before || !matches!(op, PgTriggerOperation::Insert | PgTriggerOperation::Update) {
-        misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
-    }
-    let args = trigger.extra_args()?;
-    if !(2..=4).contains(&args.len()) {
-        misuse("takes a source column, a target column, and optionally a task and a dimension")
-    }
-    let (source, target) = (&args[0], &args[1]);
-    let task = args.get(2).map_or("document", String::as_str);
-    let dim = match args.get(3).map(|d| d.trim().parse::<i32>()) {
-        None => 768,
-        Some(Ok(d)) => d,
-        Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
-    };
-    let column = check_columns(&trigger.relation()?, source, target, dim);
-
-    let data = trigger.trigger_data();
-    let update = matches!(op, PgTriggerOperation::Update);
-    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
-    // UPDATE), and `column` was checked against that relation above.
-    let (text, old_text) = unsafe {
-        let desc = (*data.tg_relation).rd_att;
-        let new = if update { data.tg_newtuple } else { data.tg_trigtuple };
-        (source_text(new, desc, &column), update.then(|| source_text(data.tg_trigtuple, desc, &column)))
-    };
-    let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
-    if old_text.is_some_and(|old| old == text) {
-        return Ok(Some(row));
-    }
-    let vector = text.map(|t| PgVector::from_slice(&model::embed(&[&t], task, dim)[0]));
-    row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));
-    Ok(Some(row))
+/// The key column as the check found it: rows are written back, or their chunks found, by it.
+pub struct KeyColumn {
+    pub name: String,
+    pub attno: NonZeroUsize,
+    pub type_oid: pg_sys::Oid,
 }
+
+/// Raises an ERROR unless `key` is a NOT NULL column of `relation` with a unique index of its
+/// own (one key column, no predicate): two rows with one key, or rows with none, would be
+/// mixed up or lost when vectors are written back by key.
+pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
+    let table = sql_text::display(relation.oid());
+    let found = key_column(relation, key);
+    let column = relation.tuple_desc().iter().find(|a| a.attnum as usize == found.attno.get()).copied().expect("found above");
+    let unique = "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i
+                   WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid
+                     AND i.indnkeyatts OPERATOR(pg_catalog.=) 1 AND i.indpred IS NULL
+                     AND i.indkey[0] OPERATOR(pg_catalog.=) $2)";
+    let args = [sql_text::param(relation.oid(), pg_sys::REGCLASSOID), sql_text::text_param(column.attnum)];
+    if !sql_text::one::<bool>(unique, &args).unwrap_or(false) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+            format!("embeddinggemma: key column \"{key}\" of table {table} is not unique"),
+            format!("Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON {table} ({});", sql_text::ident(key)),
+        )
+    }
+    if !column.attnotnull {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+            format!("embeddinggemma: key column \"{key}\" of table {table} allows NULL"),
+            format!("Rows with a NULL key could not be told apart: ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL;", sql_text::ident(key)),
+        )
+    }
+    found
+}
+
+/// The key column `key` of `relation`, without the uniqueness check (made when the write path
+/// was set up): for every row of a trigger.
+pub fn key_column(relation: &PgRelation, key: &str) -> KeyColumn {
+    let Some(column) = relation.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == key).copied() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("embeddinggemma: key column \"{key}\" does not exist in table {}", sql_text::display(relation.oid())),
+            "The first argument names a unique key of the table, e.g. its primary key.",
+        )
+    };
+    KeyColumn {
+        name: key.to_string(),
+        attno: NonZeroUsize::new(column.attnum as usize).expect("user columns are numbered from 1"),
+        type_oid: column.atttypid,
+    }
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_check_key(tbl: pg_sys::Oid, key_col: &str) {
+    check_key(&open_checked(tbl), key_col);
+}
+
+/// The key of `tuple` as text (its type's output function).
+///
+/// # Safety
+/// `tuple` must be a valid tuple of the relation with descriptor `desc`, and `key` must come
+/// from `check_key` on that relation.
+pub unsafe fn key_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, key: &KeyColumn) -> Option<String> {
+    // SAFETY: per this function's contract; the output function of the key's own type.
+    unsafe {
+        let datum = pgrx::heap_getattr_raw(tuple, key.attno, desc)?;
+        let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+        pg_sys::getTypeOutputInfo(key.type_oid, &mut output, &mut varlena);
+        Some(CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, datum)).to_string_lossy().into_owned())
+    }
+}
+

@@ -1,0 +1,327 @@
+//! `embeddinggemma_chunk_trigger()`: keeps a chunk table in step with its documents, row by
+//! row; and its settings, which the chunk backfill reads from the trigger so both cut alike.
+
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
+
+use crate::chunks::{ChunkRows, Cut};
+use crate::columns::{check_columns, check_key, check_source, key_text, source_text, KeyColumn, SourceColumn};
+use crate::errors::raise;
+use crate::functions::Texts;
+use crate::sql_text::{self, ident, param, relation, text_param};
+use crate::vector;
+
+const USAGE: &str = "CREATE TRIGGER docs_chunks AFTER INSERT OR UPDATE OR DELETE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'doc_chunks', 'doc_id' [, max_tokens [, overlap [, task [, dim]]]]);";
+const CHUNK_TABLE_HINT: &str = "CREATE TABLE doc_chunks (doc_id bigint REFERENCES docs ON DELETE CASCADE ON UPDATE CASCADE, chunk int, start_offset int, end_offset int, body text, embedding vector(768), PRIMARY KEY (doc_id, chunk));";
+
+/// A chunk trigger's arguments, checked against its tables.
+pub struct ChunkSettings {
+    pub key: KeyColumn,
+    pub source: String,
+    pub source_column: SourceColumn,
+    pub chunk_table: pg_sys::Oid,
+    pub chunk_key: String,
+    pub max_tokens: i32,
+    pub overlap: i32,
+    pub task: String,
+    pub dim: i32,
+    /// The chunk table's embedding column type (pgvector's `vector`).
+    pub vector_type: pg_sys::Oid,
+}
+
+fn misuse(what: impl Into<String>, hint: &str) -> ! {
+    raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, what, hint)
+}
+
+/// The chunk table a trigger argument names: `schema.table` as written, or `table` in the
+/// schema of the documents' table — never through a writer's search_path, so no writer can
+/// redirect the chunks to a table of their own.
+pub fn resolve_chunk_table(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
+    let parts = parse_ident(name)?;
+    match parts.as_slice() {
+        [table] => {
+            // SAFETY: a catalog lookup of an existing relation's schema.
+            let schema = unsafe { pg_sys::get_rel_namespace(documents) };
+            sql_text::relation_in(schema, table)
+        }
+        [schema, table] => sql_text::relation_in(sql_text::schema_oid(schema)?, table),
+        _ => None,
+    }
+}
+
+/// `name` split into identifiers as PostgreSQL reads a qualified name: dots separate them,
+/// double quotes keep case and dots (`""` is a quote), unquoted parts are trimmed and
+/// lower-cased. None when it is not such a name.
+fn parse_ident(name: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut chars = name.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut part = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            loop {
+                match chars.next()? {
+                    '"' if chars.next_if_eq(&'"').is_some() => part.push('"'),
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        } else {
+            while let Some(c) = chars.next_if(|&c| c != '.' && c != '"') {
+                part.push(c);
+            }
+            part = part.trim().to_ascii_lowercase();
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Some(parts),
+            Some('.') => {}
+            Some(_) => return None,
+        }
+    }
+}
+
+impl ChunkSettings {
+    /// Parses and checks the arguments of a chunk trigger on `documents`.
+    pub fn parse(documents: &PgRelation, args: &[String]) -> ChunkSettings {
+        if !(4..=8).contains(&args.len()) {
+            misuse("embeddinggemma_chunk_trigger() takes a key column, a text column, a chunk table and its key column, then optionally max_tokens, overlap, task and dim", USAGE)
+        }
+        let number = |i: usize, default: i32| args.get(i).map_or(Some(default), |a| a.trim().parse::<i32>().ok());
+        let (Some(max_tokens), Some(overlap), Some(dim)) = (number(4, 512), number(5, 64), number(7, 768)) else {
+            let arg = |i: usize| args.get(i).map_or("NULL", String::as_str).to_string();
+            misuse(format!("embeddinggemma_chunk_trigger(): max_tokens, overlap and dim must be integers, not {}, {}, {}", arg(4), arg(5), arg(7)), USAGE)
+        };
+        let Some(chunk_table) = resolve_chunk_table(documents.oid(), &args[2]) else {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("embeddinggemma: chunk table {} does not exist in the schema of {}", args[2], sql_text::display(documents.oid())),
+                format!("An unqualified chunk table is looked up in the schema of the documents' table; name another schema as schema.table. {CHUNK_TABLE_HINT}"),
+            )
+        };
+        let task = args.get(6).map_or("document", String::as_str);
+        ChunkSettings::check(documents, &args[0], &args[1], chunk_table, &args[3], (max_tokens, overlap), task, dim)
+    }
+
+    /// Checks a documents table and its chunk table for these settings.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        documents: &PgRelation,
+        key: &str,
+        source: &str,
+        chunk_table: pg_sys::Oid,
+        chunk_key: &str,
+        (max_tokens, overlap): (i32, i32),
+        task: &str,
+        dim: i32,
+    ) -> ChunkSettings {
+        let key = check_key(documents, key);
+        let chunks = crate::columns::open_checked(chunk_table);
+        check_columns(&chunks, "body", "embedding", dim);
+        for column in [chunk_key, "chunk", "start_offset", "end_offset"] {
+            if !chunks.tuple_desc().iter().any(|a| !a.attisdropped && a.name() == column) {
+                raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                    format!("embeddinggemma: chunk table {} has no column \"{column}\"", sql_text::display(chunk_table)),
+                    format!("A chunk table has the columns {}, chunk, start_offset, end_offset, body and embedding: {CHUNK_TABLE_HINT}", ident(chunk_key)),
+                )
+            }
+        }
+        let source_column = check_source(documents, source);
+        let vector_type = chunks.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == "embedding").map(|a| a.atttypid).expect("checked");
+        ChunkSettings {
+            key,
+            source: source.to_string(),
+            source_column,
+            chunk_table,
+            chunk_key: chunk_key.to_string(),
+            max_tokens,
+            overlap,
+            task: task.to_string(),
+            dim,
+            vector_type,
+        }
+    }
+
+    /// `INSERT` of chunk rows from parallel arrays: text keys ($1, cast to the documents' key
+    /// type), chunk numbers, offsets, bodies and vectors ($2–$6).
+    pub fn insert_sql(&self) -> String {
+        format!(
+            "INSERT INTO {chunks} ({ck}, chunk, start_offset, end_offset, body, embedding)
+             SELECT u.k::{key_type}, u.c, u.s, u.e, u.b, u.v
+               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int4[]),
+                               pg_catalog.unnest($3::pg_catalog.int4[]), pg_catalog.unnest($4::pg_catalog.int4[]),
+                               pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6)) AS u(k, c, s, e, b, v)",
+            chunks = relation(self.chunk_table),
+            ck = ident(&self.chunk_key),
+            key_type = sql_text::type_name(self.key.type_oid),
+        )
+    }
+
+    /// Cuts and embeds `texts`, then inserts their chunks under `keys` (text forms of the
+    /// documents' keys, in the same order).
+    pub fn insert_chunks(&self, client: &mut pgrx::spi::SpiClient<'_>, keys: &[String], texts: &[Option<String>]) {
+        let docs = Texts::collect(texts.iter().map(|t| t.as_deref()));
+        let rows = ChunkRows::new(docs, Cut::new(self.max_tokens, self.overlap, &self.task), Some(self.dim));
+        let sql = self.insert_sql();
+        let mut batch = ChunkBatch::default();
+        for (doc, chunk, start, end, body, vector) in rows {
+            batch.keys.push(keys[doc as usize - 1].clone());
+            batch.chunks.push(chunk);
+            batch.starts.push(start);
+            batch.ends.push(end);
+            batch.bodies.push(body);
+            batch.vectors.push(vector.expect("embed_chunks rows have vectors"));
+            if batch.keys.len() == crate::functions::CHUNK_TEXTS {
+                batch.insert(client, &sql, self.vector_type);
+            }
+        }
+        batch.insert(client, &sql, self.vector_type);
+    }
+}
+
+#[derive(Default)]
+struct ChunkBatch {
+    keys: Vec<String>,
+    chunks: Vec<i32>,
+    starts: Vec<i32>,
+    ends: Vec<i32>,
+    bodies: Vec<String>,
+    vectors: Vec<Vec<f32>>,
+}
+
+impl ChunkBatch {
+    fn insert(&mut self, client: &mut pgrx::spi::SpiClient<'_>, sql: &str, vector_type: pg_sys::Oid) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let b = std::mem::take(self);
+        let args = [
+            text_param(b.keys),
+            text_param(b.chunks),
+            text_param(b.starts),
+            text_param(b.ends),
+            text_param(b.bodies),
+            vector::array_param(&b.vectors, vector_type),
+        ];
+        client.update(sql, None, &args).expect("SPI reports errors as ERRORs");
+    }
+}
+
+/// The chunk triggers on `documents` (enabled or not) that write `chunk_table`: their
+/// arguments, by trigger name.
+pub fn triggers_writing(documents: &PgRelation, chunk_table: pg_sys::Oid) -> Vec<Vec<String>> {
+    // SAFETY: the relation's trigger descriptor, NULL when it has none; its arrays have the
+    // lengths it states.
+    let mut found: Vec<(String, Vec<String>)> = unsafe {
+        let Some(desc) = documents.trigdesc.as_ref() else { return Vec::new() };
+        std::slice::from_raw_parts(desc.triggers, desc.numtriggers as usize)
+            .iter()
+            .filter(|t| !t.tgisinternal && is_chunk_trigger(t.tgfoid))
+            .map(|t| {
+                let args = (0..t.tgnargs as usize).map(|i| CStr::from_ptr(*t.tgargs.add(i)).to_string_lossy().into_owned()).collect();
+                (CStr::from_ptr(t.tgname).to_string_lossy().into_owned(), args)
+            })
+            .collect()
+    };
+    found.sort();
+    found
+        .into_iter()
+        .map(|(_, args)| args)
+        .filter(|args: &Vec<String>| args.len() >= 3 && resolve_chunk_table(documents.oid(), &args[2]) == Some(chunk_table))
+        .collect()
+}
+
+/// Whether `function` is this extension's `embeddinggemma_chunk_trigger()`.
+fn is_chunk_trigger(function: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups by OID.
+    unsafe {
+        let name = pg_sys::get_func_name(function);
+        !name.is_null()
+            && CStr::from_ptr(name) == c"embeddinggemma_chunk_trigger"
+            && pg_sys::get_func_namespace(function) == sql_text::extension_schema(c"embeddinggemma")
+    }
+}
+
+/// The key of `tuple`, as a parameter of the key's type.
+///
+/// # Safety
+/// `tuple` must be a valid tuple of the relation with descriptor `desc`.
+unsafe fn key_param<'a>(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, key: &KeyColumn) -> pgrx::datum::DatumWithOid<'a> {
+    // SAFETY: per this function's contract.
+    let datum = unsafe { pgrx::heap_getattr_raw(tuple, key.attno, desc) };
+    match datum {
+        Some(d) => param(d, key.type_oid),
+        None => pgrx::datum::DatumWithOid::null_oid(key.type_oid),
+    }
+}
+
+#[pg_trigger(sql = "")]
+fn embeddinggemma_chunk_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByRust>>, pgrx::PgTriggerError> {
+    if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::After) {
+        misuse("embeddinggemma_chunk_trigger() must be fired AFTER INSERT OR UPDATE OR DELETE … FOR EACH ROW", USAGE)
+    }
+    let op = trigger.op()?;
+    let documents = trigger.relation()?;
+    let s = ChunkSettings::parse(&documents, &trigger.extra_args()?);
+    let data = trigger.trigger_data();
+    let desc = documents.rd_att;
+    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
+    // UPDATE), and the columns were checked against that relation above.
+    let (old, new) = match op {
+        PgTriggerOperation::Insert => (None, Some(data.tg_trigtuple)),
+        PgTriggerOperation::Update => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
+        PgTriggerOperation::Delete => (Some(data.tg_trigtuple), None),
+        PgTriggerOperation::Truncate => misuse("embeddinggemma_chunk_trigger() does not handle TRUNCATE", USAGE),
+    };
+    let text = |t: *mut pg_sys::HeapTupleData| unsafe { source_text(t, desc, &s.source_column) };
+    let key = |t: *mut pg_sys::HeapTupleData| unsafe { key_text(t, desc, &s.key) };
+    let (text_changed, key_changed) = match (old, new) {
+        (Some(o), Some(n)) => (text(o) != text(n), key(o) != key(n)),
+        _ => (true, true),
+    };
+    if !text_changed && !key_changed {
+        return Ok(None);
+    }
+    let chunks = relation(s.chunk_table);
+    let ck = ident(&s.chunk_key);
+    Spi::connect_mut(|client| {
+        // SAFETY: valid tuples of the trigger's relation (above).
+        let param_of = |t: *mut pg_sys::HeapTupleData| unsafe { key_param(t, desc, &s.key) };
+        match (old, new) {
+            (Some(o), Some(n)) if !text_changed => {
+                // Only the key changed: the chunks move with it (a foreign key with ON UPDATE
+                // CASCADE has moved them already).
+                let sql = format!("UPDATE {chunks} SET {ck} = $2 WHERE {ck} OPERATOR(pg_catalog.=) $1");
+                client.update(sql.as_str(), None, &[param_of(o), param_of(n)]).expect("SPI reports errors as ERRORs");
+            }
+            _ => {
+                // The document's old chunks go: under its old key, and under its new one, where
+                // a foreign key's ON UPDATE CASCADE has moved them.
+                let delete = format!("DELETE FROM {chunks} WHERE {ck} OPERATOR(pg_catalog.=) $1");
+                let gone = match (old, new) {
+                    (Some(o), Some(n)) if key_changed => vec![o, n],
+                    (Some(o), _) => vec![o],
+                    (None, _) => vec![],
+                };
+                for t in gone {
+                    client.update(delete.as_str(), None, &[param_of(t)]).expect("SPI reports errors as ERRORs");
+                }
+                if let Some(n) = new {
+                    if let (Some(k), Some(body)) = (key(n), text(n)) {
+                        s.insert_chunks(client, &[k], &[Some(body)]);
+                    }
+                }
+            }
+        }
+    });
+    Ok(None)
+}

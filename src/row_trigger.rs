@@ -1,0 +1,54 @@
+//! `embeddinggemma_trigger()`: keeps a vector column in step with a text column, row by row,
+//! before the row is stored.
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::columns::{check_columns, source_text};
+use crate::errors::raise;
+use crate::routing;
+use crate::vector::PgVector;
+
+const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
+
+#[pg_trigger(sql = "")]
+fn embeddinggemma_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
+    let misuse = |what: &str| -> ! { raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_trigger(): {what}"), USAGE) };
+    let op = trigger.op()?;
+    let row_level = matches!(trigger.level(), PgTriggerLevel::Row);
+    let before = matches!(trigger.when()?, PgTriggerWhen::Before);
+    if !row_level || !before || !matches!(op, PgTriggerOperation::Insert | PgTriggerOperation::Update) {
+        misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
+    }
+    let args = trigger.extra_args()?;
+    if !(2..=4).contains(&args.len()) {
+        misuse("takes a source column, a target column, and optionally a task and a dimension")
+    }
+    let (source, target) = (&args[0], &args[1]);
+    let task = args.get(2).map_or("document", String::as_str);
+    let dim = match args.get(3).map(|d| d.trim().parse::<i32>()) {
+        None => 768,
+        Some(Ok(d)) => d,
+        Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
+    };
+    let column = check_columns(&trigger.relation()?, source, target, dim);
+
+    let data = trigger.trigger_data();
+    let update = matches!(op, PgTriggerOperation::Update);
+    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
+    // UPDATE), and `column` was checked against that relation above.
+    let (text, old_text) = unsafe {
+        let desc = (*data.tg_relation).rd_att;
+        let new = if update { data.tg_newtuple } else { data.tg_trigtuple };
+        (source_text(new, desc, &column), update.then(|| source_text(data.tg_trigtuple, desc, &column)))
+    };
+    let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
+    if old_text.is_some_and(|old| old == text) {
+        return Ok(Some(row));
+    }
+    let vector = text.map(|t| PgVector::from_slice(&routing::embed(&[&t], task, dim)[0]));
+    row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));
+    Ok(Some(row))
+}
