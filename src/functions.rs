@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::errors::raise;
-use crate::model;
+use crate::routing;
 use crate::vector::PgVector;
 
 /// Texts per engine call of embed_batch: enough for the planner to fill its buckets, few
@@ -29,9 +29,13 @@ impl Texts {
     }
 
     pub(crate) fn new(inputs: Array<&str>) -> Texts {
+        Texts::collect(inputs.iter())
+    }
+
+    pub(crate) fn collect<'a>(inputs: impl IntoIterator<Item = Option<&'a str>>) -> Texts {
         let mut buffer = String::new();
         let spans = inputs
-            .iter()
+            .into_iter()
             .map(|t| {
                 t.map(|t| {
                     // An array is at most 1 GB, so offsets fit in u32.
@@ -79,7 +83,7 @@ impl Chunked {
         }
         let chunk: Vec<Option<&str>> = (start..self.next).map(|i| self.texts.get(i)).collect();
         let texts: Vec<&str> = chunk.iter().flatten().copied().collect();
-        let mut vectors = if texts.is_empty() { Vec::new() } else { model::embed(&texts, &self.task, self.dim) }.into_iter();
+        let mut vectors = if texts.is_empty() { Vec::new() } else { routing::embed(&texts, &self.task, self.dim) }.into_iter();
         self.ready.extend(chunk.iter().map(|t| t.and_then(|_| vectors.next())));
     }
 }
@@ -97,7 +101,7 @@ impl Iterator for Chunked {
 
 #[pg_extern(sql = "")]
 fn embeddinggemma_embed(input: &str, task: &str, dim: i32) -> PgVector {
-    let v = model::embed(&[input], task, dim);
+    let v = routing::embed(&[input], task, dim);
     PgVector::from_slice(&v[0])
 }
 
@@ -107,7 +111,7 @@ fn embeddinggemma_embed_batch(
     task: &str,
     dim: i32,
 ) -> TableIterator<'static, (name!(ord, i32), name!(embedding, Option<PgVector>))> {
-    model::check_request(task, dim);
+    routing::check_request(task, dim);
     let rows = Chunked::new(Texts::new(inputs), task, dim);
     TableIterator::new(rows.enumerate().map(|(i, v)| (i as i32 + 1, v)))
 }
@@ -126,7 +130,7 @@ fn embeddinggemma_embed_batch_ids(
             "Pass arrays of the same length, e.g. array_agg(id ORDER BY id) and array_agg(body ORDER BY id).",
         )
     }
-    model::check_request(task, dim);
+    routing::check_request(task, dim);
     let ids: Vec<Option<i64>> = ids.iter().collect();
     let rows = Chunked::new(Texts::new(inputs), task, dim);
     TableIterator::new(ids.into_iter().zip(rows))
@@ -148,54 +152,17 @@ fn embeddinggemma_info() -> TableIterator<
         name!(engine_version, String),
     ),
 > {
-    if crate::service::chosen() {
-        return TableIterator::once(service_info());
-    }
-    let row = model::with_engine(|engine| {
-        let info = engine.info();
-        let sha: serde_json::Map<String, serde_json::Value> =
-            info.checksums.iter().map(|(f, h)| (f.clone(), serde_json::Value::String(h.clone()))).collect();
-        (
-            info.model_dir.display().to_string(),
-            info.device.clone(),
-            info.dtype.clone(),
-            info.dims.iter().map(|&d| d as i32).collect(),
-            info.max_seq_length as i32,
-            engine.tasks(),
-            JsonB(serde_json::Value::Object(sha)),
-            info.load_time.as_secs_f64(),
-            info.weight_bytes as f64 / (1 << 20) as f64,
-            info.version.to_string(),
-        )
-    });
-    TableIterator::once(row)
-}
-
-type InfoRow = (String, String, String, Vec<i32>, i32, Vec<String>, JsonB, f64, f64, String);
-
-/// `embeddinggemma_info()` of the model the service holds, from its statistics.
-fn service_info() -> InfoRow {
-    let stats = crate::service::stats().unwrap_or_else(|e| {
-        raise(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, format!("embeddinggemma: {e}"), "The embedding service is starting or restarting; SELECT * FROM embeddinggemma_service shows its state.")
-    });
-    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap_or_default();
-    let Some(m) = stats.get("model").filter(|m| m.is_object()) else {
-        let why = stats.get("load_error").and_then(|e| e.as_str()).unwrap_or("the model is not loaded yet");
-        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("embeddinggemma: the service has no model: {why}"), "SELECT * FROM embeddinggemma_service shows the service's state and error.")
-    };
-    let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-    let number = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or_default();
-    let list = |k: &str| m.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
-    (
-        text("path"),
-        text("device"),
-        text("dtype"),
-        list("dims").iter().filter_map(|d| d.as_i64()).map(|d| d as i32).collect(),
-        number("max_seq_length") as i32,
-        list("tasks").iter().filter_map(|t| t.as_str()).map(str::to_string).collect(),
-        JsonB(m.get("checksums").cloned().unwrap_or_default()),
-        number("load_s"),
-        number("weights_mb"),
-        text("version"),
-    )
+    let m = routing::info();
+    TableIterator::once((
+        m.path,
+        m.device,
+        m.dtype,
+        m.dims,
+        m.max_seq_length,
+        m.tasks,
+        JsonB(m.checksums),
+        m.load_seconds,
+        m.weights_mb,
+        m.version,
+    ))
 }

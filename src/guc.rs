@@ -190,3 +190,20 @@ pub fn register() {
 pub fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
     setting.get().map(|s| s.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
 }
+
+/// The settings that shape the model, as one string: a session whose key differs from the
+/// service's is computed by another model, so the service refuses it (and the session embeds
+/// in-process, or is refused with `service = on`).
+pub fn model_key() -> String {
+    let dtype = match DTYPE.get() {
+        Dtype::Auto => "auto",
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+    };
+    format!(
+        "model_path={}\nmodel_checksums={}\ndevice={}\ndtype={dtype}",
+        string(&MODEL_PATH).unwrap_or_default(),
+        string(&MODEL_CHECKSUMS).unwrap_or_default(),
+        string(&DEVICE).unwrap_or_else(|| "auto".into()),
+    )
+}

@@ -2,17 +2,30 @@
 //! PostgreSQL. A thin layer over `embeddinggemma-engine`: SQL functions, GUCs, the vector
 //! datum, per-backend model state.
 
+mod async_registry;
+mod async_targets;
+mod async_worker;
+mod backfill;
+mod chunk_trigger;
 mod chunks;
+mod columns;
+mod counters;
 mod cpu_slots;
 mod errors;
 mod functions;
 mod guc;
-mod model;
-mod service;
+mod in_process;
+mod model_info;
+mod progress;
+mod routing;
+mod row_trigger;
+mod service_client;
+mod service_state;
+mod sql_text;
+mod statement_trigger;
 mod stats;
 mod supervisor;
 mod transaction_memory;
-mod triggers;
 mod vector;
 mod worker;
 
@@ -31,6 +44,10 @@ pgrx::extension_sql_file!("../sql/embeddinggemma.sql", name = "embeddinggemma", 
 /// start threads.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: the library is being loaded; the process has not started any thread of ours, and
+    // PostgreSQL's processes are single-threaded: no other thread reads the environment.
+    let confined = unsafe { embeddinggemma_engine::confine_candle_threads() };
     guc::register();
+    supervisor::set_candle_confined(confined);
     supervisor::register();
 }

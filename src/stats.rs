@@ -2,7 +2,7 @@
 
 use pgrx::prelude::*;
 
-use crate::model;
+use crate::{counters, in_process, service_client, service_state};
 
 /// Resident anonymous memory of this backend, from /proc/self/status.
 fn anon_bytes() -> Option<i64> {
@@ -40,10 +40,10 @@ fn embeddinggemma_stats() -> TableIterator<
         name!(backend_memory_mb, Option<f64>),
     ),
 > {
-    let s = model::stats();
+    let s = counters::get();
     let e = s.engine;
     let busy = (e.tokenize_time + e.forward_time).as_secs_f64();
-    let facts = model::loaded_model();
+    let facts = in_process::loaded_model();
     TableIterator::once((
         s.calls as i64,
         e.texts as i64,
@@ -68,7 +68,7 @@ fn embeddinggemma_stats() -> TableIterator<
 
 #[pg_extern(sql = "")]
 fn embeddinggemma_stats_reset() {
-    model::reset_stats();
+    counters::reset();
 }
 
 /// The cluster's embedding service as its supervisor and the service itself report it.
@@ -87,15 +87,15 @@ fn embeddinggemma_service_status() -> TableIterator<
     ),
 > {
     use std::sync::atomic::Ordering::Relaxed;
-    if !crate::supervisor::preloaded() {
+    if !service_state::preloaded() {
         let why = "embeddinggemma is not in shared_preload_libraries: every backend embeds in-process".to_string();
         return TableIterator::once(("off".into(), None, 0, None, None, Some(why), None));
     }
-    let status = crate::supervisor::STATUS.get();
+    let status = service_state::STATUS.get();
     let pid = status.pid.load(Relaxed);
     let restarts = status.starts.load(Relaxed).saturating_sub(1) as i64;
     let last_exit = (status.exits.load(Relaxed) > 0).then(|| status.last_exit.load(Relaxed));
-    let reply = crate::service::stats();
+    let reply = service_client::stats();
     let stats: Option<serde_json::Value> = reply.as_ref().ok().and_then(|s| serde_json::from_str(s).ok());
     let load_error = stats.as_ref().and_then(|s| s.get("load_error")?.as_str().map(str::to_string));
     let ready = stats.as_ref().and_then(|s| s.get("ready")?.as_bool()).unwrap_or(false);

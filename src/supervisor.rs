@@ -3,46 +3,22 @@
 //! attached to nothing of PostgreSQL's) and restarts it whenever it exits. A crash of the model
 //! — panic, abort, OOM kill, GPU fault — is then the death of a grandchild of the postmaster,
 //! which PostgreSQL never sees: no cluster restart.
+//!
+//! On a reload (SIGHUP) that changes the service's settings, a new service binds the socket
+//! path while the old one drains (finishes the calls in hand, then exits), so no call fails;
+//! a reload that changes nothing makes the service try a failed model load again at once.
 
 use std::ffi::CStr;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::shmem::PGRXSharedMemory;
-use pgrx::{pg_shmem_init, PgAtomic};
+use pgrx::pg_shmem_init;
 
-use crate::{guc, service};
-
-/// What the supervisor tells backends, in shared memory.
-#[repr(C)]
-#[derive(Default)]
-pub struct Status {
-    /// The service process, 0 while there is none.
-    pub pid: AtomicI32,
-    pub starts: AtomicU64,
-    /// Unix time the current process started.
-    pub started_at: AtomicI64,
-    /// How the last process ended: its exit code, or minus the signal that killed it.
-    pub last_exit: AtomicI32,
-    pub exits: AtomicU64,
-}
-
-// SAFETY: plain atomics, valid in any process that maps the segment.
-unsafe impl PGRXSharedMemory for Status {}
-
-// SAFETY: the name is ours alone.
-pub static STATUS: PgAtomic<Status> = unsafe { PgAtomic::new(c"embeddinggemma_service_status") };
-
-static PRELOADED: AtomicBool = AtomicBool::new(false);
-
-/// Whether the library was preloaded, so the service runs (backends inherit this from the
-/// postmaster).
-pub fn preloaded() -> bool {
-    PRELOADED.load(Ordering::Relaxed)
-}
+use crate::guc;
+use crate::service_state::{self, STATUS};
 
 /// From `_PG_init`: when preloading, reserve the status and register the supervisor.
 pub fn register() {
@@ -50,8 +26,10 @@ pub fn register() {
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
-    PRELOADED.store(true, Ordering::Relaxed);
+    service_state::set_preloaded();
     pg_shmem_init!(STATUS);
+    crate::async_registry::init();
+    crate::async_worker::register();
     BackgroundWorkerBuilder::new("embeddinggemma service")
         .set_type("embeddinggemma service")
         .set_library("embeddinggemma")
@@ -73,7 +51,7 @@ fn command_line() -> Vec<String> {
         let postgres = std::path::PathBuf::from(postgres.to_string_lossy().into_owned());
         postgres.with_file_name("embeddinggemma").display().to_string()
     });
-    let mut args = vec![binary, "serve".into(), "--socket".into(), service::SOCKET.into()];
+    let mut args = vec![binary, "serve".into(), "--socket".into(), service_state::SOCKET.into()];
     let mut add = |flag: &str, value: String| {
         args.push(flag.into());
         args.push(value);
@@ -92,6 +70,7 @@ fn command_line() -> Vec<String> {
     add("--max-batch-tokens", guc::MAX_BATCH_TOKENS.get().to_string());
     add("--batch-wait-ms", guc::BATCH_WAIT_MS.get().to_string());
     add("--max-memory-mb", guc::MAX_CALL_MEMORY.get().to_string());
+    add("--model-key", guc::model_key());
     args
 }
 
@@ -101,8 +80,21 @@ struct Service {
     _stdin: Option<ChildStdin>,
 }
 
+static CANDLE_CONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `_PG_init` confined candle's pool through the environment: the service, which keeps
+/// threads of its own, then starts without it.
+pub fn set_candle_confined(confined: bool) {
+    CANDLE_CONFINED.store(confined, Ordering::Relaxed);
+}
+
 fn start(args: &[String]) -> Option<Service> {
-    let started = Command::new(&args[0]).args(&args[1..]).stdin(Stdio::piped()).spawn();
+    let mut command = Command::new(&args[0]);
+    command.args(&args[1..]).stdin(Stdio::piped());
+    if CANDLE_CONFINED.load(Ordering::Relaxed) {
+        command.env_remove(embeddinggemma_engine::CANDLE_THREADS);
+    }
+    let started = command.spawn();
     match started {
         Ok(mut child) => {
             let status = STATUS.get();
@@ -130,12 +122,13 @@ fn record_exit(status: std::process::ExitStatus) {
     warning!("embeddinggemma service: the service process exited ({status}); restarting it");
 }
 
-fn stop(mut service: Service) {
+fn signal(service: &Service, signal: i32) {
     // SAFETY: signals our own child.
-    unsafe { libc::kill(service.child.id() as i32, libc::SIGTERM) };
-    let _ = service.child.wait();
-    STATUS.get().pid.store(0, Ordering::Relaxed);
+    unsafe { libc::kill(service.child.id() as i32, signal) };
 }
+
+/// How long a replaced service may take to finish its calls before it is stopped.
+const DRAIN_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -143,6 +136,8 @@ pub extern "C-unwind" fn embeddinggemma_supervisor_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let mut args = command_line();
     let mut service: Option<Service> = None;
+    // Replaced services finishing their calls, and when they were asked to.
+    let mut draining: Vec<(Service, Instant)> = Vec::new();
     // Restarts back off while the service keeps failing, and start quick again once it runs.
     let mut backoff = Duration::from_millis(100);
     let mut next_start = Instant::now();
@@ -159,7 +154,14 @@ pub extern "C-unwind" fn embeddinggemma_supervisor_main(_arg: pg_sys::Datum) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+        draining.retain_mut(|(s, since)| {
+            if since.elapsed() > DRAIN_LIMIT {
+                signal(s, libc::SIGTERM);
+            }
+            !matches!(s.child.try_wait(), Ok(Some(_)))
+        });
         if service.is_none() && Instant::now() >= next_start {
+            STATUS.get().model_key_hash.store(service_state::key_hash(&guc::model_key()), Ordering::Relaxed);
             service = start(&args);
             started_at = Instant::now();
             if service.is_none() {
@@ -173,17 +175,33 @@ pub extern "C-unwind" fn embeddinggemma_supervisor_main(_arg: pg_sys::Datum) {
             // SAFETY: rereads postgresql.conf in this worker, as PostgreSQL's own workers do.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             let new_args = command_line();
-            if new_args != args {
-                args = new_args;
-                log!("embeddinggemma service: settings changed; restarting the service");
-                if let Some(s) = service.take() {
-                    stop(s);
+            if new_args == args {
+                // Nothing changed: a model that failed to load (fetched since?) is tried again.
+                if let Some(s) = &service {
+                    signal(s, libc::SIGHUP);
                 }
-                next_start = Instant::now();
+                continue;
             }
+            args = new_args;
+            log!("embeddinggemma service: settings changed; a new service takes over while the old one finishes its calls");
+            if let Some(old) = service.take() {
+                // The new service binds the path anew; the old one keeps its connections.
+                let _ = std::fs::remove_file(service_state::SOCKET);
+                signal(&old, libc::SIGUSR1);
+                draining.push((old, Instant::now()));
+                STATUS.get().pid.store(0, Ordering::Relaxed);
+            }
+            next_start = Instant::now();
+            backoff = Duration::from_millis(100);
         }
     }
-    if let Some(s) = service.take() {
+    for s in service.into_iter().chain(draining.into_iter().map(|(s, _)| s)) {
         stop(s);
     }
+}
+
+fn stop(mut service: Service) {
+    signal(&service, libc::SIGTERM);
+    let _ = service.child.wait();
+    STATUS.get().pid.store(0, Ordering::Relaxed);
 }

@@ -44,11 +44,9 @@ impl IntoDatum for PgVector {
 /// The OID of pgvector's `vector` type, in the schema the `vector` extension lives in.
 /// Looked up each time: the extension can be dropped and created again within a session.
 pub fn vector_type_oid() -> pg_sys::Oid {
-    // SAFETY: catalog lookups by name on the backend's main thread; get_extension_oid with
-    // missing_ok = false raises an ERROR when pgvector is not installed.
+    let schema = crate::sql_text::extension_schema(c"vector");
+    // SAFETY: a catalog lookup by name and schema.
     unsafe {
-        let extension = pg_sys::get_extension_oid(c"vector".as_ptr(), false);
-        let schema = pg_sys::get_extension_schema(extension);
         pg_sys::GetSysCacheOid(
             pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
             pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
@@ -71,3 +69,17 @@ unsafe impl BoxRet for PgVector {
 }
 
 impl_sql_translatable!(PgVector, "vector");
+
+/// `vectors` as a `vector[]` SQL parameter (`element` is the vector type's OID), palloc'd in
+/// the current memory context.
+pub fn array_param<'a>(vectors: &[Vec<f32>], element: pg_sys::Oid) -> pgrx::datum::DatumWithOid<'a> {
+    let mut datums: Vec<pg_sys::Datum> = vectors.iter().map(|v| pg_sys::Datum::from(PgVector::from_slice(v).0.as_ptr())).collect();
+    // SAFETY: `datums` are valid vector varlenas of type `element`, whose storage properties
+    // come from its catalog entry; construct_array copies them into a new array.
+    unsafe {
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(element, &mut len, &mut byval, &mut align);
+        let array = pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, element, len as i32, byval, align);
+        pgrx::datum::DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(element))
+    }
+}

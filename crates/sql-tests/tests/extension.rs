@@ -216,7 +216,7 @@ fn info_describes_the_loaded_model() {
 
 #[test]
 fn changing_the_model_reloads_it() {
-    let mut client = connect();
+    let mut client = connect_in_process();
     assert_eq!(embed(&mut client, "x", "none", 768).len(), 768);
     let loads = |c: &mut Client| c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get::<_, i64>(0);
     let before = loads(&mut client);
@@ -289,12 +289,12 @@ fn bad_input_gets_a_clear_error_and_never_crashes_the_backend() {
 
 #[test]
 fn only_a_superuser_may_point_at_model_files() {
-    // Once the library is loaded, SET itself is refused.
+    // Once the library is loaded (preloaded, as on the main test server), SET itself is refused.
     let mut user = connect_as_ordinary_user();
     assert_eq!(embed(&mut user, "ordinary users can embed", "query", 128).len(), 128);
-    // The model's files, and its device and precision (embed() is IMMUTABLE), are the
-    // superuser's to choose.
-    for (setting, value) in [("model_path", "/tmp"), ("model_checksums", "/tmp/x"), ("dtype", "bf16"), ("device", "cpu")] {
+    // The model's files, its device and precision (embed() is IMMUTABLE), and where it runs are
+    // the superuser's to choose.
+    for (setting, value) in [("model_path", "/tmp"), ("model_checksums", "/tmp/x"), ("dtype", "bf16"), ("device", "cpu"), ("service", "off")] {
         let (code, msg, _) = expect_error(&mut user, &format!("SET embeddinggemma.{setting} = '{value}'"));
         assert_eq!(code, "42501", "{setting}: {msg}");
     }
@@ -302,9 +302,18 @@ fn only_a_superuser_may_point_at_model_files() {
     user.batch_execute("SET embeddinggemma.threads = 1; SET embeddinggemma.truncate = off; SET embeddinggemma.max_batch_tokens = 1024").unwrap();
     assert_eq!(embed(&mut user, "still embedding", "query", 128).len(), 128);
 
-    // Before the library is loaded the setting is only a placeholder; PostgreSQL discards a
-    // value an ordinary user gave it when the library defines the real setting.
-    let mut fresh = connect_as_ordinary_user();
+    // Without preloading, before the library is loaded the setting is only a placeholder;
+    // PostgreSQL discards a value an ordinary user gave it when the library defines the real
+    // setting.
+    let mut admin = connect_in_process();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'eg_ordinary') THEN CREATE ROLE eg_ordinary LOGIN; END IF; END $$;
+             GRANT USAGE ON SCHEMA public TO eg_ordinary;",
+        )
+        .unwrap();
+    let dsn = std::env::var("EMBEDDINGGEMMA_TEST_INPROCESS_DSN").unwrap();
+    let mut fresh = Client::connect(&format!("{dsn} user=eg_ordinary"), postgres::NoTls).unwrap();
     fresh.batch_execute("SET embeddinggemma.model_path = '/tmp'").unwrap();
     assert_eq!(embed(&mut fresh, "placeholder ignored", "query", 128).len(), 128);
     let shown: String = fresh.query_one("SHOW embeddinggemma.model_path", &[]).unwrap().get(0);
@@ -376,7 +385,7 @@ fn terminate_ends_only_that_backend() {
 fn concurrent_backends_share_the_cpu_threads() {
     let run = || {
         std::thread::spawn(|| {
-            let mut client = connect();
+            let mut client = connect_in_process();
             client.batch_execute("SELECT embeddinggemma_stats_reset()").unwrap();
             let texts = long_texts(2);
             client.query("SELECT count(*) FROM embed_batch($1::text[])", &[&texts]).unwrap();

@@ -1,8 +1,12 @@
-//! The cluster's embedding service (issue 8), against a server with embeddinggemma in
+//! The cluster's embedding service (issues 8 and 17), against a server with embeddinggemma in
 //! shared_preload_libraries: parity with the reference and with in-process results, backends
 //! that never load the model, a kill -9 of the model process, a withdrawn request, a model
-//! that fails verification. Tests share the one service, so they run one at a time.
+//! that fails verification or arrives late, routing by the session's effective settings, a
+//! reload that replaces the service under a running backfill. Tests share the one service, so
+//! they run one at a time.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -185,6 +189,7 @@ fn a_model_that_fails_verification_is_reported_and_every_call_says_why() {
     let mut admin = connect_service();
     wait_running(&mut admin, Duration::from_secs(180));
     // A checksum file the real weights do not match, where the server's user can read it.
+    let _reset = ResetServerSettings;
     let sums = tiny_checksums();
     admin.batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_checksums = '{}'", sums.display())).unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -255,4 +260,205 @@ fn a_hot_standby_embeds_and_chunks_through_its_own_service() {
     let loads: i64 = standby.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0);
     assert_eq!(loads, 0, "the standby's backend loaded the model itself");
     eprintln!("standby: service pid {pid} running, embed and embed_chunks served");
+}
+
+const ROUTED_TEXT: &str = "Which planet is known as the Red Planet?";
+
+/// The bf16 vector of ROUTED_TEXT computed in-process, and the service's (f32) one.
+fn bf16_and_service_vectors() -> (Vec<f32>, Vec<f32>) {
+    let mut local = connect_service();
+    local.batch_execute("SET embeddinggemma.service = off; SET embeddinggemma.dtype = 'bf16'").unwrap();
+    let bf16 = embed(&mut local, ROUTED_TEXT, "query", 768);
+    let served = embed(&mut connect_service(), ROUTED_TEXT, "query", 768);
+    (bf16, served)
+}
+
+/// A session's vector of ROUTED_TEXT, and whether this backend loaded a model for it.
+fn routed(c: &mut Client) -> (Vec<f32>, i64) {
+    let v = embed(c, ROUTED_TEXT, "query", 768);
+    (v, c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0))
+}
+
+#[test]
+fn database_role_and_startup_settings_choose_the_model_never_the_service_s() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut admin = connect_service();
+    wait_running(&mut admin, Duration::from_secs(180));
+    let (bf16, served) = bf16_and_service_vectors();
+    let apart = cosine_distance(&bf16, &served);
+    assert!(apart > 1e-7, "bf16 and f32 vectors too close ({apart:e}) to tell the model apart");
+    admin.batch_execute("DROP DATABASE IF EXISTS eg_route_db WITH (FORCE)").unwrap();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'eg_route_role') THEN CREATE ROLE eg_route_role LOGIN; END IF;
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'eg_route_on') THEN CREATE ROLE eg_route_on LOGIN; END IF;
+             END $$;
+             ALTER ROLE eg_route_role SET embeddinggemma.dtype = 'bf16';
+             ALTER ROLE eg_route_on SET embeddinggemma.dtype = 'bf16';
+             ALTER ROLE eg_route_on SET embeddinggemma.service = 'on';
+             GRANT USAGE ON SCHEMA public TO eg_route_role, eg_route_on;",
+        )
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE eg_route_db").unwrap();
+    admin.batch_execute("ALTER DATABASE eg_route_db SET embeddinggemma.dtype = 'bf16'").unwrap();
+    let mut db = Client::connect(&format!("{} dbname=eg_route_db", service_dsn()), NoTls).unwrap();
+    db.batch_execute("CREATE EXTENSION embeddinggemma CASCADE").unwrap();
+    let mut db = Client::connect(&format!("{} dbname=eg_route_db", service_dsn()), NoTls).unwrap();
+    let mut role = Client::connect(&format!("{} user=eg_route_role", service_dsn()), NoTls).unwrap();
+    let mut startup = Client::connect(&format!("{} options='-c embeddinggemma.dtype=bf16'", service_dsn()), NoTls).unwrap();
+    for (name, session) in [("database", &mut db), ("role", &mut role), ("startup option", &mut startup)] {
+        let shown: String = session.query_one("SHOW embeddinggemma.dtype", &[]).unwrap().get(0);
+        assert_eq!(shown, "bf16", "{name}");
+        let (v, loads) = routed(session);
+        let d = cosine_distance(&v, &bf16);
+        eprintln!("dtype from the {name}: {d:e} from in-process bf16 ({apart:e} from the service's f32), {loads} model load(s) in the backend");
+        assert!(d <= SAME_TEXT, "dtype from the {name}: {d:e} from the bf16 vector (the service's f32 is {apart:e} from it)");
+        assert_eq!(loads, 1, "dtype from the {name}: computed by the service");
+    }
+    // With service = on, a session whose settings differ is refused, saying why.
+    let mut on = Client::connect(&format!("{} user=eg_route_on", service_dsn()), NoTls).unwrap();
+    let (code, msg, hint) = expect_error(&mut on, &format!("SELECT embed('{ROUTED_TEXT}', 'query')"));
+    assert_eq!(code, "55000", "{msg}");
+    assert!(msg.contains("differ from the service"), "{msg}");
+    assert!(hint.is_some_and(|h| h.contains("pg_reload_conf")));
+    // Sessions at the server's settings are served, and load nothing.
+    let (v, loads) = routed(&mut connect_service());
+    assert!(cosine_distance(&v, &served) <= SAME_TEXT);
+    assert_eq!(loads, 0);
+    drop((db, role, startup, on));
+    admin.batch_execute("DROP DATABASE eg_route_db WITH (FORCE)").unwrap();
+}
+
+/// A directory the server's user can read, for a model that is not there yet.
+fn model_home() -> PathBuf {
+    let home = tempfile::Builder::new().prefix("eg-model-").tempdir_in("/tmp").unwrap().keep();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    home.join("model")
+}
+
+/// Puts the tiny fixture model at `to`, readable by the server's user.
+fn bring_model(to: &std::path::Path) {
+    let status = std::process::Command::new("cp").arg("-r").arg(tiny_model_dir()).arg(to).status().unwrap();
+    assert!(status.success());
+    let status = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(to).status().unwrap();
+    assert!(status.success());
+}
+
+fn point_server_at(admin: &mut Client, model: &std::path::Path) {
+    // One statement per call: ALTER SYSTEM cannot run in a transaction block.
+    admin.batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_path = '{}'", model.display())).unwrap();
+    admin.batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_checksums = '{}'", tiny_checksums().display())).unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+/// Puts the service test server's configuration back as `scripts/test` made it, also when a
+/// test fails half-way (the next test must not inherit its settings).
+struct ResetServerSettings;
+
+impl Drop for ResetServerSettings {
+    fn drop(&mut self) {
+        let mut admin = connect_service();
+        for setting in ["model_path", "model_checksums", "max_threads"] {
+            admin.batch_execute(&format!("ALTER SYSTEM RESET embeddinggemma.{setting}")).unwrap();
+        }
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+        wait_running(&mut admin, Duration::from_secs(180));
+    }
+}
+
+fn wait_state(c: &mut Client, want: &str, within: Duration) -> (Option<String>, Duration) {
+    let started = Instant::now();
+    loop {
+        let (state, _, _, error) = service_state(c);
+        if state == want {
+            return (error, started.elapsed());
+        }
+        assert!(started.elapsed() < within, "service {state}, not {want}, after {within:?}: {error:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_model_that_arrives_after_the_service_started_is_served_after_a_reload_or_by_itself() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut admin = connect_service();
+    wait_running(&mut admin, Duration::from_secs(180));
+    let _reset = ResetServerSettings;
+    for reload in [true, false] {
+        // The model is not there when the service starts (a first run: preload, start, then fetch).
+        let model = model_home();
+        point_server_at(&mut admin, &model);
+        let (error, _) = wait_state(&mut admin, "failed", Duration::from_secs(60));
+        eprintln!("service without its model: {error:?}");
+        let (next,): (Option<f64>,) = admin.query_one("SELECT next_attempt_s FROM embeddinggemma_service", &[]).map(|r| (r.get(0),)).unwrap();
+        assert!(next.is_some(), "the view does not show the next attempt");
+        let mut user = connect_service();
+        let (code, msg, _) = expect_error(&mut user, "SELECT embed('x')");
+        assert_eq!(code, "58P01", "{msg}");
+        bring_model(&model);
+        let arrived = Instant::now();
+        if reload {
+            admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+        }
+        let limit = Duration::from_secs(if reload { 30 } else { 90 });
+        wait_state(&mut admin, "running", limit);
+        let took = arrived.elapsed();
+        eprintln!("model served {took:?} after it arrived ({})", if reload { "pg_reload_conf()" } else { "no reload" });
+        assert_eq!(embed(&mut connect_service(), "healed", "query", 48).len(), 48);
+    }
+}
+
+#[test]
+fn a_reload_that_restarts_the_service_lets_a_running_backfill_finish_each_row_once() {
+    const N: i64 = 600;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut admin = connect_service();
+    let old_pid = wait_running(&mut admin, Duration::from_secs(180));
+    let _reset = ResetServerSettings;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS rl_docs, rl_audit;
+             CREATE TABLE rl_docs (id bigint PRIMARY KEY, body text, v vector(768));
+             CREATE TABLE rl_audit (id bigint);
+             CREATE OR REPLACE FUNCTION rl_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN INSERT INTO rl_audit VALUES (NEW.id); RETURN NULL; END $$;
+             CREATE TRIGGER audit AFTER UPDATE ON rl_docs FOR EACH ROW WHEN (OLD.v IS DISTINCT FROM NEW.v) EXECUTE FUNCTION rl_audit();
+             INSERT INTO rl_docs (id, body) SELECT i, 'short row number ' || i FROM generate_series(1, {N}) i;"
+        ))
+        .unwrap();
+    let (pid, handle) = in_background("CALL embeddinggemma_backfill('rl_docs', 'body', 'v', batch_size => 10)");
+    let progress = |c: &mut Client| -> i64 {
+        c.query_one("SELECT coalesce(sum(rows_done), 0)::bigint FROM embeddinggemma_backfills WHERE relation = 'rl_docs'::regclass", &[]).unwrap().get(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while progress(&mut admin) == 0 {
+        assert!(Instant::now() < deadline, "the backfill made no progress");
+        thread::sleep(Duration::from_millis(20));
+    }
+    admin.batch_execute("ALTER SYSTEM SET embeddinggemma.max_threads = 1").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let new_pid = loop {
+        let (state, p, _, _) = service_state(&mut admin);
+        if state == "running" && p.is_some_and(|p| p != old_pid) {
+            break p.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the service was not replaced");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let at_restart = progress(&mut admin);
+    eprintln!("service {old_pid} replaced by {new_pid} with {at_restart} of {N} rows done (backend {pid})");
+    assert!(at_restart < N, "the backfill ended before the service was replaced");
+    handle.join().unwrap().0.expect("the backfill failed across the reload");
+    let once: (i64, i64, i64) = {
+        let r = admin.query_one("SELECT count(*), count(DISTINCT id), (SELECT count(*) FROM rl_docs WHERE v IS NULL) FROM rl_audit", &[]).unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(once, (N, N, 0), "(writes, rows written, rows left)");
+    let stale: i64 = admin
+        .query_one("SELECT count(*) FROM rl_docs WHERE id % 37 = 0 AND v <=> embed(body) > 1e-6", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stale, 0);
 }

@@ -1,18 +1,19 @@
-//! The model as this backend holds it: loaded on first use, reloaded when the settings that
-//! shape it change, and the counters of what it did.
+//! In-process embedding: the model as this backend holds it, loaded on first use, reloaded when
+//! the settings that shape it change.
 
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request, Stats};
+use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request};
 use pgrx::PgSqlErrorCode;
 
-use crate::errors::{raise, raise_engine, setup_hint};
-use crate::{cpu_slots, guc, service, transaction_memory, worker};
+use crate::errors::{raise, raise_bad_cut, raise_engine, setup_hint};
+use crate::model_info::ModelInfo;
+use crate::{counters, cpu_slots, guc, transaction_memory, worker};
 
 /// The settings a loaded engine was built from; any change means a reload.
 #[derive(Clone, PartialEq, Eq)]
@@ -55,17 +56,6 @@ impl LoadSettings {
     }
 }
 
-/// Counters since the backend started (or `embeddinggemma_stats_reset()`).
-#[derive(Clone, Copy, Default)]
-pub struct BackendStats {
-    pub engine: Stats,
-    pub calls: u64,
-    pub loads: u64,
-    pub load_time: Duration,
-    /// Time spent waiting for CPU threads other backends held.
-    pub wait_time: Duration,
-}
-
 /// What the loaded model is, for the statistics.
 pub struct ModelFacts {
     pub device: String,
@@ -92,15 +82,6 @@ thread_local! {
     static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
     /// A load an interrupt stopped waiting for: it goes on, and the next call picks it up.
     static PENDING: RefCell<Option<(LoadSettings, Receiver<Result<Engine, Error>>)>> = const { RefCell::new(None) };
-    static STATS: RefCell<BackendStats> = RefCell::new(BackendStats::default());
-}
-
-pub fn stats() -> BackendStats {
-    STATS.with(|s| *s.borrow())
-}
-
-pub fn reset_stats() {
-    STATS.with(|s| *s.borrow_mut() = BackendStats::default());
 }
 
 fn cores() -> usize {
@@ -143,8 +124,7 @@ pub fn with_engine<R>(f: impl FnOnce(&mut Arc<Engine>) -> R) -> R {
             *loaded = None;
             let started = Instant::now();
             let engine = load(&settings);
-            STATS.with(|s| {
-                let mut s = s.borrow_mut();
+            counters::update(|s| {
                 s.loads += 1;
                 s.load_time += started.elapsed();
             });
@@ -165,9 +145,6 @@ fn total_threads() -> usize {
 /// Cuts `text` into chunks for `task` (tokenizing only, on one CPU slot); raises an ERROR on
 /// failure.
 pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
-    if service::chosen() {
-        return service::chunk(text, task, max_tokens, overlap);
-    }
     worker::finish_unfinished();
     with_engine(|engine| {
         let slots = cpu_slots::acquire(1, total_threads());
@@ -175,7 +152,7 @@ pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<C
         let result = worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
         drop(slots);
         result.unwrap_or_else(|e| match e {
-            Error::InvalidOption(_) => crate::chunks::raise_bad_cut(e),
+            Error::InvalidOption(_) => raise_bad_cut(e),
             e => raise_engine(e),
         })
     })
@@ -191,20 +168,6 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         0 => total,
         n => n as usize,
     };
-    if service::chosen() {
-        let (vectors, s) = service::embed(texts, task, dim.max(0) as usize, truncate);
-        STATS.with(|st| {
-            let mut st = st.borrow_mut();
-            st.calls += 1;
-            st.engine.texts += s.texts;
-            st.engine.real_tokens += s.tokens;
-            st.engine.truncated += s.truncated;
-            st.engine.forward_passes += s.forward_passes;
-            st.engine.forward_time += s.forward_time;
-            st.wait_time += s.queue_wait;
-        });
-        return vectors;
-    }
     worker::finish_unfinished();
     with_engine(|engine| {
         // Only a call's worker shares the engine, and the last one has finished.
@@ -228,8 +191,7 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         drop(slots);
         match result {
             Ok((vectors, s)) => {
-                STATS.with(|st| {
-                    let mut st = st.borrow_mut();
+                counters::update(|st| {
                     st.engine += s;
                     st.calls += 1;
                     st.wait_time += wait_time;
@@ -243,11 +205,28 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
 
 /// Raises the ERROR an unknown task or dimension gets, before any text is embedded.
 pub fn check_request(task: &str, dim: i32) {
-    if service::chosen() {
-        return; // the service checks them
-    }
     with_engine(|engine| {
         engine.check_dim(dim as i64).unwrap_or_else(|e| raise_engine(e));
         engine.prompt(task).unwrap_or_else(|e| raise_engine(e));
     });
+}
+
+/// The model this backend holds (loading it if needed).
+pub fn info() -> ModelInfo {
+    with_engine(|engine| {
+        let info = engine.info();
+        let checksums = info.checksums.iter().map(|(f, h)| (f.clone(), serde_json::Value::String(h.clone()))).collect();
+        ModelInfo {
+            path: info.model_dir.display().to_string(),
+            device: info.device.clone(),
+            dtype: info.dtype.clone(),
+            dims: info.dims.iter().map(|&d| d as i32).collect(),
+            max_seq_length: info.max_seq_length as i32,
+            tasks: engine.tasks(),
+            checksums: serde_json::Value::Object(checksums),
+            load_seconds: info.load_time.as_secs_f64(),
+            weights_mb: info.weight_bytes as f64 / (1 << 20) as f64,
+            version: info.version.to_string(),
+        }
+    })
 }
