@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: connections to the test server that `scripts/test`
 //! starts, fixture paths, reference cases, vector comparisons.
 
+pub mod async_load;
 pub mod load;
 
 use std::path::PathBuf;
@@ -13,9 +14,20 @@ pub fn dsn() -> String {
     std::env::var("EMBEDDINGGEMMA_TEST_DSN").expect("EMBEDDINGGEMMA_TEST_DSN is not set: run the SQL tests through scripts/test")
 }
 
-/// A superuser session in the test database, the extension created.
+/// A superuser session in the test database, the extension created. The server runs the
+/// recommended configuration (the embedding service preloaded): sessions at the server's model
+/// settings embed through the service, others (the tiny model) in-process.
 pub fn connect() -> Client {
     Client::connect(&dsn(), NoTls).expect("cannot connect to the test server")
+}
+
+/// A superuser session on the server without the service (nothing preloaded): every backend
+/// embeds in-process with a model of its own. For what only that path has (per-backend model
+/// loads, CPU slots, activation memory, a setting before the library is loaded).
+pub fn connect_in_process() -> Client {
+    let dsn = std::env::var("EMBEDDINGGEMMA_TEST_INPROCESS_DSN")
+        .expect("EMBEDDINGGEMMA_TEST_INPROCESS_DSN is not set: run the SQL tests through scripts/test");
+    Client::connect(&dsn, NoTls).expect("cannot connect to the in-process test server")
 }
 
 /// A session as an ordinary role (created on first use).
@@ -203,4 +215,16 @@ pub fn crash_lines(log: &str) -> Vec<String> {
         "PANIC:",
     ];
     log.lines().filter(|l| SIGNS.iter().any(|s| l.contains(s))).map(str::to_string).collect()
+}
+
+/// NOTICE messages a session received, in order.
+pub type Notices = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A session to `dsn` whose NOTICEs are collected.
+pub fn connect_collecting_notices(dsn: &str) -> (Client, Notices) {
+    let notices = Notices::default();
+    let sink = notices.clone();
+    let mut config: postgres::Config = dsn.parse().unwrap();
+    config.notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()));
+    (config.connect(NoTls).unwrap(), notices)
 }

@@ -27,16 +27,16 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(name: &'static str) -> Report {
+    pub fn new(name: &'static str) -> Report {
         Report { name, fields: Vec::new() }
     }
 
-    fn put(&mut self, key: &str, value: impl fmt::Display) -> &mut Report {
+    pub fn put(&mut self, key: &str, value: impl fmt::Display) -> &mut Report {
         self.fields.push((key.to_string(), value.to_string()));
         self
     }
 
-    fn put_f(&mut self, key: &str, value: f64, decimals: usize) -> &mut Report {
+    pub fn put_f(&mut self, key: &str, value: f64, decimals: usize) -> &mut Report {
         self.put(key, format!("{value:.decimals$}"))
     }
 

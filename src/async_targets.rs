@@ -1,0 +1,361 @@
+//! Asynchronous targets (sql/: `embeddinggemma_async*`): registering, waiting, re-embedding and
+//! dropping them, and the trigger that records a changed row in the queue. The write path only
+//! records; `async_worker` embeds. The extension's tables are written with their owner's rights,
+//! for the table the trigger fires on only.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
+
+use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
+use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
+use crate::errors::raise;
+use crate::sql_text::{self, ident, param, relation, text_param};
+use crate::{async_registry, routing, service_state, worker};
+
+/// What the trigger needs of a target, cached per backend (a target's table and columns never
+/// change; dropping it drops its trigger).
+#[derive(Clone)]
+struct TriggerTarget {
+    relation: pg_sys::Oid,
+    key: String,
+    source: String,
+    /// None for a chunk target.
+    target: Option<String>,
+    keep_stale: bool,
+}
+
+thread_local! {
+    static TARGETS: RefCell<HashMap<i32, TriggerTarget>> = RefCell::new(HashMap::new());
+}
+
+fn targets_table() -> (String, pg_sys::Oid) {
+    sql_text::extension_table("embeddinggemma_async_targets")
+}
+
+fn queue_table() -> (String, pg_sys::Oid) {
+    sql_text::extension_table("embeddinggemma_async_queue")
+}
+
+fn require_service() {
+    if !service_state::preloaded() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "embeddinggemma: asynchronous targets need the extension's background workers",
+            "Add embeddinggemma to shared_preload_libraries and restart the server.",
+        )
+    }
+}
+
+/// Once this transaction commits, starts the worker for this database unless one runs, and
+/// wakes it: a worker that found no target (this one not yet committed) may just be leaving.
+pub fn ensure_worker() {
+    // SAFETY: this backend's database.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+        if !async_registry::running(db) {
+            crate::async_worker::start_for(db);
+        }
+        async_registry::wake(db);
+    });
+}
+
+fn trigger_name(id: i32) -> String {
+    format!("embeddinggemma_async_{id}")
+}
+
+/// Records a target, installs its trigger, starts the worker.
+fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool) -> i32 {
+    let (targets, owner) = targets_table();
+    let sql = format!(
+        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
+    );
+    let args = [
+        param(rel.oid(), pg_sys::REGCLASSOID),
+        text_param(key.name.clone()),
+        text_param(source.to_string()),
+        text_param(target.to_string()),
+        param(chunks.map(|c| c.chunk_table), pg_sys::REGCLASSOID),
+        text_param(chunks.map(|c| c.chunk_key.clone())),
+        text_param(task.to_string()),
+        text_param(dim),
+        text_param(chunks.map(|c| c.max_tokens)),
+        text_param(chunks.map(|c| c.overlap)),
+        text_param(keep_stale),
+    ];
+    let exists = format!("SELECT EXISTS (SELECT FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND target OPERATOR(pg_catalog.=) $2)");
+    let same = [param(rel.oid(), pg_sys::REGCLASSOID), text_param(target.to_string())];
+    let taken = sql_text::as_role(owner, || sql_text::one::<bool>(&exists, &same));
+    if taken == Some(true) {
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("embeddinggemma: {} already has an asynchronous target {target}", sql_text::display(rel.oid())),
+            format!("SELECT embeddinggemma_async_drop({}, {}) first to register it anew.", sql_text::literal(&sql_text::display(rel.oid())), sql_text::literal(target)),
+        )
+    }
+    let id = sql_text::as_role(owner, || sql_text::one::<i32>(&sql, &args)).expect("INSERT … RETURNING gives the id");
+    // The trigger is the owner's, on their table, calling the extension's function by its
+    // schema.
+    let schema = sql_text::extension_schema(c"embeddinggemma");
+    let function = format!("{}.embeddinggemma_async_trigger", ident(&sql_text::schema_name(schema)));
+    sql_text::run(
+        &format!(
+            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {function}({})",
+            ident(&trigger_name(id)),
+            relation(rel.oid()),
+            sql_text::literal(&id.to_string())
+        ),
+        &[],
+    );
+    ensure_worker();
+    id
+}
+
+fn default_key(rel: &PgRelation) -> String {
+    // SAFETY: the relation's primary key index, if any (InvalidOid otherwise).
+    let index = unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), false) };
+    let key = (index != pg_sys::InvalidOid).then(|| {
+        // SAFETY: an existing index, opened to read its key column.
+        let idx = unsafe { PgRelation::open(index) };
+        let attno = unsafe { (*idx.rd_index).indkey.values.as_slice(1)[0] };
+        rel.tuple_desc().iter().find(|a| a.attnum == attno).map(|a| a.name().to_string())
+    });
+    key.flatten().unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+            format!("embeddinggemma: table {} has no primary key", sql_text::display(rel.oid())),
+            "Name a NOT NULL column with a unique index of its own as key => '…', or add a primary key.",
+        )
+    })
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>) -> i32 {
+    require_service();
+    let rel = open_checked(tbl);
+    sql_text::require_owner(tbl, "embed it asynchronously");
+    check_columns(&rel, source, target, dim);
+    let key = key.map(str::to_string).unwrap_or_else(|| default_key(&rel));
+    let key = check_key(&rel, &key);
+    routing::check_request(task, dim);
+    register(&rel, &key, source, target, None, task, dim, keep_stale.unwrap_or(false))
+}
+
+#[pg_extern(sql = "")]
+#[allow(clippy::too_many_arguments)]
+fn embeddinggemma_async_chunks(
+    tbl: pg_sys::Oid,
+    chunk_table: pg_sys::Oid,
+    key: Option<&str>,
+    chunk_key: Option<&str>,
+    source: Option<&str>,
+    max_tokens: Option<i32>,
+    overlap: Option<i32>,
+    task: Option<&str>,
+    dim: Option<i32>,
+) -> i32 {
+    require_service();
+    let rel = open_checked(tbl);
+    sql_text::require_owner(tbl, "embed it asynchronously");
+    sql_text::require_owner(chunk_table, "fill it asynchronously");
+    let key = key.map(str::to_string).unwrap_or_else(|| default_key(&rel));
+    let (task, dim) = (task.unwrap_or("document"), dim.unwrap_or(768));
+    let cut = (max_tokens.unwrap_or(512), overlap.unwrap_or(64));
+    let settings = ChunkSettings::check(&rel, &key, source.unwrap_or("body"), chunk_table, chunk_key.unwrap_or("doc_id"), cut, task, dim);
+    routing::check_request(task, dim);
+    // The chunk settings are checked as the chunk trigger checks them, cutting included.
+    crate::chunks::Cut::new(cut.0, cut.1, task);
+    register(&rel, &settings.key, &settings.source, &sql_text::display(chunk_table), Some(&settings), task, dim, true)
+}
+
+/// The target `name` (a vector column, or a chunk table) of `tbl`: its id and trigger.
+fn find(tbl: pg_sys::Oid, name: &str) -> i32 {
+    let (targets, owner) = targets_table();
+    // A chunk target is named by its table, in the caller's terms or as registered.
+    let chunk_name = resolve_chunk_table(tbl, name).map(sql_text::display);
+    let sql = format!(
+        "SELECT id FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1
+            AND (target OPERATOR(pg_catalog.=) $2 OR target OPERATOR(pg_catalog.=) $3)"
+    );
+    let args = [param(tbl, pg_sys::REGCLASSOID), text_param(name.to_string()), text_param(chunk_name)];
+    sql_text::as_role(owner, || sql_text::one::<i32>(&sql, &args)).unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("embeddinggemma: {} has no asynchronous target {name}", sql_text::display(tbl)),
+            "SELECT table_name, target FROM embeddinggemma_async_status lists them.",
+        )
+    })
+}
+
+/// Rows of the target `id` not yet embedded (nor failed for good), and whether rows present
+/// at registration are still being queued.
+pub fn pending(id: i32) -> (i64, bool) {
+    let (targets, owner) = targets_table();
+    let (queue, _) = queue_table();
+    let sql = format!(
+        "SELECT (SELECT pg_catalog.count(*) FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id
+                  AND q.attempts OPERATOR(pg_catalog.<) t.max_attempts),
+                t.scanning
+           FROM {targets} t WHERE t.id OPERATOR(pg_catalog.=) $1"
+    );
+    sql_text::as_role(owner, || {
+        pgrx::spi::Spi::connect_mut(|c| {
+            let row = c.update(sql.as_str(), Some(1), &[text_param(id)])?.first();
+            Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?.unwrap_or(0), row.get::<bool>(2)?.unwrap_or(false)))
+        })
+        .expect("SPI reports errors as ERRORs")
+    })
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_async_wait(tbl: pg_sys::Oid, target: &str, timeout: pgrx::datum::Interval) -> bool {
+    let id = find(tbl, target);
+    let micros = timeout.as_micros();
+    let deadline = Instant::now() + Duration::from_micros(micros.max(0) as u64);
+    let _event = worker::WaitEvent::start();
+    // SAFETY: this backend's database.
+    async_registry::wake(unsafe { pg_sys::MyDatabaseId });
+    loop {
+        let (left, scanning) = pending(id);
+        if left == 0 && !scanning {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        worker::serve_interrupts();
+    }
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_async_reembed(tbl: pg_sys::Oid, target: &str) {
+    sql_text::require_owner(tbl, "re-embed it");
+    let id = find(tbl, target);
+    let (targets, owner) = targets_table();
+    let (queue, _) = queue_table();
+    sql_text::as_role(owner, || {
+        sql_text::run(
+            &format!("UPDATE {targets} SET scanning = true, scan_all = true, scan_after = NULL, model = NULL WHERE id OPERATOR(pg_catalog.=) $1"),
+            &[text_param(id)],
+        );
+        sql_text::run(
+            &format!("UPDATE {queue} SET attempts = 0, not_before = NULL WHERE target_id OPERATOR(pg_catalog.=) $1"),
+            &[text_param(id)],
+        );
+    });
+    ensure_worker();
+}
+
+#[pg_extern(sql = "")]
+fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
+    sql_text::require_owner(tbl, "drop its asynchronous target");
+    let id = find(tbl, target);
+    sql_text::run(&format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&trigger_name(id)), relation(tbl)), &[]);
+    let (targets, owner) = targets_table();
+    sql_text::as_role(owner, || sql_text::run(&format!("DELETE FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(id)]));
+    TARGETS.with(|t| t.borrow_mut().remove(&id));
+}
+
+fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
+    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).cloned()) {
+        return t;
+    }
+    let (targets, owner) = targets_table();
+    let sql = format!("SELECT relation::pg_catalog.oid, key_column, source, target, chunk_table IS NULL, keep_stale FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1");
+    let found = sql_text::as_role(owner, || {
+        pgrx::spi::Spi::connect_mut(|c| {
+            let rows = c.update(sql.as_str(), Some(1), &[text_param(id)])?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let row = rows.first();
+            Ok::<_, pgrx::spi::SpiError>(Some(TriggerTarget {
+                relation: row.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                key: row.get::<String>(2)?.unwrap_or_default(),
+                source: row.get::<String>(3)?.unwrap_or_default(),
+                target: if row.get::<bool>(5)?.unwrap_or(true) { row.get::<String>(4)? } else { None },
+                keep_stale: row.get::<bool>(6)?.unwrap_or(false),
+            }))
+        })
+        .expect("SPI reports errors as ERRORs")
+    });
+    // A trigger a role made itself, naming another table's target, records nothing.
+    let target = found.filter(|t| t.relation == relid).unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            format!("embeddinggemma_async_trigger(): no asynchronous target {id} on {}", sql_text::display(relid)),
+            "embeddinggemma_async() installs this trigger; embeddinggemma_async_drop() removes it.",
+        )
+    });
+    TARGETS.with(|t| t.borrow_mut().insert(id, target.clone()));
+    target
+}
+
+/// Queues `keys` of the target `id`, as the queue's owner.
+fn enqueue(id: i32, keys: &[String]) {
+    let (queue, owner) = queue_table();
+    let sql = format!("INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k");
+    sql_text::as_role(owner, || sql_text::run(&sql, &[text_param(id), text_param(keys.to_vec())]));
+}
+
+#[pg_trigger(sql = "")]
+fn embeddinggemma_async_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
+    let misuse = |what: &str| -> ! {
+        raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_async_trigger(): {what}"), "embeddinggemma_async() installs this trigger.")
+    };
+    let op = trigger.op()?;
+    if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::Before) {
+        misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
+    }
+    let args = trigger.extra_args()?;
+    let Some(id) = args.first().and_then(|a| a.parse::<i32>().ok()) else { misuse("takes the target's id") };
+    let rel = trigger.relation()?;
+    let t = trigger_target(id, rel.oid());
+    let source: SourceColumn = crate::columns::check_source(&rel, &t.source);
+    let key = key_column(&rel, &t.key);
+    let data = trigger.trigger_data();
+    let desc = rel.rd_att;
+    let update = matches!(op, PgTriggerOperation::Update);
+    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
+    // UPDATE), and the columns were checked against that relation above.
+    let (new, old) = if update { (data.tg_newtuple, Some(data.tg_trigtuple)) } else { (data.tg_trigtuple, None) };
+    let text = |tuple| unsafe { source_text(tuple, desc, &source) };
+    let key_of = |tuple| unsafe { key_text(tuple, desc, &key) };
+    let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
+    let new_key = key_of(new);
+    let (text_changed, old_key) = match old {
+        Some(old) => (text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
+        None => (true, None),
+    };
+    if !text_changed && old_key.is_none() {
+        return Ok(Some(row));
+    }
+    let new_text = text(new);
+    if let Some(target) = &t.target {
+        // A vector target: its vector no longer matches the text (a NULL text has none).
+        if new_text.is_none() || !t.keep_stale {
+            row.set_by_name(target, None::<crate::vector::PgVector>).unwrap_or_else(|e| misuse(&e.to_string()));
+        }
+    }
+    // A chunk target is queued even without a text (its chunks go); a vector target only with one.
+    let mut keys: Vec<String> = Vec::new();
+    if new_text.is_some() || t.target.is_none() {
+        keys.extend(new_key);
+    }
+    if t.target.is_none() {
+        keys.extend(old_key);
+    }
+    if !keys.is_empty() {
+        enqueue(id, &keys);
+        // SAFETY: this backend's database.
+        async_registry::wake(unsafe { pg_sys::MyDatabaseId });
+    }
+    Ok(Some(row))
+}
