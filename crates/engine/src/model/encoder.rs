@@ -102,12 +102,16 @@ impl Encoder {
         let layers = (0..cfg.layer_types.len())
             .map(|i| Layer::load(file, i, cfg, at))
             .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(file, "norm.weight", cfg.hidden_size, cfg.rms_norm_eps, &at.device)?;
         layers::release_load_transients();
+        // On CUDA the uploads ran on this thread's stream (candle uses per-thread streams), and
+        // forward passes run on other threads' streams, which do not wait for it.
+        at.device.synchronize()?;
         Ok(Encoder {
             embeddings: file.embedding_table("embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?,
             embed_scale: (cfg.hidden_size as f32).sqrt(),
             layers,
-            norm: RmsNorm::load(file, "norm.weight", cfg.hidden_size, cfg.rms_norm_eps, &at.device)?,
+            norm,
             cfg: cfg.clone(),
             at: at.clone(),
             bf16_attention: layers::bf16_kernel(at) && at.cpu_kernels(),

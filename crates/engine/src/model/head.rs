@@ -22,6 +22,8 @@ impl SentenceHead {
             })
             .collect::<Result<Vec<_>>>()?;
         super::layers::release_load_transients();
+        // As in `Encoder::load`: the uploads must be done before another thread's stream uses them.
+        at.device.synchronize()?;
         Ok(SentenceHead { dense, at: at.clone() })
     }
 
