@@ -52,6 +52,10 @@ pub struct Engine {
     head: SentenceHead,
     /// `EngineOptions::own_thread_pool`.
     pool: Option<JoinedPool>,
+    /// With an own pool: one as large at the lowest CPU priority, started on the first
+    /// background pass (the service's asynchronous work), so that background embedding takes
+    /// only the CPU that the database's own processes leave idle.
+    background_pool: std::sync::OnceLock<JoinedPool>,
     memory: MemoryModel,
     max_memory: usize,
     info: EngineInfo,
@@ -208,7 +212,7 @@ impl Engine {
             weight_bytes: encoder.bytes() + head.bytes(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        Ok(Engine { config, tokenizer, encoder, head, pool, memory, max_memory: options.max_memory, info })
+        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), memory, max_memory: options.max_memory, info })
     }
 
     /// Runs `f` on the engine's own pool, or on one started for this call and joined after.
@@ -322,14 +326,28 @@ impl Engine {
     /// packed on the CPU kernels, else padded to the longest): unit vectors of the model's full width, in the order of `seqs`.
     /// For callers that plan texts of several requests together (the service).
     pub fn forward_ids(&self, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
+        self.on_pool(|pool| self.forward_ids_in(pool, seqs, cancel))
+    }
+
+    /// `forward_ids` for background work: with an own pool, on its low-priority twin.
+    pub fn forward_ids_background(&self, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
+        if self.pool.is_none() {
+            return self.forward_ids(seqs, cancel);
+        }
+        if self.background_pool.get().is_none() {
+            let pool = JoinedPool::with_nice(self.info.threads, "embeddinggemma-bg", 19)?;
+            let _ = self.background_pool.set(pool);
+        }
+        self.forward_ids_in(self.background_pool.get().expect("set above"), seqs, cancel)
+    }
+
+    fn forward_ids_in(&self, pool: &rayon::ThreadPool, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
         let padded_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        self.on_pool(|pool| {
-            catch_panic(|| {
-                pool.install(|| {
-                    let hidden = self.encoder.forward(seqs, padded_len, cancel)?;
-                    self.head.forward(&hidden, &lens, padded_len)
-                })
+        catch_panic(|| {
+            pool.install(|| {
+                let hidden = self.encoder.forward(seqs, padded_len, cancel)?;
+                self.head.forward(&hidden, &lens, padded_len)
             })
         })
     }

@@ -33,6 +33,12 @@ pub fn with_signals_blocked<T>(spawn: impl FnOnce() -> T) -> T {
 impl JoinedPool {
     /// A rayon pool of `threads` threads named `name-N`.
     pub fn new(threads: usize, name: &str) -> Result<JoinedPool> {
+        JoinedPool::with_nice(threads, name, 0)
+    }
+
+    /// The same, its threads at CPU priority `nice` (Linux: per thread; 19 is the lowest, so
+    /// that they run on what the rest of the machine leaves idle). Elsewhere `nice` is ignored.
+    pub fn with_nice(threads: usize, name: &str, nice: i32) -> Result<JoinedPool> {
         let handles = Arc::new(Mutex::new(Vec::new()));
         let spawned = handles.clone();
         let name = name.to_string();
@@ -40,7 +46,14 @@ impl JoinedPool {
             .num_threads(threads.max(1))
             .spawn_handler(move |thread| {
                 let builder = std::thread::Builder::new().name(format!("{name}-{}", thread.index()));
-                let handle = with_signals_blocked(|| builder.spawn(move || thread.run()))?;
+                let handle = with_signals_blocked(|| {
+                    builder.spawn(move || {
+                        if nice != 0 {
+                            set_own_nice(nice);
+                        }
+                        thread.run()
+                    })
+                })?;
                 spawned.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
                 Ok(())
             })
@@ -66,4 +79,17 @@ impl Drop for JoinedPool {
             let _ = h.join();
         }
     }
+}
+
+/// Sets the calling thread's nice value (on Linux, setpriority on a thread id affects that
+/// thread only). Raising it needs no privilege; failing leaves the thread as it was.
+fn set_own_nice(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }

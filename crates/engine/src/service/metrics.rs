@@ -64,6 +64,8 @@ struct Counters {
     background_queue_wait: Recent,
     /// Times a background pass let interactive requests through between its layers.
     preempted: u64,
+    /// Time background work waited for other processes' CPU use to drop.
+    yielded: Duration,
 }
 
 /// Queue depth, read from the queue when stats are asked for.
@@ -108,6 +110,10 @@ impl Metrics {
                 c.queue_wait.push(queue_wait);
             }
         });
+    }
+
+    pub fn yielded(&self, time: Duration) {
+        self.with(|c| c.yielded += time);
     }
 
     pub fn preempted(&self) {
@@ -171,6 +177,7 @@ impl Metrics {
                 "texts": c.background_texts,
                 "queue_wait": c.background_queue_wait.percentiles(),
                 "preempted": c.preempted,
+                "yielded_s": c.yielded.as_secs_f64(),
             },
             "forward_time": c.forward.percentiles(),
             "memory": { "rss_mb": rss / 1024, "anon_mb": anon / 1024, "peak_rss_mb": peak_rss_kb() / 1024 },

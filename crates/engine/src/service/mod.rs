@@ -3,6 +3,7 @@
 //! and chunking texts for them (tokenizing only, on each connection's thread).
 
 mod client;
+mod cpu_share;
 mod metrics;
 pub mod protocol;
 mod queue;

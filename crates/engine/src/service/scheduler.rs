@@ -15,11 +15,17 @@
 //! background passes are small (`BACKGROUND_TOKENS`), and between the layers of a background
 //! pass, small interactive requests that arrived meanwhile are served at once: a search query
 //! waits for at most a fraction of one small layer, not for a whole pass.
+//!
+//! Background passes run on threads of the lowest priority, and before each of their layers
+//! they wait while other processes keep more than `BUSY_SHARE` of the CPUs busy (the
+//! database's own writes come first), up to `MAX_YIELD` in all per pass so that a drain still
+//! advances on a machine that is never idle.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::cpu_share::CpuShare;
 use super::metrics::Metrics;
 use super::protocol::{CallStats, Response};
 use super::queue::{Job, Queue};
@@ -39,6 +45,12 @@ const RECENT: Duration = Duration::from_secs(10);
 /// Interactive requests of at most this many texts are served between a background pass's
 /// layers.
 const PREEMPT_TEXTS: usize = 64;
+/// Other processes' share of the CPUs above which background work waits.
+const BUSY_SHARE: f64 = 0.5;
+/// The longest a background pass waits for the CPUs, over all its layers.
+const MAX_YIELD: Duration = Duration::from_secs(2);
+/// How often a waiting background layer looks again (and serves interactive requests).
+const YIELD_STEP: Duration = Duration::from_millis(50);
 
 struct Active {
     job: Job,
@@ -117,6 +129,7 @@ pub struct Scheduler {
     pub batch_wait: Duration,
     /// When an interactive request last arrived.
     pub last_interactive: Mutex<Option<Instant>>,
+    cpu: Mutex<CpuShare>,
 }
 
 /// One text of a round: (request in `active`, index in the request, ids).
@@ -124,7 +137,7 @@ type Taken = (usize, usize, Vec<u32>);
 
 impl Scheduler {
     pub fn new(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>, batch_wait: Duration) -> Scheduler {
-        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None) }
+        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()) }
     }
 
     pub fn run(self) -> ! {
@@ -197,6 +210,22 @@ impl Scheduler {
         }
     }
 
+    /// Waits (serving interactive requests) while other processes keep the CPUs busy, for at
+    /// most the time to wait this pass has left (`yield_left`).
+    fn yield_to_busy_cpus(&self, yield_left: &Mutex<Duration>) {
+        let mut yield_left = yield_left.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        while started.elapsed() < *yield_left && self.cpu.lock().unwrap_or_else(|e| e.into_inner()).others() > BUSY_SHARE {
+            std::thread::sleep(YIELD_STEP);
+            self.serve_interactive_now();
+        }
+        let waited = started.elapsed();
+        *yield_left = yield_left.saturating_sub(waited);
+        if waited >= YIELD_STEP {
+            self.metrics.yielded(waited);
+        }
+    }
+
     fn pass(&self, active: &mut [Active], taken: &[Taken], members: &[usize], background: bool) {
         let seqs: Vec<&[u32]> = members.iter().map(|&m| taken[m].2.as_slice()).collect();
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -216,14 +245,23 @@ impl Scheduler {
         let flags: Vec<_> = requests.iter().map(|&r| active[r].job.withdrawn.clone()).collect();
         let cancel = || flags.iter().all(|f| f.load(Ordering::Relaxed));
         // Checked between layers: a background pass lets interactive requests through there.
+        let yield_left = Mutex::new(MAX_YIELD);
         let between_layers = || {
             if background {
                 self.serve_interactive_now();
+                self.yield_to_busy_cpus(&yield_left);
             }
             cancel()
         };
+        if background {
+            self.yield_to_busy_cpus(&yield_left);
+        }
         let started = Instant::now();
-        let result = self.engine.forward_ids(&seqs, &between_layers);
+        let result = if background {
+            self.engine.forward_ids_background(&seqs, &between_layers)
+        } else {
+            self.engine.forward_ids(&seqs, &between_layers)
+        };
         let time = started.elapsed();
         match result {
             Ok(vectors) => {
