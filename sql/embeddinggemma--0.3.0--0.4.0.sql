@@ -210,7 +210,7 @@ CREATE TABLE embeddinggemma_async_targets (
 );
 CREATE TABLE embeddinggemma_async_queue (
     id           bigserial   PRIMARY KEY,
-    target_id    int         NOT NULL REFERENCES embeddinggemma_async_targets ON DELETE CASCADE,
+    target_id    int         NOT NULL,  -- no foreign key: its per-row lock on the target would serialize writers; _async_drop deletes the entries
     key          text        NOT NULL,
     enqueued_at  timestamptz NOT NULL DEFAULT now(),
     attempts     int         NOT NULL DEFAULT 0,

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{pg_sys, PgOid, PgRelation, PgSqlErrorCode};
 
 use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
 use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
@@ -30,6 +31,10 @@ struct TriggerTarget {
 
 thread_local! {
     static TARGETS: RefCell<HashMap<i32, TriggerTarget>> = RefCell::new(HashMap::new());
+    /// The trigger's INSERT into the queue, planned once per backend (per queue table: the
+    /// extension may be dropped and created again): parsing and planning it per row would cost
+    /// more than the insert.
+    static ENQUEUE: RefCell<Option<(String, OwnedPreparedStatement)>> = const { RefCell::new(None) };
 }
 
 fn targets_table() -> (String, pg_sys::Oid) {
@@ -38,6 +43,28 @@ fn targets_table() -> (String, pg_sys::Oid) {
 
 fn queue_table() -> (String, pg_sys::Oid) {
     sql_text::extension_table("embeddinggemma_async_queue")
+}
+
+/// `queue_table()` for the trigger, which fires per row: remembered per backend with the
+/// table's OID, and looked up again when that OID no longer names a relation (the extension
+/// was dropped and created again).
+fn queue_table_cached() -> (String, pg_sys::Oid) {
+    thread_local! {
+        static QUEUE: RefCell<Option<(pg_sys::Oid, String, pg_sys::Oid)>> = const { RefCell::new(None) };
+    }
+    QUEUE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        // SAFETY: a syscache probe by OID.
+        let exists = |oid: pg_sys::Oid| unsafe { !pg_sys::get_rel_name(oid).is_null() };
+        if let Some((_, name, owner)) = cached.as_ref().filter(|(oid, ..)| exists(*oid)) {
+            return (name.clone(), *owner);
+        }
+        let (name, owner) = queue_table();
+        let schema = sql_text::extension_schema(c"embeddinggemma");
+        let oid = sql_text::relation_in(schema, "embeddinggemma_async_queue").unwrap_or_default();
+        *cached = Some((oid, name.clone(), owner));
+        (name, owner)
+    })
 }
 
 fn require_service() {
@@ -115,9 +142,21 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     id
 }
 
+// The relation's primary key index, if any (InvalidOid otherwise); PostgreSQL 17 added the
+// deferrable_ok argument (a deferrable key is no key for us).
+#[cfg(not(any(feature = "pg15", feature = "pg16")))]
+fn primary_key_index(rel: &PgRelation) -> pg_sys::Oid {
+    // SAFETY: an open relation.
+    unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), false) }
+}
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+fn primary_key_index(rel: &PgRelation) -> pg_sys::Oid {
+    // SAFETY: an open relation.
+    unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr()) }
+}
+
 fn default_key(rel: &PgRelation) -> String {
-    // SAFETY: the relation's primary key index, if any (InvalidOid otherwise).
-    let index = unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), false) };
+    let index = primary_key_index(rel);
     let key = (index != pg_sys::InvalidOid).then(|| {
         // SAFETY: an existing index, opened to read its key column.
         let idx = unsafe { PgRelation::open(index) };
@@ -191,24 +230,17 @@ fn find(tbl: pg_sys::Oid, name: &str) -> i32 {
     })
 }
 
-/// Rows of the target `id` not yet embedded (nor failed for good), and whether rows present
-/// at registration are still being queued.
-pub fn pending(id: i32) -> (i64, bool) {
+/// Whether the target `id` has rows not yet embedded (nor failed for good), or rows present at
+/// registration still being queued. (EXISTS, not a count: waiters poll it beside the drain.)
+fn pending(id: i32) -> bool {
     let (targets, owner) = targets_table();
     let (queue, _) = queue_table();
     let sql = format!(
-        "SELECT (SELECT pg_catalog.count(*) FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id
-                  AND q.attempts OPERATOR(pg_catalog.<) t.max_attempts),
-                t.scanning
+        "SELECT t.scanning OR EXISTS (SELECT FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id
+                                        AND q.attempts OPERATOR(pg_catalog.<) t.max_attempts)
            FROM {targets} t WHERE t.id OPERATOR(pg_catalog.=) $1"
     );
-    sql_text::as_role(owner, || {
-        pgrx::spi::Spi::connect_mut(|c| {
-            let row = c.update(sql.as_str(), Some(1), &[text_param(id)])?.first();
-            Ok::<_, pgrx::spi::SpiError>((row.get::<i64>(1)?.unwrap_or(0), row.get::<bool>(2)?.unwrap_or(false)))
-        })
-        .expect("SPI reports errors as ERRORs")
-    })
+    sql_text::as_role(owner, || sql_text::one::<bool>(&sql, &[text_param(id)])).unwrap_or(false)
 }
 
 #[pg_extern(sql = "")]
@@ -219,15 +251,17 @@ fn embeddinggemma_async_wait(tbl: pg_sys::Oid, target: &str, timeout: pgrx::datu
     let _event = worker::WaitEvent::start();
     // SAFETY: this backend's database.
     async_registry::wake(unsafe { pg_sys::MyDatabaseId });
+    let mut pause = Duration::from_millis(10);
     loop {
-        let (left, scanning) = pending(id);
-        if left == 0 && !scanning {
+        if !pending(id) {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Soon after a write, rarely during a long drain.
+        pause = (pause * 2).min(Duration::from_millis(250));
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
         worker::serve_interrupts();
     }
 }
@@ -257,7 +291,11 @@ fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
     let id = find(tbl, target);
     sql_text::run(&format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&trigger_name(id)), relation(tbl)), &[]);
     let (targets, owner) = targets_table();
-    sql_text::as_role(owner, || sql_text::run(&format!("DELETE FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(id)]));
+    let (queue, _) = queue_table();
+    sql_text::as_role(owner, || {
+        sql_text::run(&format!("DELETE FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(id)]);
+        sql_text::run(&format!("DELETE FROM {queue} WHERE target_id OPERATOR(pg_catalog.=) $1"), &[text_param(id)]);
+    });
     TARGETS.with(|t| t.borrow_mut().remove(&id));
 }
 
@@ -298,9 +336,23 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
 
 /// Queues `keys` of the target `id`, as the queue's owner.
 fn enqueue(id: i32, keys: &[String]) {
-    let (queue, owner) = queue_table();
-    let sql = format!("INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k");
-    sql_text::as_role(owner, || sql_text::run(&sql, &[text_param(id), text_param(keys.to_vec())]));
+    let (queue, owner) = queue_table_cached();
+    let args = [text_param(id), text_param(keys.to_vec())];
+    sql_text::as_role(owner, || {
+        ENQUEUE.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            pgrx::spi::Spi::connect_mut(|c| {
+                if cached.as_ref().is_none_or(|(name, _)| *name != queue) {
+                    let sql = format!("INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2) AS k");
+                    let types = [PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::TEXTARRAYOID)];
+                    *cached = Some((queue.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
+                }
+                let (_, plan) = cached.as_ref().expect("prepared above");
+                c.update(plan, None, &args).map(|_| ())
+            })
+            .expect("SPI reports errors as ERRORs")
+        })
+    });
 }
 
 #[pg_trigger(sql = "")]

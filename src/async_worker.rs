@@ -532,6 +532,10 @@ fn group(targets: &[Target], claimed: &[Claimed]) -> Vec<Rows> {
 }
 
 fn record_batch(t: &Target, n: usize, rate: f64) {
+    // Entries of rows deleted meanwhile write nothing: they tell nothing of the rate either.
+    if n == 0 {
+        return;
+    }
     let (targets, _) = sql_text::extension_table("embeddinggemma_async_targets");
     let smoothed = t.rows_per_second.map_or(rate, |r| 0.7 * r + 0.3 * rate);
     sql_text::run(

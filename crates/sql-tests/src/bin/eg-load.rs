@@ -5,7 +5,7 @@
 //!   eg-load row-trigger --dsn DSN [--connections 16] [--seconds 60]
 //!   eg-load one-batch   --dsn DSN [--n 300]
 //!   eg-load wait        --dsn DSN [--seconds 180]     (until the service runs; at once in-process)
-//!   eg-load async-inserts plain|async|row-trigger --dsn DSN [--connections 16] [--seconds 60]
+//!   eg-load async-inserts plain|async|row-trigger --dsn DSN [--connections 16] [--seconds 60] [--n 3000 rows kept to drain]
 //!   eg-load async-drain docstrings|short --dsn DSN [--n 300|3000]
 //!   eg-load async-queries --dsn DSN [--n 3000]       (query latency idle, then while N short rows drain)
 //!   eg-load short-corpus [--n 3000]                  (the short rows as a JSONL corpus, for the engine's bench)
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            async_load::inserts(&dsn, kind, connections.unwrap_or(16), secs(60)).map(Some)
+            async_load::inserts(&dsn, kind, connections.unwrap_or(16), secs(60), n.unwrap_or(3000)).map(Some)
         }
         "async-drain" => {
             let (name, texts) = match word.as_deref() {
