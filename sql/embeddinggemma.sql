@@ -337,6 +337,45 @@ $proc$;
 COMMENT ON PROCEDURE embeddinggemma_chunk_backfill(regclass, regclass, int) IS
 'Fills chunk_table for every document of tbl that has a non-empty text and no chunks, with the settings of the embeddinggemma_chunk_trigger on tbl that writes chunk_table, batch_size documents per batch, committing after each batch. Several sessions can run it at once; a rerun continues where a cancelled or killed run stopped. Progress shows in embeddinggemma_backfills (target = the chunk table). Call it outside a transaction block.';
 
+CREATE FUNCTION embeddinggemma_backfill_shards(tbl regclass)
+RETURNS TABLE(shard bigint, source text, target text, rows_done bigint, rows_remaining bigint, rows_per_second float8,
+              running boolean, started_at timestamptz, finished_at timestamptz, note text)
+VOLATILE STRICT PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    command pg_catalog.text;
+BEGIN
+    IF pg_catalog.to_regprocedure('pg_catalog.run_command_on_shards(pg_catalog.regclass, pg_catalog.text, pg_catalog.bool)') IS NULL THEN
+        RAISE EXCEPTION 'embeddinggemma_backfill_shards: Citus is not installed'
+            USING HINT = 'Backfills of a table of this node show in embeddinggemma_backfills.';
+    END IF;
+    -- Each shard's latest run, from its worker's own embeddinggemma_backfills (%L: the shard).
+    command := pg_catalog.format(
+        'SELECT pg_catalog.row_to_json(b) FROM %I.embeddinggemma_backfills b
+          WHERE b.relation OPERATOR(pg_catalog.=) %%L::pg_catalog.regclass ORDER BY b.started_at DESC LIMIT 1',
+        (SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+          WHERE e.extname OPERATOR(pg_catalog.=) 'embeddinggemma'));
+    RETURN QUERY
+    SELECT r.shardid,
+           j OPERATOR(pg_catalog.->>) 'source',
+           j OPERATOR(pg_catalog.->>) 'target',
+           (j OPERATOR(pg_catalog.->>) 'rows_done')::pg_catalog.int8,
+           (j OPERATOR(pg_catalog.->>) 'rows_remaining')::pg_catalog.int8,
+           (j OPERATOR(pg_catalog.->>) 'rows_per_second')::pg_catalog.float8,
+           (j OPERATOR(pg_catalog.->>) 'running')::pg_catalog.bool,
+           (j OPERATOR(pg_catalog.->>) 'started_at')::pg_catalog.timestamptz,
+           (j OPERATOR(pg_catalog.->>) 'finished_at')::pg_catalog.timestamptz,
+           CASE WHEN r.success THEN j OPERATOR(pg_catalog.->>) 'note' ELSE r.result END
+      FROM pg_catalog.run_command_on_shards(tbl, command) r,
+           LATERAL (SELECT CASE WHEN r.success AND r.result OPERATOR(pg_catalog.<>) '' THEN r.result::pg_catalog.jsonb END AS j) x
+     ORDER BY r.shardid;
+END
+$fn$;
+
+COMMENT ON FUNCTION embeddinggemma_backfill_shards(regclass) IS
+'Citus: the latest backfill run of every shard of the distributed table tbl, read from the shards'' workers while a backfill called on the coordinator runs there (one row per shard; no run yet: NULLs).';
+
 -- Asynchronous embedding (src/async_targets.rs, src/async_worker.rs): a write records that a
 -- row needs a vector; a background worker per database embeds the queue in large batches
 -- through the service, with the rights of the table's owner. Only the extension's own code

@@ -96,6 +96,15 @@ fn trigger_name(id: i32) -> String {
 
 /// Records a target, installs its trigger, starts the worker.
 fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool) -> i32 {
+    // The queue and the targets live in each node's own tables; a distributed table's rows are
+    // written on the workers, whose triggers would not find a target registered here.
+    if crate::citus::is_distributed(rel.oid()) || crate::citus::shard_of(rel.oid()).is_some() {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("embeddinggemma: asynchronous targets on a Citus distributed table ({}) are not supported", sql_text::display(rel.oid())),
+            "Keep the vectors in step with embeddinggemma_trigger (it runs on the workers, each with its own service), or fill them with UPDATE … SET v = embed(body) or CALL embeddinggemma_backfill(…) from the coordinator.",
+        );
+    }
     let (targets, owner) = targets_table();
     let sql = format!(
         "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale)

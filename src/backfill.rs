@@ -48,6 +48,8 @@ struct Run {
     started: Instant,
     finished: bool,
     note: Option<String>,
+    /// On a Citus distributed table: the CALL each shard runs (see `dispatch`).
+    on_shards: Option<String>,
 }
 
 thread_local! {
@@ -147,6 +149,9 @@ impl Run {
     /// One batch: claims rows, embeds them, writes them; or ends a pass. False when the run is
     /// over.
     fn batch(&mut self) {
+        if let Some(command) = self.on_shards.clone() {
+            return self.dispatch(&command);
+        }
         loop {
             if self.leaf >= self.leaves.len() {
                 self.remaining = self.count_remaining();
@@ -178,6 +183,35 @@ impl Run {
             }
             self.leaf += 1;
             self.block = 0;
+        }
+    }
+
+    /// A distributed table: the same backfill on every shard at once, each on its worker
+    /// (which embeds with its own service and records the shard's progress there; see
+    /// `embeddinggemma_backfill_shards`), in one batch that ends when all have.
+    fn dispatch(&mut self, command: &str) {
+        let results = crate::citus::on_every_shard(self.key.relation, command);
+        let failed: Vec<String> =
+            results.iter().filter(|r| !r.1).map(|(shard, _, e)| format!("shard {shard}: {}", e.as_deref().unwrap_or("failed"))).collect();
+        self.remaining = self.count_remaining();
+        self.done = (self.initial - self.remaining).max(0);
+        self.finished = true;
+        if let Some(first) = failed.first() {
+            raise(
+                PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+                format!("{}: {} of {} shards failed; {first}", self.name(), failed.len(), results.len()),
+                "Run it again once the cause is fixed: every shard continues where it stopped.",
+            );
+        }
+        if self.remaining > 0 {
+            self.note = Some(format!("{} left that the shards' runs could not claim, across {} shards", self.remaining, results.len()));
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Vectors { .. } => "embeddinggemma_backfill",
+            Kind::Chunks { .. } => "embeddinggemma_chunk_backfill",
         }
     }
 
@@ -269,9 +303,10 @@ impl Run {
     }
 
     fn message(&self, s: &Standing) -> String {
-        let (name, unit) = match self.kind {
-            Kind::Vectors { .. } => ("embeddinggemma_backfill", "rows"),
-            Kind::Chunks { .. } => ("embeddinggemma_chunk_backfill", "documents"),
+        let name = self.name();
+        let unit = match self.kind {
+            Kind::Vectors { .. } => "rows",
+            Kind::Chunks { .. } => "documents",
         };
         let table = sql_text::display(self.key.relation);
         let elapsed = self.started.elapsed().as_secs();
@@ -323,8 +358,8 @@ fn store(run: Run) -> i64 {
 }
 
 /// Starts a run: checks, counts, records it; the state it returns goes to the batches.
-fn begin(kind: Kind, relation_oid: pg_sys::Oid, source: String, target: String, batch_size: i64) -> i64 {
-    let leaves = leaves(relation_oid);
+fn begin(kind: Kind, relation_oid: pg_sys::Oid, source: String, target: String, batch_size: i64, on_shards: Option<String>) -> i64 {
+    let leaves = if on_shards.is_some() { Vec::new() } else { leaves(relation_oid) };
     let key = RunKey {
         relation: relation_oid,
         source,
@@ -349,6 +384,7 @@ fn begin(kind: Kind, relation_oid: pg_sys::Oid, source: String, target: String, 
         started: Instant::now(),
         finished: false,
         note: None,
+        on_shards,
     };
     run.initial = run.count_remaining();
     run.remaining = run.initial;
@@ -399,19 +435,46 @@ fn embeddinggemma_backfill_begin(tbl: pg_sys::Oid, source: &str, target: &str, t
         .report(PgLogLevel::WARNING);
     }
     drop(rel);
+    let on_shards = crate::citus::is_distributed(tbl).then(|| {
+        shard_command(&format!(
+            "embeddinggemma_backfill(%L, {}, {}, {}, {dim}, {batch_size})",
+            sql_text::literal(source),
+            sql_text::literal(target),
+            sql_text::literal(task)
+        ))
+    });
     let kind = Kind::Vectors { source: source.into(), target: target.into(), task: task.into(), dim };
-    begin(kind, tbl, source.into(), target.into(), batch_size)
+    begin(kind, tbl, source.into(), target.into(), batch_size, on_shards)
+}
+
+/// `CALL <extension schema>.<call>` for run_command_on_shards, a format() string: `%L`, the
+/// shard's name as a literal; every other `%` escaped.
+fn shard_command(call: &str) -> String {
+    let schema = sql_text::extension_schema(c"embeddinggemma");
+    // SAFETY: a catalog lookup of an existing schema's name.
+    let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(schema)) }.to_string_lossy().into_owned();
+    let (before, after) = call.split_once("%L").expect("a shard placeholder");
+    format!("CALL {}.{}%L{}", crate::citus::escape_format(&ident(&schema)), crate::citus::escape_format(before), crate::citus::escape_format(after))
 }
 
 #[pg_extern(sql = "")]
 fn embeddinggemma_chunk_backfill_begin(tbl: pg_sys::Oid, chunk_table: pg_sys::Oid, batch_size: i32) -> i64 {
     let batch_size = check_batch_size(batch_size, "16");
     open_checked(chunk_table);
+    // On a shard (a distributed run's part), the distributed chunk table means its shard here.
+    let named = chunk_table;
+    let chunk_table = match crate::citus::shard_of(tbl) {
+        Some((shard, _)) if crate::citus::is_distributed(chunk_table) => crate::citus::colocated_shard(shard, chunk_table)
+            .unwrap_or_else(|why| raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, format!("embeddinggemma_chunk_backfill: {why}"), "Distribute the chunk table by the document key, co-located with the documents.")),
+        _ => chunk_table,
+    };
     let kind = Kind::Chunks { chunk_table };
     let s = chunk_settings(tbl, chunk_table);
     sql_text::require_privilege(chunk_table, pg_sys::ACL_INSERT, "chunk into");
     routing::check_request(&s.task, s.dim);
-    begin(kind, tbl, s.source, sql_text::display(chunk_table), batch_size)
+    let on_shards = crate::citus::is_distributed(tbl)
+        .then(|| shard_command(&format!("embeddinggemma_chunk_backfill(%L, {}, {batch_size})", sql_text::literal(&relation(named)))));
+    begin(kind, tbl, s.source, sql_text::display(chunk_table), batch_size, on_shards)
 }
 
 /// One batch of the run `run` (from `embeddinggemma_*_begin` in this session): the NOTICE to

@@ -38,7 +38,26 @@ fn misuse(what: impl Into<String>, hint: &str) -> ! {
 /// The chunk table a trigger argument names: `schema.table` as written, or `table` in the
 /// schema of the documents' table — never through a writer's search_path, so no writer can
 /// redirect the chunks to a table of their own.
+///
+/// On a Citus shard of the documents, the distributed chunk table it names stands for its shard
+/// beside this one (chunk and documents tables co-located by the document key).
 pub fn resolve_chunk_table(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
+    let named = resolve_name(documents, name)?;
+    let Some((shard, _)) = crate::citus::shard_of(documents) else { return Some(named) };
+    if !crate::citus::is_distributed(named) {
+        return Some(named);
+    }
+    Some(crate::citus::colocated_shard(shard, named).unwrap_or_else(|why| {
+        misuse(
+            format!("embeddinggemma: the chunk table of shard {}: {why}", sql_text::display(documents)),
+            "Distribute the chunk table by the document key, co-located with the documents: SELECT create_distributed_table('doc_chunks', 'doc_id', colocate_with => 'docs');",
+        )
+    }))
+}
+
+fn resolve_name(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
+    // On a shard, a bare name is looked up in the schema of the documents' table, as on the
+    // coordinator (shards live in their table's schema).
     let parts = parse_ident(name)?;
     match parts.as_slice() {
         [table] => {

@@ -8,6 +8,7 @@ mod async_worker;
 mod backfill;
 mod chunk_trigger;
 mod chunks;
+mod citus;
 mod columns;
 mod counters;
 mod cpu_slots;

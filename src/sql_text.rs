@@ -87,10 +87,17 @@ unsafe fn extension_namespace(extension: pg_sys::Oid) -> pg_sys::Oid {
     one::<pg_sys::Oid>(query, &args).unwrap_or(pg_sys::InvalidOid)
 }
 
-/// The first column of the first row `sql` returns. Run as SPI runs writes, so that it sees
+/// The first column of the first row `sql` returns (None for no row or NULL). Run as SPI runs writes, so that it sees
 /// this transaction's earlier writes (a read-only SPI query keeps the caller's snapshot).
 pub fn one<T: pgrx::FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Option<T> {
-    pgrx::spi::Spi::connect_mut(|c| c.update(sql, Some(1), args)?.first().get_one::<T>()).expect("SPI reports errors as ERRORs")
+    pgrx::spi::Spi::connect_mut(|c| {
+        let rows = c.update(sql, Some(1), args)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.first().get_one::<T>()
+    })
+    .expect("SPI reports errors as ERRORs")
 }
 
 /// Runs `sql` (a write), returning how many rows it processed.
