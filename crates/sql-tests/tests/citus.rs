@@ -127,6 +127,23 @@ fn distributed_table(c: &mut Client, name: &str, columns: &str, shards: i32) {
     c.execute(&format!("SELECT create_distributed_table('{name}', '{key}', shard_count => $1)"), &[&shards]).unwrap();
 }
 
+/// Distributed `docs` (id, body) with a chunk table `<docs>_chunks` distributed by doc_id as
+/// `distribution` says, and the chunk trigger (48 tokens, overlap 8) writing it.
+fn documents_with_chunk_trigger(c: &mut Client, docs: &str, distribution: &str) {
+    distributed_table(c, docs, "id bigint PRIMARY KEY, body text", 4);
+    let chunks = format!("{docs}_chunks");
+    each(
+        c,
+        &format!(
+            "DROP TABLE IF EXISTS {chunks};\n\
+             CREATE TABLE {chunks} (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(768), PRIMARY KEY (doc_id, chunk));\n\
+             SELECT create_distributed_table('{chunks}', 'doc_id', {distribution});\n\
+             CREATE TRIGGER c AFTER INSERT OR UPDATE OR DELETE ON {docs} FOR EACH ROW \
+               EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', '{chunks}', 'doc_id', '48', '8')"
+        ),
+    );
+}
+
 #[test]
 fn a_distributed_update_embeds_on_the_workers_as_one_server_would() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,16 +193,7 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     assert_single_node_vectors(&vectors(&mut c, "c_stmt", "body", "v"), "statement trigger");
 
     // The chunk trigger, its chunk table co-located by the document key.
-    distributed_table(&mut c, "c_docs", "id bigint PRIMARY KEY, body text", 4);
-    each(
-        &mut c,
-        "DROP TABLE IF EXISTS c_docs_chunks;
-         CREATE TABLE c_docs_chunks (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
-                                     PRIMARY KEY (doc_id, chunk));
-         SELECT create_distributed_table('c_docs_chunks', 'doc_id', colocate_with => 'c_docs');
-         CREATE TRIGGER c AFTER INSERT OR UPDATE OR DELETE ON c_docs FOR EACH ROW
-            EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'c_docs_chunks', 'doc_id', '48', '8');",
-    );
+    documents_with_chunk_trigger(&mut c, "c_docs", "colocate_with => 'c_docs'");
     let before = served();
     let docs: Vec<String> = (0..8).map(|i| short_rows(6, 4000 + 10 * i).join(" ")).collect();
     c.execute("INSERT INTO c_docs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&docs]).unwrap();
@@ -198,16 +206,7 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     assert_eq!(orphans, 0, "the deleted document's chunks stay");
 
     // Not co-located: a clear error on the shard, with the way that works.
-    distributed_table(&mut c, "c_apart", "id bigint PRIMARY KEY, body text", 4);
-    each(
-        &mut c,
-        "DROP TABLE IF EXISTS c_apart_chunks;
-         CREATE TABLE c_apart_chunks (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
-                                      PRIMARY KEY (doc_id, chunk));
-         SELECT create_distributed_table('c_apart_chunks', 'doc_id', shard_count => 3, colocate_with => 'none');
-         CREATE TRIGGER c AFTER INSERT OR UPDATE OR DELETE ON c_apart FOR EACH ROW
-            EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'c_apart_chunks', 'doc_id', '48', '8');",
-    );
+    documents_with_chunk_trigger(&mut c, "c_apart", "shard_count => 3, colocate_with => 'none'");
     let (_, message, hint) = expect_error(&mut c, "INSERT INTO c_apart VALUES (1, 'Some text to chunk.')");
     assert!(message.contains("not co-located"), "{message}");
     assert!(hint.unwrap_or_default().contains("colocate_with"));
@@ -285,17 +284,8 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
     assert!(shards.iter().all(|s| s.1 == Some(0) && s.2 == Some(true)), "{shards:?}");
 
     // The chunk backfill.
-    distributed_table(&mut c, "c_cdocs", "id bigint PRIMARY KEY, body text", 4);
-    each(
-        &mut c,
-        "DROP TABLE IF EXISTS c_cdocs_chunks;
-         CREATE TABLE c_cdocs_chunks (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
-                                      PRIMARY KEY (doc_id, chunk));
-         SELECT create_distributed_table('c_cdocs_chunks', 'doc_id', colocate_with => 'c_cdocs');
-         CREATE TRIGGER c AFTER INSERT OR UPDATE OR DELETE ON c_cdocs FOR EACH ROW
-            EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'c_cdocs_chunks', 'doc_id', '48', '8');
-         ALTER TABLE c_cdocs DISABLE TRIGGER c;",
-    );
+    documents_with_chunk_trigger(&mut c, "c_cdocs", "colocate_with => 'c_cdocs'");
+    c.batch_execute("ALTER TABLE c_cdocs DISABLE TRIGGER c").unwrap();
     let docs: Vec<String> = (0..48).map(|i| short_rows(4, 9000 + 10 * i).join(" ")).collect();
     c.execute("INSERT INTO c_cdocs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&docs]).unwrap();
     c.batch_execute("ALTER TABLE c_cdocs ENABLE TRIGGER c").unwrap();
