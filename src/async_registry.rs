@@ -83,8 +83,10 @@ pub fn set_sleeping(slot: usize, sleeping: bool) {
 
 /// Wakes the worker serving `db` if it is waiting for work.
 pub fn wake(db: pg_sys::Oid) {
-    let Some(i) = serving(db) else { return };
+    // Writes call this per row: the flag first, the proc array (a shared lock) only when set.
     let w = WORKERS.get();
+    let sleeping = |i: usize| w.db[i].load(Ordering::Acquire) == db.to_u32() && w.sleeping[i].load(Ordering::Acquire);
+    let Some(i) = (0..SLOTS).find(|&i| sleeping(i) && alive(w.pid[i].load(Ordering::Acquire))) else { return };
     if w.sleeping[i].swap(false, Ordering::AcqRel) {
         // SAFETY: the proc of a live process; SetLatch is safe on another process's latch.
         unsafe {

@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{pg_sys, PgOid, PgRelation, PgSqlErrorCode};
+use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
 
 use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
 use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
@@ -31,10 +30,6 @@ struct TriggerTarget {
 
 thread_local! {
     static TARGETS: RefCell<HashMap<i32, TriggerTarget>> = RefCell::new(HashMap::new());
-    /// The trigger's INSERT into the queue, planned once per backend (per queue table: the
-    /// extension may be dropped and created again): parsing and planning it per row would cost
-    /// more than the insert.
-    static ENQUEUE: RefCell<Option<(String, OwnedPreparedStatement)>> = const { RefCell::new(None) };
 }
 
 fn targets_table() -> (String, pg_sys::Oid) {
@@ -43,28 +38,6 @@ fn targets_table() -> (String, pg_sys::Oid) {
 
 fn queue_table() -> (String, pg_sys::Oid) {
     sql_text::extension_table("embeddinggemma_async_queue")
-}
-
-/// `queue_table()` for the trigger, which fires per row: remembered per backend with the
-/// table's OID, and looked up again when that OID no longer names a relation (the extension
-/// was dropped and created again).
-fn queue_table_cached() -> (String, pg_sys::Oid) {
-    thread_local! {
-        static QUEUE: RefCell<Option<(pg_sys::Oid, String, pg_sys::Oid)>> = const { RefCell::new(None) };
-    }
-    QUEUE.with(|cell| {
-        let mut cached = cell.borrow_mut();
-        // SAFETY: a syscache probe by OID.
-        let exists = |oid: pg_sys::Oid| unsafe { !pg_sys::get_rel_name(oid).is_null() };
-        if let Some((_, name, owner)) = cached.as_ref().filter(|(oid, ..)| exists(*oid)) {
-            return (name.clone(), *owner);
-        }
-        let (name, owner) = queue_table();
-        let schema = sql_text::extension_schema(c"embeddinggemma");
-        let oid = sql_text::relation_in(schema, "embeddinggemma_async_queue").unwrap_or_default();
-        *cached = Some((oid, name.clone(), owner));
-        (name, owner)
-    })
 }
 
 fn require_service() {
@@ -343,27 +316,6 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
     target
 }
 
-/// Queues `keys` of the target `id`, as the queue's owner.
-fn enqueue(id: i32, keys: &[String]) {
-    let (queue, owner) = queue_table_cached();
-    let args = [text_param(id), text_param(keys.to_vec())];
-    sql_text::as_role(owner, || {
-        ENQUEUE.with(|cell| {
-            let mut cached = cell.borrow_mut();
-            pgrx::spi::Spi::connect_mut(|c| {
-                if cached.as_ref().is_none_or(|(name, _)| *name != queue) {
-                    let sql = format!("INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2) AS k");
-                    let types = [PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::TEXTARRAYOID)];
-                    *cached = Some((queue.clone(), c.prepare_mut(sql.as_str(), &types)?.keep()));
-                }
-                let (_, plan) = cached.as_ref().expect("prepared above");
-                c.update(plan, None, &args).map(|_| ())
-            })
-            .expect("SPI reports errors as ERRORs")
-        })
-    });
-}
-
 #[pg_trigger(sql = "")]
 fn embeddinggemma_async_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -414,7 +366,7 @@ fn embeddinggemma_async_trigger<'a>(
         keys.extend(old_key);
     }
     if !keys.is_empty() {
-        enqueue(id, &keys);
+        crate::async_queue::insert(id, &keys);
         // SAFETY: this backend's database.
         async_registry::wake(unsafe { pg_sys::MyDatabaseId });
     }

@@ -1,0 +1,129 @@
+//! The asynchronous trigger's write into the queue, as a heap insert plus its index entries:
+//! the trigger fires per written row, and an SPI `INSERT` (portal, executor, the key array and
+//! its `unnest`) cost about as much as the user's own insert. The queue is the extension's own
+//! table with no triggers, rules or policies, so nothing is skipped that would run for it.
+
+use std::cell::Cell;
+use std::ffi::CStr;
+
+use pgrx::{pg_sys, IntoDatum, PgSqlErrorCode, PgTupleDesc};
+
+use crate::errors::raise;
+use crate::sql_text;
+
+const QUEUE: &CStr = c"embeddinggemma_async_queue";
+const SEQUENCE: &str = "embeddinggemma_async_queue_id_seq";
+
+thread_local! {
+    /// The queue's and its id sequence's OIDs, looked up again when the OID no longer names
+    /// the queue (the extension was dropped and created again).
+    static OIDS: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
+}
+
+fn names_queue(oid: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache probe by OID; NULL when no relation has it.
+    let name = unsafe { pg_sys::get_rel_name(oid) };
+    // SAFETY: a NUL-terminated name palloc'd just above.
+    !name.is_null() && unsafe { CStr::from_ptr(name) } == QUEUE
+}
+
+fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
+    if let Some(found) = OIDS.get().filter(|(queue, _)| names_queue(*queue)) {
+        return found;
+    }
+    let schema = sql_text::extension_schema(c"embeddinggemma");
+    let find = |name: &str| {
+        sql_text::relation_in(schema, name).unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("embeddinggemma: the extension's relation {name} is missing"),
+                "ALTER EXTENSION embeddinggemma UPDATE brings an install up to date.",
+            )
+        })
+    };
+    let (queue, sequence) = (find(QUEUE.to_str().expect("ASCII")), find(SEQUENCE));
+    OIDS.set(Some((queue, sequence)));
+    (queue, sequence)
+}
+
+/// Queues `keys` of the target `target_id` (one entry each), in this transaction.
+pub fn insert(target_id: i32, keys: &[String]) {
+    let (queue, sequence) = oids();
+    // SAFETY: the queue exists (checked above) and is locked as an INSERT locks it; the tuple is
+    // formed from its own descriptor; each index entry is built and inserted as
+    // CatalogIndexInsert does for a heap tuple (the queue's indexes are on plain columns).
+    unsafe {
+        let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let desc = (*rel).rd_att;
+        let owner = (*(*rel).rd_rel).relowner;
+        let attrs = PgTupleDesc::from_pg_unchecked(desc);
+        let indexes = open_indexes(rel);
+        let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsHeapTuple);
+        for key in keys {
+            let mut values = vec![pg_sys::Datum::from(0usize); attrs.len()];
+            let mut nulls = vec![true; attrs.len()];
+            for (i, a) in attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped) {
+                let value = match a.name() {
+                    // nextval() checks the caller's rights on the sequence: the owner's are.
+                    "id" => sql_text::as_role(owner, || pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])).into_datum(),
+                    "target_id" => target_id.into_datum(),
+                    "key" => key.as_str().into_datum(),
+                    "enqueued_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
+                    "attempts" => 0i32.into_datum(),
+                    "leased" => false.into_datum(),
+                    _ => None,
+                };
+                if let Some(v) = value {
+                    values[i] = v;
+                    nulls[i] = false;
+                }
+            }
+            let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::simple_heap_insert(rel, tuple);
+            pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+            for &(index, info) in &indexes {
+                let mut values = [pg_sys::Datum::from(0usize); pg_sys::INDEX_MAX_KEYS as usize];
+                let mut nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+                pg_sys::FormIndexDatum(info, slot, std::ptr::null_mut(), values.as_mut_ptr(), nulls.as_mut_ptr());
+                let unique = if (*(*index).rd_index).indisunique {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+                } else {
+                    pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+                };
+                pg_sys::index_insert(index, values.as_mut_ptr(), nulls.as_mut_ptr(), &mut (*tuple).t_self, rel, unique, false, info);
+            }
+            pg_sys::ExecClearTuple(slot);
+            pg_sys::heap_freetuple(tuple);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        for (index, _) in indexes {
+            pg_sys::index_close(index, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        }
+        pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    }
+}
+
+/// The queue's indexes, opened, each with its IndexInfo.
+///
+/// # Safety
+/// `rel` is open and locked.
+unsafe fn open_indexes(rel: pg_sys::Relation) -> Vec<(pg_sys::Relation, *mut pg_sys::IndexInfo)> {
+    // SAFETY: per the contract; the relcache's list of the relation's index OIDs.
+    unsafe {
+        let list = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(rel));
+        list.iter_oid()
+            .map(|oid| {
+                let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                let info = pg_sys::BuildIndexInfo(index);
+                if !(*info).ii_Expressions.is_null() || !(*info).ii_Predicate.is_null() {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!("embeddinggemma: an index on {} has expressions or a predicate", sql_text::display((*rel).rd_id)),
+                        "The extension's queue has plain indexes; drop the one added to it.",
+                    )
+                }
+                (index, info)
+            })
+            .collect()
+    }
+}
