@@ -1,6 +1,7 @@
 //! The public entry point: load a model directory once, embed many texts per call.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -52,10 +53,14 @@ pub struct Engine {
     head: SentenceHead,
     /// `EngineOptions::own_thread_pool`.
     pool: Option<JoinedPool>,
-    /// With an own pool: one as large at the lowest CPU priority, started on the first
+    /// With an own pool: one as large of idle-class threads, started on the first
     /// background pass (the service's asynchronous work), so that background embedding takes
     /// only the CPU that the database's own processes leave idle.
     background_pool: std::sync::OnceLock<JoinedPool>,
+    /// A background pass is running; and its threads were moved to the normal class for an
+    /// interactive request waiting for the end of its layer.
+    background_running: AtomicBool,
+    background_hurried: AtomicBool,
     memory: MemoryModel,
     max_memory: usize,
     info: EngineInfo,
@@ -212,7 +217,7 @@ impl Engine {
             weight_bytes: encoder.bytes() + head.bytes(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), memory, max_memory: options.max_memory, info })
+        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), background_running: AtomicBool::new(false), background_hurried: AtomicBool::new(false), memory, max_memory: options.max_memory, info })
     }
 
     /// Runs `f` on the engine's own pool, or on one started for this call and joined after.
@@ -335,10 +340,40 @@ impl Engine {
             return self.forward_ids(seqs, cancel);
         }
         if self.background_pool.get().is_none() {
-            let pool = JoinedPool::with_nice(self.info.threads, "embeddinggemma-bg", 19)?;
+            // Candle starts its bf16-conversion helper thread on first use, and a thread inherits
+            // its creator's class: started from an idle-class thread, interactive passes would
+            // wait on it. Start it here, on the caller's (normal) thread, first.
+            candle_core::utils::barrier_pool();
+            let pool = JoinedPool::with_priority(self.info.threads, "embeddinggemma-bg", true)?;
             let _ = self.background_pool.set(pool);
         }
-        self.forward_ids_in(self.background_pool.get().expect("set above"), seqs, cancel)
+        let pool = self.background_pool.get().expect("set above");
+        self.calm_background();
+        self.background_running.store(true, Ordering::Release);
+        let result = self.forward_ids_in(pool, seqs, cancel);
+        self.background_running.store(false, Ordering::Release);
+        self.calm_background();
+        result
+    }
+
+    /// An interactive request arrived: a background pass in progress runs at normal priority
+    /// until the end of its current layer, where the scheduler serves the request (on a busy
+    /// machine an idle-class layer would hardly advance, and the request would wait for it).
+    pub fn hurry_background(&self) {
+        if self.background_running.load(Ordering::Acquire) && !self.background_hurried.swap(true, Ordering::AcqRel) {
+            if let Some(pool) = self.background_pool.get() {
+                pool.set_idle(false);
+            }
+        }
+    }
+
+    /// Background threads back to the idle class (after `hurry_background`).
+    pub fn calm_background(&self) {
+        if self.background_hurried.swap(false, Ordering::AcqRel) {
+            if let Some(pool) = self.background_pool.get() {
+                pool.set_idle(true);
+            }
+        }
     }
 
     fn forward_ids_in(&self, pool: &rayon::ThreadPool, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {

@@ -16,10 +16,11 @@
 //! pass, small interactive requests that arrived meanwhile are served at once: a search query
 //! waits for at most a fraction of one small layer, not for a whole pass.
 //!
-//! Background passes run on threads of the lowest priority, and before each of their layers
-//! they wait while other processes keep more than `BUSY_SHARE` of the CPUs busy (the
-//! database's own writes come first), up to `MAX_YIELD` in all per pass so that a drain still
-//! advances on a machine that is never idle.
+//! Background passes run on idle-class threads (they compute on CPU time nobody else wants;
+//! an interactive request arriving mid-layer moves them to the normal class until the layer
+//! ends: `Engine::hurry_background`), and before each of their layers they wait while other
+//! processes keep more than `BUSY_SHARE` of the CPUs busy (the database's own writes come
+//! first), up to `MAX_YIELD` in all per pass.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -249,6 +250,7 @@ impl Scheduler {
         let between_layers = || {
             if background {
                 self.serve_interactive_now();
+                self.engine.calm_background();
                 self.yield_to_busy_cpus(&yield_left);
             }
             cancel()
