@@ -71,6 +71,13 @@ pub fn insert(target_id: i32, keys: &[String]) {
                     "enqueued_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
                     "attempts" => 0i32.into_datum(),
                     "leased" => false.into_datum(),
+                    // Constraints are not checked here: a column this code does not know must
+                    // be one that may be NULL.
+                    name if a.attnotnull => raise(
+                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!("embeddinggemma: the queue has a NOT NULL column {name} this library does not fill"),
+                        "The extension's SQL and its library differ in version: ALTER EXTENSION embeddinggemma UPDATE, or install the matching library.",
+                    ),
                     _ => None,
                 };
                 if let Some(v) = value {
