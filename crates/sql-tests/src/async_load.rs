@@ -58,6 +58,10 @@ pub fn inserts(dsn: &str, kind: Kind, clients: usize, duration: Duration, keep: 
             &format!("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')"),
         )?,
     }
+    // Each run starts alike: the dead rows of the runs before vacuumed (else autovacuum works
+    // through them during this one), and no checkpoint owed.
+    sql(&mut admin, "vacuum", "VACUUM")?;
+    sql(&mut admin, "checkpoint", "CHECKPOINT")?;
     let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
     let stop = AtomicBool::new(false);
     let started = Instant::now();
@@ -120,6 +124,31 @@ pub fn inserts(dsn: &str, kind: Kind, clients: usize, duration: Duration, keep: 
         sql(&mut admin, "drop the target", &format!("SELECT embeddinggemma_async_drop('{table}', 'v')"))?;
     }
     sql(&mut admin, "drop the table", &format!("DROP TABLE {table}"))?;
+    Ok(r)
+}
+
+/// Plain and asynchronous inserts alternated over `rounds` rounds of `duration` each (plain
+/// first in even rounds, async first in odd ones), so that the machine drifting — on a shared
+/// VM the plain rate alone moves by ±30 % from one minute to the next — weighs on both alike.
+/// Prints each run; reports rows/s of each kind over all its runs and their ratio.
+pub fn insert_ratio(dsn: &str, clients: usize, duration: Duration, rounds: usize, keep: usize) -> Result<Report> {
+    let (mut rows, mut seconds, mut wrong) = ([0.0f64; 2], [0.0f64; 2], 0.0);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [Kind::Plain, Kind::Async] } else { [Kind::Async, Kind::Plain] };
+        for kind in order {
+            let r = inserts(dsn, kind, clients, duration, keep)?;
+            println!("{r}");
+            let i = usize::from(kind == Kind::Async);
+            rows[i] += r.get("rows").unwrap_or(0.0);
+            seconds[i] += r.get("seconds").unwrap_or(0.0);
+            wrong += r.get("wrong_vectors").unwrap_or(0.0);
+        }
+    }
+    let rate = |i: usize| rows[i] / seconds[i].max(1e-9);
+    let mut r = Report::new("insert_ratio");
+    r.put("clients", clients).put("rounds", rounds).put_f("seconds_each", seconds[0], 1);
+    r.put_f("plain_rows_per_s", rate(0), 1).put_f("async_rows_per_s", rate(1), 1).put_f("ratio", rate(1) / rate(0), 2);
+    r.put("wrong_vectors", wrong);
     Ok(r)
 }
 

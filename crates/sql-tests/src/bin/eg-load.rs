@@ -6,6 +6,7 @@
 //!   eg-load one-batch   --dsn DSN [--n 300]
 //!   eg-load wait        --dsn DSN [--seconds 180]     (until the service runs; at once in-process)
 //!   eg-load async-inserts plain|async|row-trigger --dsn DSN [--connections 16] [--seconds 60] [--n 3000 rows kept to drain]
+//!   eg-load async-insert-ratio --dsn DSN [--connections 16] [--seconds 30 per run, two runs of each] [--n 3000]
 //!   eg-load async-drain docstrings|short --dsn DSN [--n 300|3000]
 //!   eg-load async-queries --dsn DSN [--n 3000]       (query latency idle, then while N short rows drain)
 //!   eg-load short-corpus [--n 3000]                  (the short rows as a JSONL corpus, for the engine's bench)
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use embeddinggemma_sql_tests::{async_load, load};
 
-const USAGE: &str = "usage: eg-load short-texts|first-call|row-trigger|one-batch|wait|async-inserts KIND|async-drain BACKLOG|async-queries --dsn DSN [--connections N] [--seconds S] [--n N]";
+const USAGE: &str = "usage: eg-load short-texts|first-call|row-trigger|one-batch|wait|async-inserts KIND|async-insert-ratio|async-drain BACKLOG|async-queries --dsn DSN [--connections N] [--seconds S] [--n N]";
 
 /// `n` generated one-line rows, as the insert load writes them.
 fn short_rows(n: usize) -> Vec<String> {
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
             };
             async_load::inserts(&dsn, kind, connections.unwrap_or(16), secs(60), n.unwrap_or(3000)).map(Some)
         }
+        "async-insert-ratio" => async_load::insert_ratio(&dsn, connections.unwrap_or(16), secs(30), 2, n.unwrap_or(3000)).map(Some),
         "async-drain" => {
             let (name, texts) = match word.as_deref() {
                 Some("docstrings") => ("docstrings", embeddinggemma_sql_tests::docstrings(n.unwrap_or(300))),
