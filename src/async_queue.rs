@@ -15,21 +15,21 @@ const QUEUE: &CStr = c"embeddinggemma_async_queue";
 const SEQUENCE: &str = "embeddinggemma_async_queue_id_seq";
 
 thread_local! {
-    /// The queue's and its id sequence's OIDs, looked up again when the OID no longer names
-    /// the queue (the extension was dropped and created again).
-    static OIDS: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
+    /// The queue's, its id sequence's and their schema's OIDs, looked up again when the OID no
+    /// longer names the queue in that schema (the extension was dropped and created again).
+    static OIDS: Cell<Option<(pg_sys::Oid, pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
 }
 
-fn names_queue(oid: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache probe by OID; NULL when no relation has it.
-    let name = unsafe { pg_sys::get_rel_name(oid) };
+fn names_queue(oid: pg_sys::Oid, schema: pg_sys::Oid) -> bool {
+    // SAFETY: syscache probes by OID; NULL / InvalidOid when no relation has it.
+    let (name, namespace) = unsafe { (pg_sys::get_rel_name(oid), pg_sys::get_rel_namespace(oid)) };
     // SAFETY: a NUL-terminated name palloc'd just above.
-    !name.is_null() && unsafe { CStr::from_ptr(name) } == QUEUE
+    !name.is_null() && namespace == schema && unsafe { CStr::from_ptr(name) } == QUEUE
 }
 
 fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
-    if let Some(found) = OIDS.get().filter(|(queue, _)| names_queue(*queue)) {
-        return found;
+    if let Some((queue, sequence, _)) = OIDS.get().filter(|(queue, _, schema)| names_queue(*queue, *schema)) {
+        return (queue, sequence);
     }
     let schema = sql_text::extension_schema(c"embeddinggemma");
     let find = |name: &str| {
@@ -42,7 +42,7 @@ fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
         })
     };
     let (queue, sequence) = (find(QUEUE.to_str().expect("ASCII")), find(SEQUENCE));
-    OIDS.set(Some((queue, sequence)));
+    OIDS.set(Some((queue, sequence, schema)));
     (queue, sequence)
 }
 
