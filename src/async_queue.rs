@@ -11,7 +11,7 @@ use pgrx::{pg_sys, IntoDatum, PgSqlErrorCode, PgTupleDesc};
 use crate::errors::raise;
 use crate::sql_text;
 
-const QUEUE: &CStr = c"embeddinggemma_async_queue";
+const QUEUE: &str = "embeddinggemma_async_queue";
 const SEQUENCE: &str = "embeddinggemma_async_queue_id_seq";
 
 thread_local! {
@@ -24,25 +24,16 @@ fn names_queue(oid: pg_sys::Oid, schema: pg_sys::Oid) -> bool {
     // SAFETY: syscache probes by OID; NULL / InvalidOid when no relation has it.
     let (name, namespace) = unsafe { (pg_sys::get_rel_name(oid), pg_sys::get_rel_namespace(oid)) };
     // SAFETY: a NUL-terminated name palloc'd just above.
-    !name.is_null() && namespace == schema && unsafe { CStr::from_ptr(name) } == QUEUE
+    !name.is_null() && namespace == schema && unsafe { CStr::from_ptr(name) }.to_bytes() == QUEUE.as_bytes()
 }
 
 fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
     if let Some((queue, sequence, _)) = OIDS.get().filter(|(queue, _, schema)| names_queue(*queue, *schema)) {
         return (queue, sequence);
     }
-    let schema = sql_text::extension_schema(c"embeddinggemma");
-    let find = |name: &str| {
-        sql_text::relation_in(schema, name).unwrap_or_else(|| {
-            raise(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("embeddinggemma: the extension's relation {name} is missing"),
-                "ALTER EXTENSION embeddinggemma UPDATE brings an install up to date.",
-            )
-        })
-    };
-    let (queue, sequence) = (find(QUEUE.to_str().expect("ASCII")), find(SEQUENCE));
-    OIDS.set(Some((queue, sequence, schema)));
+    let (queue, sequence) = (sql_text::extension_relation(QUEUE), sql_text::extension_relation(SEQUENCE));
+    // SAFETY: a syscache probe of the relation just found.
+    OIDS.set(Some((queue, sequence, unsafe { pg_sys::get_rel_namespace(queue) })));
     (queue, sequence)
 }
 

@@ -181,17 +181,21 @@ pub fn display(oid: pg_sys::Oid) -> String {
 /// The extension's own table `name`: its qualified name and its owner (whose rights the
 /// extension's code writes it with).
 pub fn extension_table(name: &str) -> (String, pg_sys::Oid) {
-    let schema = extension_schema(c"embeddinggemma");
-    let oid = relation_in(schema, name).unwrap_or_else(|| {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            format!("embeddinggemma: the extension's table {name} is missing"),
-            "ALTER EXTENSION embeddinggemma UPDATE brings an install up to date.",
-        )
-    });
+    let oid = extension_relation(name);
     // SAFETY: an existing relation, opened to read its owner.
     let owner = unsafe { (*pgrx::PgRelation::open(oid).rd_rel).relowner };
     (relation(oid), owner)
+}
+
+/// The OID of the extension's own relation (table, sequence) `name`; raises when it is missing.
+pub fn extension_relation(name: &str) -> pg_sys::Oid {
+    relation_in(extension_schema(c"embeddinggemma"), name).unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("embeddinggemma: the extension's relation {name} is missing"),
+            "ALTER EXTENSION embeddinggemma UPDATE brings an install up to date.",
+        )
+    })
 }
 
 /// The owner of the relation `oid`.

@@ -66,9 +66,7 @@ impl JoinedPool {
             .map_err(|e| Error::InvalidOption(format!("cannot start {threads} threads: {e}")))?;
         Ok(JoinedPool { pool: Some(pool), handles, tids })
     }
-}
 
-impl JoinedPool {
     /// Moves the threads of an idle-class pool to the normal class (`idle = false`) or back:
     /// work that an interactive request waits for must not wait for idle CPU time.
     pub fn set_idle(&self, idle: bool) {
