@@ -20,7 +20,10 @@
 //! an interactive request arriving mid-layer moves them to the normal class until the layer
 //! ends: `Engine::hurry_background`), and before each of their layers they wait while other
 //! processes keep more than `BUSY_SHARE` of the CPUs busy (the database's own writes come
-//! first), up to `MAX_YIELD` in all per pass.
+//! first): idle-class threads alone still slowed sixteen inserting sessions by a third (their
+//! caches and memory bandwidth are shared). The wait is at most `YIELD_FACTOR` times the layer
+//! before it took, so a machine kept busy for hours still drains its queues, at one part in
+//! `YIELD_FACTOR + 1` of the time.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -48,8 +51,11 @@ const RECENT: Duration = Duration::from_secs(10);
 const PREEMPT_TEXTS: usize = 64;
 /// Other processes' share of the CPUs above which background work waits.
 const BUSY_SHARE: f64 = 0.5;
-/// The longest a background pass waits for the CPUs, over all its layers.
-const MAX_YIELD: Duration = Duration::from_secs(2);
+/// A background layer waits for busy CPUs at most this many times the time the layer before
+/// it took (its guaranteed share: one part in `YIELD_FACTOR + 1`)…
+const YIELD_FACTOR: u32 = 9;
+/// …and at most this long.
+const MAX_YIELD: Duration = Duration::from_secs(10);
 /// How often a waiting background layer looks again (and serves interactive requests).
 const YIELD_STEP: Duration = Duration::from_millis(50);
 
@@ -131,6 +137,8 @@ pub struct Scheduler {
     /// When an interactive request last arrived.
     pub last_interactive: Mutex<Option<Instant>>,
     cpu: Mutex<CpuShare>,
+    /// How long the last background layer took (the first layer of a pass waits by it).
+    last_layer: Mutex<Duration>,
 }
 
 /// One text of a round: (request in `active`, index in the request, ids).
@@ -138,7 +146,7 @@ type Taken = (usize, usize, Vec<u32>);
 
 impl Scheduler {
     pub fn new(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>, batch_wait: Duration) -> Scheduler {
-        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()) }
+        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()), last_layer: Mutex::new(Duration::from_millis(100)) }
     }
 
     pub fn run(self) -> ! {
@@ -212,16 +220,16 @@ impl Scheduler {
     }
 
     /// Waits (serving interactive requests) while other processes keep the CPUs busy, for at
-    /// most the time to wait this pass has left (`yield_left`).
-    fn yield_to_busy_cpus(&self, yield_left: &Mutex<Duration>) {
-        let mut yield_left = yield_left.lock().unwrap_or_else(|e| e.into_inner());
+    /// most `YIELD_FACTOR` times the last background layer's time.
+    fn yield_to_busy_cpus(&self) {
+        let last_layer = *self.last_layer.lock().unwrap_or_else(|e| e.into_inner());
+        let most = (last_layer * YIELD_FACTOR).min(MAX_YIELD);
         let started = Instant::now();
-        while started.elapsed() < *yield_left && self.cpu.lock().unwrap_or_else(|e| e.into_inner()).others() > BUSY_SHARE {
+        while started.elapsed() < most && self.cpu.lock().unwrap_or_else(|e| e.into_inner()).others() > BUSY_SHARE {
             std::thread::sleep(YIELD_STEP);
             self.serve_interactive_now();
         }
         let waited = started.elapsed();
-        *yield_left = yield_left.saturating_sub(waited);
         if waited >= YIELD_STEP {
             self.metrics.yielded(waited);
         }
@@ -245,18 +253,23 @@ impl Scheduler {
         }
         let flags: Vec<_> = requests.iter().map(|&r| active[r].job.withdrawn.clone()).collect();
         let cancel = || flags.iter().all(|f| f.load(Ordering::Relaxed));
-        // Checked between layers: a background pass lets interactive requests through there.
-        let yield_left = Mutex::new(MAX_YIELD);
+        // Checked between layers: a background pass lets interactive requests through there,
+        // and waits while other processes keep the CPUs busy.
+        let layer_started = Mutex::new(Instant::now());
         let between_layers = || {
             if background {
+                let mut layer_started = layer_started.lock().unwrap_or_else(|e| e.into_inner());
+                *self.last_layer.lock().unwrap_or_else(|e| e.into_inner()) = layer_started.elapsed();
                 self.serve_interactive_now();
                 self.engine.calm_background();
-                self.yield_to_busy_cpus(&yield_left);
+                self.yield_to_busy_cpus();
+                *layer_started = Instant::now();
             }
             cancel()
         };
         if background {
-            self.yield_to_busy_cpus(&yield_left);
+            self.yield_to_busy_cpus();
+            *layer_started.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
         let started = Instant::now();
         let result = if background {
