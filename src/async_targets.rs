@@ -5,10 +5,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
+use pgrx::{pg_sys, PgRelation, PgSqlErrorCode, PgTupleDesc};
 
 use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
 use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
@@ -26,6 +27,17 @@ struct TriggerTarget {
     /// None for a chunk target.
     target: Option<String>,
     keep_stale: bool,
+    columns: Option<Columns>,
+}
+
+/// Where a target's columns are in its table, and their types when resolved.
+#[derive(Clone)]
+struct Columns {
+    source: SourceColumn,
+    source_type: pg_sys::Oid,
+    key: KeyColumn,
+    /// A vector target's column number and type.
+    target: Option<(usize, pg_sys::Oid)>,
 }
 
 thread_local! {
@@ -282,7 +294,7 @@ fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
 }
 
 fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
-    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).cloned()) {
+    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).filter(|t| t.relation == relid).cloned()) {
         return t;
     }
     let (targets, owner) = targets_table();
@@ -300,6 +312,7 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
                 source: row.get::<String>(3)?.unwrap_or_default(),
                 target: if row.get::<bool>(5)?.unwrap_or(true) { row.get::<String>(4)? } else { None },
                 keep_stale: row.get::<bool>(6)?.unwrap_or(false),
+                columns: None,
             }))
         })
         .expect("SPI reports errors as ERRORs")
@@ -316,6 +329,45 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
     target
 }
 
+/// The target's columns in `rel`, resolved by name once per backend and checked by position per
+/// row: a column dropped, renamed or retyped since is looked up (and checked) again.
+fn trigger_columns(id: i32, t: &TriggerTarget, rel: pg_sys::Relation) -> Columns {
+    // SAFETY: the trigger's open relation and its descriptor.
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
+    let still = |attno: usize, name: &str, type_oid: pg_sys::Oid| {
+        attno >= 1 && desc.get(attno - 1).is_some_and(|a| !a.attisdropped && a.atttypid == type_oid && a.name() == name)
+    };
+    if let Some(c) = t.columns.as_ref().filter(|c| {
+        still(c.source.attno.get(), &t.source, c.source_type)
+            && still(c.key.attno.get(), &t.key, c.key.type_oid)
+            && c.target.is_none_or(|(attno, type_oid)| t.target.as_deref().is_some_and(|name| still(attno, name, type_oid)))
+    }) {
+        return c.clone();
+    }
+    // SAFETY: as above; the relation is open for the whole trigger call.
+    let relation = unsafe { PgRelation::from_pg(rel) };
+    let source = crate::columns::check_source(&relation, &t.source);
+    let key = key_column(&relation, &t.key);
+    let attr = |attno: usize| *desc.get(attno - 1).expect("a column found above");
+    let target = t.target.as_deref().map(|name| {
+        let a = *desc.iter().find(|a| !a.attisdropped && a.name() == name).unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("embeddinggemma: target column \"{name}\" does not exist in table {}", sql_text::display(relation.oid())),
+                "embeddinggemma_async_drop() removes the target; register it again with the table's columns.",
+            )
+        });
+        (a.attnum as usize, a.atttypid)
+    });
+    let columns = Columns { source_type: attr(source.attno.get()).atttypid, source, key, target };
+    TARGETS.with(|all| {
+        if let Some(cached) = all.borrow_mut().get_mut(&id) {
+            cached.columns = Some(columns.clone());
+        }
+    });
+    columns
+}
+
 #[pg_trigger(sql = "")]
 fn embeddinggemma_async_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -327,39 +379,50 @@ fn embeddinggemma_async_trigger<'a>(
     if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::Before) {
         misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
     }
-    let args = trigger.extra_args()?;
-    let Some(id) = args.first().and_then(|a| a.parse::<i32>().ok()) else { misuse("takes the target's id") };
-    let rel = trigger.relation()?;
-    let t = trigger_target(id, rel.oid());
-    let source: SourceColumn = crate::columns::check_source(&rel, &t.source);
-    let key = key_column(&rel, &t.key);
     let data = trigger.trigger_data();
-    let desc = rel.rd_att;
+    // SAFETY: PostgreSQL hands a trigger its Trigger with tgnargs strings in tgargs.
+    let first_arg = unsafe {
+        let tg = &*data.tg_trigger;
+        (tg.tgnargs >= 1).then(|| CStr::from_ptr(*tg.tgargs).to_str().ok()).flatten()
+    };
+    let Some(id) = first_arg.and_then(|a| a.parse::<i32>().ok()) else { misuse("takes the target's id") };
+    let rel = data.tg_relation;
+    // SAFETY: the relation the trigger fires on, open for the call.
+    let (relid, desc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
+    let t = trigger_target(id, relid);
+    let columns = trigger_columns(id, &t, rel);
+    let (source, key) = (&columns.source, &columns.key);
     let update = matches!(op, PgTriggerOperation::Update);
     // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
     // UPDATE), and the columns were checked against that relation above.
     let (new, old) = if update { (data.tg_newtuple, Some(data.tg_trigtuple)) } else { (data.tg_trigtuple, None) };
-    let text = |tuple| unsafe { source_text(tuple, desc, &source) };
-    let key_of = |tuple| unsafe { key_text(tuple, desc, &key) };
-    let mut row = trigger.new().expect("INSERT and UPDATE row triggers have NEW").into_owned();
+    let text = |tuple| unsafe { source_text(tuple, desc, source) };
+    let key_of = |tuple| unsafe { key_text(tuple, desc, key) };
+    // SAFETY: as above; a column number of this relation.
+    let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
+    // SAFETY: the descriptor of the tuple returned (NEW, or NEW with its vector cleared).
+    let returned = |tuple| Ok(Some(unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(desc), tuple) }));
     let new_key = key_of(new);
     let (text_changed, old_key) = match old {
         Some(old) => (text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),
     };
     if !text_changed && old_key.is_none() {
-        return Ok(Some(row));
+        return returned(new);
     }
-    let new_text = text(new);
-    if let Some(target) = &t.target {
+    let has_text = !is_null(new, source.attno.get());
+    let mut row = new;
+    if let Some((target, _)) = columns.target {
         // A vector target: its vector no longer matches the text (a NULL text has none).
-        if new_text.is_none() || !t.keep_stale {
-            row.set_by_name(target, None::<crate::vector::PgVector>).unwrap_or_else(|e| misuse(&e.to_string()));
+        if (!has_text || !t.keep_stale) && !is_null(new, target) {
+            let (mut column, mut value, mut null) = (target as i32, pg_sys::Datum::from(0usize), true);
+            // SAFETY: NEW of this relation; one column replaced by NULL in a copy.
+            row = unsafe { pg_sys::heap_modify_tuple_by_cols(new, desc, 1, &mut column, &mut value, &mut null) };
         }
     }
     // A chunk target is queued even without a text (its chunks go); a vector target only with one.
     let mut keys: Vec<String> = Vec::new();
-    if new_text.is_some() || t.target.is_none() {
+    if has_text || t.target.is_none() {
         keys.extend(new_key);
     }
     if t.target.is_none() {
@@ -370,5 +433,5 @@ fn embeddinggemma_async_trigger<'a>(
         // SAFETY: this backend's database.
         async_registry::wake(unsafe { pg_sys::MyDatabaseId });
     }
-    Ok(Some(row))
+    returned(row)
 }

@@ -19,6 +19,7 @@ fn type_name(oid: pg_sys::Oid, typmod: i32) -> String {
 }
 
 /// The source column as the checks found it.
+#[derive(Clone)]
 pub struct SourceColumn {
     pub attno: NonZeroUsize,
     /// char(n): trailing spaces are padding, dropped as the cast to text does.
@@ -110,6 +111,7 @@ fn embeddinggemma_check_source(tbl: pg_sys::Oid, source: &str) {
 
 
 /// The key column as the check found it: rows are written back, or their chunks found, by it.
+#[derive(Clone)]
 pub struct KeyColumn {
     pub name: String,
     pub attno: NonZeroUsize,
