@@ -36,7 +36,8 @@ struct Columns {
     source: SourceColumn,
     source_type: pg_sys::Oid,
     key: KeyColumn,
-    /// A vector target's column number and type.
+    /// A vector target's column number and type (None for a chunk target, or when the column
+    /// is gone: the trigger raises only if it must clear it, as before).
     target: Option<(usize, pg_sys::Oid)>,
 }
 
@@ -340,7 +341,11 @@ fn trigger_columns(id: i32, t: &TriggerTarget, rel: pg_sys::Relation) -> Columns
     if let Some(c) = t.columns.as_ref().filter(|c| {
         still(c.source.attno.get(), &t.source, c.source_type)
             && still(c.key.attno.get(), &t.key, c.key.type_oid)
-            && c.target.is_none_or(|(attno, type_oid)| t.target.as_deref().is_some_and(|name| still(attno, name, type_oid)))
+            && match (t.target.as_deref(), c.target) {
+                (Some(name), Some((attno, type_oid))) => still(attno, name, type_oid),
+                (None, None) => true,
+                _ => false,
+            }
     }) {
         return c.clone();
     }
@@ -349,16 +354,7 @@ fn trigger_columns(id: i32, t: &TriggerTarget, rel: pg_sys::Relation) -> Columns
     let source = crate::columns::check_source(&relation, &t.source);
     let key = key_column(&relation, &t.key);
     let attr = |attno: usize| *desc.get(attno - 1).expect("a column found above");
-    let target = t.target.as_deref().map(|name| {
-        let a = *desc.iter().find(|a| !a.attisdropped && a.name() == name).unwrap_or_else(|| {
-            raise(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                format!("embeddinggemma: target column \"{name}\" does not exist in table {}", sql_text::display(relation.oid())),
-                "embeddinggemma_async_drop() removes the target; register it again with the table's columns.",
-            )
-        });
-        (a.attnum as usize, a.atttypid)
-    });
+    let target = t.target.as_deref().and_then(|name| crate::columns::lookup_column(&relation, name)).map(|a| (a.attnum as usize, a.atttypid));
     let columns = Columns { source_type: attr(source.attno.get()).atttypid, source, key, target };
     TARGETS.with(|all| {
         if let Some(cached) = all.borrow_mut().get_mut(&id) {
@@ -412,9 +408,14 @@ fn embeddinggemma_async_trigger<'a>(
     }
     let has_text = !is_null(new, source.attno.get());
     let mut row = new;
-    if let Some((target, _)) = columns.target {
+    if let Some(name) = t.target.as_deref().filter(|_| !has_text || !t.keep_stale) {
         // A vector target: its vector no longer matches the text (a NULL text has none).
-        if (!has_text || !t.keep_stale) && !is_null(new, target) {
+        let target = columns.target.map_or_else(
+            // SAFETY: the relation the trigger fires on, open for the call; raises: the column is gone.
+            || crate::columns::find_column(&unsafe { PgRelation::from_pg(rel) }, name, "target").attnum as usize,
+            |(attno, _)| attno,
+        );
+        if !is_null(new, target) {
             let (mut column, mut value, mut null) = (target as i32, pg_sys::Datum::from(0usize), true);
             // SAFETY: NEW of this relation; one column replaced by NULL in a copy.
             row = unsafe { pg_sys::heap_modify_tuple_by_cols(new, desc, 1, &mut column, &mut value, &mut null) };

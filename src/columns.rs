@@ -26,8 +26,14 @@ pub struct SourceColumn {
     pub padded: bool,
 }
 
-fn find_column(relation: &PgRelation, name: &str, role: &str) -> pg_sys::FormData_pg_attribute {
-    relation.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == name).copied().unwrap_or_else(|| {
+/// The column `name` of `relation`, if it has one.
+pub fn lookup_column(relation: &PgRelation, name: &str) -> Option<pg_sys::FormData_pg_attribute> {
+    relation.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == name).copied()
+}
+
+/// The column `name` of `relation`; raises an ERROR naming it as the `role` column when it is missing.
+pub fn find_column(relation: &PgRelation, name: &str, role: &str) -> pg_sys::FormData_pg_attribute {
+    lookup_column(relation, name).unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             format!("embeddinggemma: {role} column \"{name}\" does not exist in table \"{}\"", relation.name()),
@@ -150,7 +156,7 @@ pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
 /// The key column `key` of `relation`, without the uniqueness check (made when the write path
 /// was set up): for every row of a trigger.
 pub fn key_column(relation: &PgRelation, key: &str) -> KeyColumn {
-    let Some(column) = relation.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == key).copied() else {
+    let Some(column) = lookup_column(relation, key) else {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             format!("embeddinggemma: key column \"{key}\" does not exist in table {}", sql_text::display(relation.oid())),
