@@ -161,7 +161,9 @@ pub fn drain(dsn: &str, name: &str, texts: &[String], model_dir: &std::path::Pat
     let ids: Vec<i64> = (1..=texts.len() as i64).collect();
     c.execute(&format!("INSERT INTO {table} SELECT * FROM unnest($1::bigint[], $2::text[])"), &[&ids, &texts])
         .map_err(|e| format!("insert: {e}"))?;
-    sql(&mut c, "warm up", "SELECT embed('warm up')")?;
+    // Ready without an interactive call: one would keep the first background passes small
+    // (the service's policy for the 10 s after a search), which is not what an idle drain meets.
+    crate::load::wait_for_service(dsn, Duration::from_secs(180))?;
     let t0 = Instant::now();
     sql(&mut c, "register", &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"))?;
     let drained: bool = c
