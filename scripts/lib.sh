@@ -169,7 +169,8 @@ pg_preload() {
 # pg15 feature compiles. In the same target directory as the main build, so only pgrx and the
 # extension itself are compiled again.
 build_for_pg15() {
-    if [ ! -x "$PG15_CONFIG" ]; then
+    # The server package alone ships pg_config too: the headers are what the build needs.
+    if [ ! -x "$PG15_CONFIG" ] || [ ! -f "$("$PG15_CONFIG" --includedir-server)/postgres.h" ]; then
         say "installing Debian's postgresql-server-dev-15"
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-server-dev-15 >/dev/null
