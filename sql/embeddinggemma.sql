@@ -418,19 +418,25 @@ CREATE TABLE embeddinggemma_async_queue (
     not_before   timestamptz,
     leased       boolean     NOT NULL DEFAULT false,
     last_error   text,
-    last_attempt timestamptz
+    last_attempt timestamptz,
+    -- Times this entry was in hand when a worker stopped mid-batch (a crash, an immediate
+    -- shutdown): once, it is embedded alone next; twice, it is kept apart as failed.
+    interrupted  int         NOT NULL DEFAULT 0
 );
 CREATE INDEX embeddinggemma_async_queue_target ON embeddinggemma_async_queue (target_id, id);
 REVOKE ALL ON embeddinggemma_async_targets, embeddinggemma_async_queue FROM PUBLIC;
 REVOKE ALL ON SEQUENCE embeddinggemma_async_targets_id_seq, embeddinggemma_async_queue_id_seq FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_targets', '');
+-- Restored databases go on numbering targets after the dumped ones.
+SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_targets_id_seq', '');
 
 COMMENT ON TABLE embeddinggemma_async_targets IS
 'Asynchronous embedding targets (embeddinggemma_async, embeddinggemma_async_chunks): the table, key, text and vector column (or chunk table), task and dimension, and where their vectors came from. Written only by the extension.';
 
 -- What a role sees of the targets on tables it can read. Not security_invoker: the tables are
--- the extension's; the filter is the caller's right to read the table.
-CREATE VIEW embeddinggemma_async_status AS
+-- the extension's; the filter is the caller's right to read the table. security_barrier: a
+-- caller's function in WHERE sees only the rows that filter lets through.
+CREATE VIEW embeddinggemma_async_status WITH (security_barrier) AS
 SELECT t.relation AS table_name,
        t.target,
        (SELECT pg_catalog.count(*) FROM @extschema@.embeddinggemma_async_queue q
@@ -454,7 +460,7 @@ GRANT SELECT ON embeddinggemma_async_status TO PUBLIC;
 COMMENT ON VIEW embeddinggemma_async_status IS
 'One row per asynchronous target on a table the current role can read: rows pending (queued, not failed), failed (retries used up: see embeddinggemma_async_failures), the age of the oldest pending row, when and how fast rows were last embedded, the model its vectors came from, and stale: the serving model differs (embeddinggemma_async_reembed). scanning: rows present at registration are still being queued.';
 
-CREATE VIEW embeddinggemma_async_failures AS
+CREATE VIEW embeddinggemma_async_failures WITH (security_barrier) AS
 SELECT t.relation AS table_name,
        t.target,
        q.key,
@@ -506,7 +512,7 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wait_wrapper';
 
 COMMENT ON FUNCTION embeddinggemma_async_wait(regclass, text, interval) IS
-'Waits (interruptibly) until nothing is pending for the target — every queued row embedded or failed — and returns true; false if timeout passes first.';
+'Waits (interruptibly) until nothing is pending for the target — every queued row embedded or failed — and returns true; false if timeout passes first. Needs SELECT on the table.';
 
 CREATE FUNCTION embeddinggemma_async_reembed(tbl regclass, target text)
 RETURNS void

@@ -261,7 +261,7 @@ impl Run {
             "DELETE FROM {} c WHERE c.{} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{}[])",
             relation(s.chunk_table),
             ident(&s.chunk_key),
-            sql_text::type_name(s.key.type_oid)
+            s.key.sql_type()
         );
         Spi::connect_mut(|client| {
             client.update(delete.as_str(), None, &[text_param(keys.clone())]).expect("SPI reports errors as ERRORs");

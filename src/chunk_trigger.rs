@@ -179,7 +179,7 @@ impl ChunkSettings {
                                pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6)) AS u(k, c, s, e, b, v)",
             chunks = relation(self.chunk_table),
             ck = ident(&self.chunk_key),
-            key_type = sql_text::type_name(self.key.type_oid),
+            key_type = self.key.sql_type(),
         )
     }
 

@@ -122,6 +122,15 @@ pub struct KeyColumn {
     pub name: String,
     pub attno: NonZeroUsize,
     pub type_oid: pg_sys::Oid,
+    pub typmod: i32,
+}
+
+impl KeyColumn {
+    /// The key's type with its modifier, schema-qualified, for casts of key values: `char(2)`
+    /// stays `char(2)` (a bare `character` is char(1), which would cut 'ab' to 'a').
+    pub fn sql_type(&self) -> String {
+        sql_text::type_with_modifier(self.type_oid, self.typmod)
+    }
 }
 
 /// Raises an ERROR unless `key` is a NOT NULL column of `relation` with a unique index of its
@@ -167,6 +176,7 @@ pub fn key_column(relation: &PgRelation, key: &str) -> KeyColumn {
         name: key.to_string(),
         attno: NonZeroUsize::new(column.attnum as usize).expect("user columns are numbered from 1"),
         type_oid: column.atttypid,
+        typmod: column.atttypmod,
     }
 }
 

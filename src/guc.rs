@@ -50,6 +50,9 @@ pub static TRUNCATE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static SERVICE: GucSetting<Service> = GucSetting::<Service>::new(Service::Auto);
 pub static SERVICE_BINARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static ASYNC_MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static ASYNC_STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ASYNC_LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAX_CALL_MEMORY: GucSetting<i32> = GucSetting::<i32>::new((DEFAULT_MAX_MEMORY >> 20) as i32);
 
 /// Rejects a device name at SET time rather than at the next embed().
@@ -180,6 +183,36 @@ pub fn register() {
         &BATCH_WAIT_MS,
         0,
         10_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.async_max_workers",
+        c"Most asynchronous worker processes in the whole cluster; databases with queued rows are served in turn.",
+        c"Set in postgresql.conf. Each takes a max_worker_processes slot while it drains.",
+        &ASYNC_MAX_WORKERS,
+        1,
+        crate::asynchronous::registry::SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.async_statement_timeout",
+        c"How long the asynchronous worker lets one batch of a table owner's work (reading texts, writing vectors and the table's triggers) run; 0 means no limit.",
+        c"Set in postgresql.conf. A batch that runs out is written again row by row, and rows that keep failing are kept apart.",
+        &ASYNC_STATEMENT_TIMEOUT,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"embeddinggemma.async_lock_timeout",
+        c"How long the asynchronous worker waits for a lock on a user's table (a row another session holds); 0 means no limit.",
+        c"Set in postgresql.conf. A row it cannot lock is tried again later; other rows and tables go on.",
+        &ASYNC_LOCK_TIMEOUT,
+        0,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -2,10 +2,7 @@
 //! PostgreSQL. A thin layer over `embeddinggemma-engine`: SQL functions, GUCs, the vector
 //! datum, per-backend model state.
 
-mod async_queue;
-mod async_registry;
-mod async_targets;
-mod async_worker;
+mod asynchronous;
 mod backfill;
 mod chunk_trigger;
 mod chunks;

@@ -41,10 +41,12 @@ pub fn relation(oid: pg_sys::Oid) -> String {
     format!("{}.{}", ident(&schema), ident(&name))
 }
 
-/// The type `oid`, schema-qualified (`pg_catalog.int8`, `public.vector`).
-pub fn type_name(oid: pg_sys::Oid) -> String {
-    // SAFETY: format_type_be_qualified returns a palloc'd string (raising for an unknown OID).
-    owned(unsafe { pg_sys::format_type_be_qualified(oid) }).unwrap_or_default()
+/// The type `oid` with the modifier `typmod` (`character(2)`, `numeric(10,2)`), schema-qualified
+/// where it has a schema.
+pub fn type_with_modifier(oid: pg_sys::Oid, typmod: i32) -> String {
+    let flags = pg_sys::FORMAT_TYPE_TYPEMOD_GIVEN | pg_sys::FORMAT_TYPE_FORCE_QUALIFY;
+    // SAFETY: format_type_extended returns a palloc'd string (raising for an unknown OID).
+    owned(unsafe { pg_sys::format_type_extended(oid, typmod, flags as pg_sys::bits16) }).unwrap_or_default()
 }
 
 /// The OID of `name` in the schema `schema` (no search_path involved), if there is one.

@@ -9,7 +9,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use crate::columns::{check_columns, check_key};
 use crate::errors::raise;
 use crate::functions::{CHUNK_BYTES, CHUNK_TEXTS};
-use crate::sql_text::{ident, relation, text_param, type_name};
+use crate::sql_text::{ident, relation, text_param};
 use crate::{routing, vector};
 
 const USAGE: &str = "CREATE TRIGGER docs_embed AFTER INSERT ON docs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');";
@@ -125,7 +125,7 @@ fn embeddinggemma_statement_trigger<'a>(
     let text_gone = format!("n.{s} IS NULL AND n.{t} IS NOT NULL");
     let any_cleared = format!("SELECT EXISTS (SELECT FROM {new_rows} n WHERE {text_gone})");
     let cleared = format!("UPDATE {table} t SET {t} = NULL FROM {new_rows} n WHERE t.{k} OPERATOR(pg_catalog.=) n.{k} AND {text_gone}");
-    let write = write_back_sql(&table, target, key, &type_name(key_column.type_oid));
+    let write = write_back_sql(&table, target, key, &key_column.sql_type());
     let vector_type = rel.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == target.as_str()).map(|a| a.atttypid).expect("checked");
 
     Spi::connect_mut(|client| {

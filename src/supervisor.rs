@@ -28,8 +28,7 @@ pub fn register() {
     }
     service_state::set_preloaded();
     pg_shmem_init!(STATUS);
-    crate::async_registry::init();
-    crate::async_worker::register();
+    crate::asynchronous::register();
     BackgroundWorkerBuilder::new("embeddinggemma service")
         .set_type("embeddinggemma service")
         .set_library("embeddinggemma")

@@ -343,10 +343,42 @@ fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
 
 // One test: all use the same two databases.
 #[test]
-fn upgrading_from_0_1_0_0_2_0_and_0_3_0_gives_the_objects_of_a_fresh_install() {
+fn upgrading_from_0_1_0_0_2_0_0_3_0_and_0_4_0_gives_the_objects_of_a_fresh_install() {
     upgrade_gives_the_objects_of_a_fresh_install("0.1.0");
     upgrade_gives_the_objects_of_a_fresh_install("0.2.0");
     upgrade_gives_the_objects_of_a_fresh_install("0.3.0");
+    upgrade_gives_the_objects_of_a_fresh_install("0.4.0");
+}
+
+/// An asynchronous target registered on 0.4.0 drains after `ALTER EXTENSION … UPDATE`: the rows
+/// present at registration and those written before and after the update, each with the vector
+/// embed() gives (the new library leaves a not-yet-updated install alone meanwhile).
+#[test]
+fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
+    let mut admin = connect();
+    let mut db = fresh_database(&mut admin, "eg_async_upgrade");
+    db.batch_execute(
+        "CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '0.4.0';
+         CREATE TABLE up_async (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO up_async SELECT i, 'present at registration ' || i FROM generate_series(1, 5) i;
+         SELECT embeddinggemma_async('up_async', 'body', 'v');
+         INSERT INTO up_async SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i;",
+    )
+    .unwrap();
+    db.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
+    db.batch_execute("INSERT INTO up_async SELECT i, 'written on 0.5.0 ' || i FROM generate_series(9, 10) i").unwrap();
+    let drained: bool = db.query_one("SELECT embeddinggemma_async_wait('up_async', 'v', '180 s')", &[]).unwrap().get(0);
+    assert!(drained, "the target did not drain after the upgrade");
+    let wrong: i64 = db
+        .query_one(
+            "SELECT count(*) FROM up_async WHERE v IS NULL OR v <=> embed(body) > 1e-6",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(wrong, 0, "rows without the vector embed() gives");
+    drop(db);
+    admin.batch_execute("DROP DATABASE eg_async_upgrade WITH (FORCE)").unwrap();
 }
 
 /// Peak resident memory of the backend `pid` (VmHWM), in bytes; the tests run beside the server.

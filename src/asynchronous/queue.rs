@@ -62,6 +62,7 @@ pub fn insert(target_id: i32, keys: &[String]) {
                     "enqueued_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
                     "attempts" => 0i32.into_datum(),
                     "leased" => false.into_datum(),
+                    "interrupted" => 0i32.into_datum(),
                     // Constraints are not checked here: a column this code does not know must
                     // be one that may be NULL.
                     name if a.attnotnull => raise(

@@ -15,7 +15,8 @@ use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
 use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
 use crate::errors::raise;
 use crate::sql_text::{self, ident, param, relation, text_param};
-use crate::{async_registry, routing, service_state, worker};
+use super::registry;
+use crate::{routing, service_state, worker};
 
 /// What the trigger needs of a target, cached per backend (a target's table and columns never
 /// change; dropping it drops its trigger).
@@ -63,17 +64,50 @@ fn require_service() {
     }
 }
 
-/// Once this transaction commits, starts the worker for this database unless one runs, and
-/// wakes it: a worker that found no target (this one not yet committed) may just be leaving.
+/// Once this transaction commits, wakes this database's worker, or asks the launcher for one.
 pub fn ensure_worker() {
     // SAFETY: this backend's database.
     let db = unsafe { pg_sys::MyDatabaseId };
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
-        if !async_registry::running(db) {
-            crate::async_worker::start_for(db);
-        }
-        async_registry::wake(db);
-    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::wake(db));
+}
+
+thread_local! {
+    /// The transaction whose commit already wakes the worker.
+    static WAKING: std::cell::Cell<pg_sys::TransactionId> = const { std::cell::Cell::new(pg_sys::InvalidTransactionId) };
+}
+
+/// `ensure_worker`, once per transaction: the trigger calls it per queued row, and the worker
+/// is woken when the rows can be seen, at commit.
+fn wake_at_commit() {
+    // SAFETY: this transaction's id (the queue insert that follows needs one anyway).
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    if WAKING.replace(xid) != xid {
+        ensure_worker();
+    }
+}
+
+/// Refuses a relation a target cannot follow: only a plain, permanent table has rows the
+/// worker can find again by key.
+fn check_plain_table(rel: &PgRelation) {
+    // SAFETY: an open relation's catalog entry.
+    let (kind, persistence) = unsafe { ((*rel.rd_rel).relkind, (*rel.rd_rel).relpersistence) };
+    let refusal = if kind == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+        Some("a partitioned table; register each partition")
+    } else if kind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+        Some("not a table (a view, foreign table, materialized view or sequence); register the table it reads")
+    } else if persistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char {
+        Some("a temporary table, which the background worker cannot see; use embeddinggemma_trigger() for it")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        let (what, hint) = why.split_once("; ").expect("two parts");
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("embeddinggemma: {} is {what}: asynchronous targets are for plain tables", sql_text::display(rel.oid())),
+            format!("{}{}.", hint[..1].to_uppercase(), &hint[1..]),
+        )
+    }
 }
 
 fn trigger_name(id: i32) -> String {
@@ -82,6 +116,7 @@ fn trigger_name(id: i32) -> String {
 
 /// Records a target, installs its trigger, starts the worker.
 fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool) -> i32 {
+    check_plain_table(rel);
     // The queue and the targets live in each node's own tables; a distributed table's rows are
     // written on the workers, whose triggers would not find a target registered here.
     if crate::citus::is_distributed(rel.oid()) || crate::citus::shard_of(rel.oid()).is_some() {
@@ -240,12 +275,13 @@ fn pending(id: i32) -> bool {
 
 #[pg_extern(sql = "")]
 fn embeddinggemma_async_wait(tbl: pg_sys::Oid, target: &str, timeout: pgrx::datum::Interval) -> bool {
+    sql_text::require_privilege(tbl, pg_sys::ACL_SELECT, "read");
     let id = find(tbl, target);
     let micros = timeout.as_micros();
     let deadline = Instant::now() + Duration::from_micros(micros.max(0) as u64);
     let _event = worker::WaitEvent::start();
     // SAFETY: this backend's database.
-    async_registry::wake(unsafe { pg_sys::MyDatabaseId });
+    registry::wake(unsafe { pg_sys::MyDatabaseId });
     let mut pause = Duration::from_millis(10);
     loop {
         if !pending(id) {
@@ -430,9 +466,8 @@ fn embeddinggemma_async_trigger<'a>(
         keys.extend(old_key);
     }
     if !keys.is_empty() {
-        crate::async_queue::insert(id, &keys);
-        // SAFETY: this backend's database.
-        async_registry::wake(unsafe { pg_sys::MyDatabaseId });
+        super::queue::insert(id, &keys);
+        wake_at_commit();
     }
     returned(row)
 }

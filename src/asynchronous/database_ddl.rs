@@ -1,0 +1,115 @@
+//! DDL that needs every session to leave a database — DROP DATABASE, ALTER DATABASE … RENAME
+//! or SET TABLESPACE, CREATE DATABASE … TEMPLATE — finds the database's asynchronous worker
+//! gone: a utility hook (installed while preloading) holds the database (no worker starts for
+//! it), asks its worker to leave, and waits for it before the command runs. Without it a
+//! database owner could not drop a database with targets, and a forced drop would leave a
+//! worker trying to come back.
+
+use std::ffi::CStr;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use super::registry;
+
+/// How long the database stays held if the command fails before it ends the hold.
+const HOLD: Duration = Duration::from_secs(60);
+/// How long the command waits for the worker to leave (a batch in hand is cancelled).
+const LEAVE_WAIT: Duration = Duration::from_secs(20);
+
+static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
+
+/// From `_PG_init` while preloading.
+pub fn install() {
+    // SAFETY: _PG_init runs once per process before any statement; hooks chain as PostgreSQL's
+    // own extensions chain them.
+    unsafe {
+        PREVIOUS = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+/// The name in a `DefElem` list's option `name`, if given.
+///
+/// # Safety
+/// `options` is a List of DefElem (or NULL).
+unsafe fn option_name(options: *mut pg_sys::List, name: &CStr) -> Option<String> {
+    // SAFETY: per the contract.
+    let options: Vec<*mut pg_sys::DefElem> = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(options) }.iter_ptr().collect();
+    options.into_iter().find_map(|d| {
+        // SAFETY: a DefElem of the statement; defGetString reads its argument as PostgreSQL does.
+        unsafe {
+            (!(*d).defname.is_null() && CStr::from_ptr((*d).defname) == name && !(*d).arg.is_null())
+                .then(|| CStr::from_ptr(pg_sys::defGetString(d)).to_string_lossy().into_owned())
+        }
+    })
+}
+
+/// The database a statement needs every session out of, if any.
+///
+/// # Safety
+/// `node` is a parsed utility statement.
+unsafe fn emptied_database(node: *mut pg_sys::Node) -> Option<String> {
+    let text = |p: *const std::ffi::c_char| {
+        // SAFETY: a NUL-terminated name of the statement.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    };
+    // SAFETY: per the contract; each cast follows the node's tag.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_DropdbStmt => text((*(node as *mut pg_sys::DropdbStmt)).dbname),
+            pg_sys::NodeTag::T_CreatedbStmt => option_name((*(node as *mut pg_sys::CreatedbStmt)).options, c"template"),
+            pg_sys::NodeTag::T_AlterDatabaseStmt => text((*(node as *mut pg_sys::AlterDatabaseStmt)).dbname),
+            pg_sys::NodeTag::T_RenameStmt => {
+                let stmt = node as *mut pg_sys::RenameStmt;
+                ((*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE).then(|| text((*stmt).subname)).flatten()
+            }
+            _ => None,
+        }
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: PostgreSQL passes a planned utility statement.
+    let name = unsafe { emptied_database((*pstmt).utilityStmt) };
+    let cname = name.and_then(|n| std::ffi::CString::new(n).ok());
+    // SAFETY: a catalog lookup by name; missing_ok.
+    let db = cname.map(|n| unsafe { pg_sys::get_database_oid(n.as_ptr(), true) }).filter(|db| *db != pg_sys::InvalidOid);
+    if let Some(db) = db {
+        if !registry::hold_and_empty(db, HOLD, LEAVE_WAIT) {
+            pgrx::log!("embeddinggemma async: the worker of database {} did not leave in time", db.to_u32());
+        }
+    }
+    let run = || {
+        // SAFETY: the arguments PostgreSQL passed, handed on to the next hook or the standard
+        // implementation.
+        unsafe {
+            match PREVIOUS {
+                Some(previous) => previous(pstmt, query, read_only_tree, context, params, env, dest, qc),
+                None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            }
+        }
+    };
+    match db {
+        None => run(),
+        Some(db) => PgTryBuilder::new(std::panic::AssertUnwindSafe(run))
+            .finally(|| {
+                registry::unhold(db);
+                // Still there (a failed DROP, a RENAME, a template copied): served again.
+                registry::want(db, registry::now_ms());
+            })
+            .execute(),
+    }
+}

@@ -1,0 +1,100 @@
+//! Code a background process runs on behalf of a table's owner, run as PostgreSQL's
+//! maintenance commands (VACUUM, ANALYZE, REFRESH MATERIALIZED VIEW) run it: with the owner's
+//! rights as a security-restricted operation, inside a GUC nest level of its own that is rolled
+//! back afterwards, under `search_path = pg_catalog, pg_temp`, and bounded in time. One owner's
+//! triggers can then leave nothing — no setting, no search path, no temporary object — for the
+//! next owner's write in the same worker session.
+
+use std::ffi::CString;
+
+use pgrx::pg_sys;
+
+/// `STATEMENT_TIMEOUT` of `utils/timeout.h` (the same position from PostgreSQL 9.3 to 18),
+/// which pgrx's bindings leave out.
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+
+/// Time bounds of one piece of owner work, in milliseconds (0: none).
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub statement_ms: i32,
+    pub lock_ms: i32,
+}
+
+impl Bounds {
+    /// The superuser settings `embeddinggemma.async_statement_timeout` and `…_lock_timeout`.
+    pub fn configured() -> Self {
+        Bounds { statement_ms: crate::guc::ASYNC_STATEMENT_TIMEOUT.get(), lock_ms: crate::guc::ASYNC_LOCK_TIMEOUT.get() }
+    }
+}
+
+/// Sets `name` for the current GUC nest level only (undone by `AtEOXact_GUC` of that level).
+///
+/// # Safety
+/// Inside a transaction, after `NewGUCNestLevel`.
+unsafe fn set_in_nest(name: &str, value: &str) {
+    let (name, value) = (CString::new(name).expect("no NUL"), CString::new(value).expect("no NUL"));
+    // SAFETY: per the contract; GUC_ACTION_SAVE ties the value to the current nest level, as
+    // RestrictSearchPath() and a function's SET clause do.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Runs `f` as `role` (see the module's doc). An ERROR inside unwinds through here to the
+/// caller's transaction, whose abort rolls back every nest level; on return the nest level is
+/// rolled back here, session-level `set_config` calls of the owner's code included.
+pub fn as_owner<R>(role: pg_sys::Oid, bounds: Bounds, f: impl FnOnce() -> R) -> R {
+    struct Restore {
+        user: pg_sys::Oid,
+        context: i32,
+        nest: i32,
+        timed: bool,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: undoes what as_owner set up below, in reverse order. While an ERROR
+            // unwinds, the transaction's abort rolls back the GUC nest levels instead.
+            unsafe {
+                if self.timed {
+                    disable_timeout(STATEMENT_TIMEOUT, false);
+                }
+                if !std::thread::panicking() {
+                    pg_sys::AtEOXact_GUC(false, self.nest);
+                }
+                pg_sys::SetUserIdAndSecContext(self.user, self.context);
+            }
+        }
+    }
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: reads and sets this backend's user and GUC nest level, as ExecVacuum and
+    // fmgr_security_definer do; restored by Restore.
+    let _restore = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        let restricted = (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
+        pg_sys::SetUserIdAndSecContext(role, context | restricted);
+        let nest = pg_sys::NewGUCNestLevel();
+        set_in_nest("search_path", "pg_catalog, pg_temp");
+        set_in_nest("lock_timeout", &bounds.lock_ms.max(0).to_string());
+        // A background process arms no statement timeout of its own: armed here for the work.
+        let timed = bounds.statement_ms > 0;
+        if timed {
+            enable_timeout_after(STATEMENT_TIMEOUT, bounds.statement_ms);
+        }
+        Restore { user, context, nest, timed }
+    };
+    f()
+}

@@ -1,0 +1,132 @@
+//! Reading a batch's texts and writing its vectors or chunks, as the table's owner (see
+//! `owner`). Memory is bounded before anything is read: a batch reads at most
+//! `BATCH_TEXT_BYTES` of text, a vector target at most the first `PREFIX_CHARS` characters of
+//! a text (the engine embeds at most 2,048 tokens, which lie well inside them), and a chunk
+//! document over `CHUNK_DOCUMENT_BYTES` is refused, not read.
+
+use std::collections::HashMap;
+
+use super::owner::{as_owner, Bounds};
+use super::target::Target;
+use crate::columns::{check_columns, check_source, key_column};
+use crate::sql_text::{self, ident, relation, text_param};
+use crate::statement_trigger::Writing;
+use crate::vector;
+
+/// Text bytes one batch reads, at most (beyond its first row).
+const BATCH_TEXT_BYTES: i64 = 32 << 20;
+/// Characters of a text a vector target reads: more than the engine looks at for any text it
+/// truncates (2,048 tokens of at most a few dozen bytes each, and the margin of its cut).
+pub const PREFIX_CHARS: i64 = 2 << 20;
+/// Bytes of a text the prefix can take (4 per character in UTF-8).
+const PREFIX_BYTES: i64 = 4 * PREFIX_CHARS;
+/// The largest document a chunk target embeds; a larger one fails with a message.
+pub const CHUNK_DOCUMENT_BYTES: i64 = 16 << 20;
+
+/// What reading a batch's rows found, per key.
+pub enum Found {
+    /// The text to embed (a prefix of it, for a long text of a vector target), and the whole
+    /// text's length in bytes.
+    Text(String, i64),
+    /// The row is gone or has no text.
+    Nothing,
+    /// Over this batch's byte budget: left for a later batch.
+    Later,
+    /// A chunk document too large to embed: its length in bytes.
+    TooLarge(i64),
+}
+
+/// The current texts of `keys`, as the table's owner.
+pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
+    let documents = crate::columns::open_checked(t.relation);
+    check_source(&documents, &t.source);
+    let key = key_column(&documents, &t.key);
+    let (prefix, limit, counted) = match t.column {
+        Some(_) => (format!("pg_catalog.substr(x.s, 1, {PREFIX_CHARS})"), i64::MAX, PREFIX_BYTES),
+        None => ("x.s".to_string(), CHUNK_DOCUMENT_BYTES, CHUNK_DOCUMENT_BYTES),
+    };
+    // Lengths come from the varlena headers (nothing is decompressed to measure them); only
+    // rows within the budget are read.
+    let sql = format!(
+        "SELECT x.k, CASE WHEN x.fits AND x.len OPERATOR(pg_catalog.<=) {limit} THEN {prefix} END, x.len, x.fits
+           FROM (SELECT d.{k}::pg_catalog.text AS k, d.{s}::pg_catalog.text AS s,
+                        pg_catalog.octet_length(d.{s}::pg_catalog.text) AS len,
+                        (pg_catalog.row_number() OVER w OPERATOR(pg_catalog.=) 1
+                         OR pg_catalog.sum(LEAST(pg_catalog.octet_length(d.{s}::pg_catalog.text), {counted})) OVER w
+                            OPERATOR(pg_catalog.<=) {BATCH_TEXT_BYTES}) AS fits
+                   FROM {tbl} d WHERE d.{k} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{kt}[])
+                 WINDOW w AS (ORDER BY d.ctid)) x",
+        k = ident(&t.key),
+        s = ident(&t.source),
+        tbl = relation(t.relation),
+        kt = key.sql_type()
+    );
+    let rows: HashMap<String, Found> = as_owner(t.owner(), Bounds::configured(), || {
+        pgrx::spi::Spi::connect_mut(|c| {
+            let rows = c.update(sql.as_str(), None, &[text_param(keys.to_vec())])?;
+            rows.map(|r| {
+                let (key, text, len, fits) = (r.get::<String>(1)?, r.get::<String>(2)?, r.get::<i64>(3)?, r.get::<bool>(4)?);
+                let found = match (text, len, fits) {
+                    (Some(text), Some(len), _) => Found::Text(text, len),
+                    (_, None, _) => Found::Nothing,
+                    (None, Some(_), Some(false)) => Found::Later,
+                    (None, Some(len), _) => Found::TooLarge(len),
+                };
+                Ok((key.unwrap_or_default(), found))
+            })
+            .collect::<Result<_, pgrx::spi::SpiError>>()
+        })
+        .expect("SPI reports errors as ERRORs")
+    });
+    let mut rows = rows;
+    keys.iter().map(|k| rows.remove(k).unwrap_or(Found::Nothing)).collect()
+}
+
+/// Writes `vectors` of `keys` whose text still starts with `texts` and has the same length (a
+/// row changed since has a newer queue entry), as the table's owner; the rows written.
+pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String], lens: &[i64], vectors: &[Vec<f32>]) -> usize {
+    let documents = crate::columns::open_checked(t.relation);
+    check_columns(&documents, &t.source, column, t.dim);
+    let key = key_column(&documents, &t.key);
+    let vector_type = documents.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == column).map(|a| a.atttypid).expect("checked");
+    let sql = format!(
+        "UPDATE {tbl} d SET {v} = u.v
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]),
+                           pg_catalog.unnest($3::pg_catalog.int8[]), pg_catalog.unnest($4)) AS u(k, s, n, v)
+          WHERE d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
+            AND pg_catalog.octet_length(d.{s}::pg_catalog.text) OPERATOR(pg_catalog.=) u.n
+            AND pg_catalog.substr(d.{s}::pg_catalog.text, 1, {PREFIX_CHARS}) OPERATOR(pg_catalog.=) u.s",
+        tbl = relation(t.relation),
+        v = ident(column),
+        k = ident(&t.key),
+        s = ident(&t.source),
+        kt = key.sql_type()
+    );
+    let _writing = Writing::start(t.relation);
+    as_owner(t.owner(), Bounds::configured(), || {
+        let args = [text_param(keys.to_vec()), text_param(texts.to_vec()), text_param(lens.to_vec()), vector::array_param(vectors, vector_type)];
+        sql_text::run(&sql, &args)
+    })
+}
+
+/// Replaces the chunks of `keys` with those of `texts` (None: the document is gone or has no
+/// text), as the owner.
+pub fn write_chunks(t: &Target, keys: &[String], texts: Vec<Option<String>>) -> usize {
+    let documents = crate::columns::open_checked(t.relation);
+    let settings = t.chunk_settings(&documents);
+    as_owner(t.owner(), Bounds::configured(), || {
+        let delete = format!(
+            "DELETE FROM {} c WHERE c.{} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{}[])",
+            relation(settings.chunk_table),
+            ident(&settings.chunk_key),
+            settings.key.sql_type()
+        );
+        sql_text::run(&delete, &[text_param(keys.to_vec())]);
+        let live: Vec<(String, Option<String>)> = keys.iter().cloned().zip(texts).filter(|(_, text)| text.as_deref().is_some_and(|s| !s.is_empty())).collect();
+        if !live.is_empty() {
+            let (keys, texts): (Vec<String>, Vec<Option<String>>) = live.into_iter().unzip();
+            crate::routing::in_background(|| pgrx::spi::Spi::connect_mut(|c| settings.insert_chunks(c, &keys, &texts)));
+        }
+    });
+    keys.len()
+}
