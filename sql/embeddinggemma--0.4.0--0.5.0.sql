@@ -1,8 +1,18 @@
 -- embeddinggemma 0.4.0 -> 0.5.0: the asynchronous worker's queue remembers entries in hand
--- when a worker stopped mid-batch (embedded alone next, kept apart after a second stop); the
+-- when a worker stopped mid-batch (embedded alone next, kept apart after a second stop) and
+-- keys in their type's binary form (read back exactly whatever the writer's settings); the
 -- status views are security barriers; the target id sequence is dumped with the targets.
 
 ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN interrupted int NOT NULL DEFAULT 0;
+ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN key_bytes bytea;
+
+-- Columns followed by number through renames.
+ALTER TABLE @extschema@.embeddinggemma_async_targets ADD COLUMN key_attnum int2, ADD COLUMN source_attnum int2, ADD COLUMN target_attnum int2;
+UPDATE @extschema@.embeddinggemma_async_targets t
+   SET key_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.key_column AND NOT a.attisdropped),
+       source_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.source AND NOT a.attisdropped),
+       target_attnum = CASE WHEN t.chunk_table IS NULL THEN
+                       (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.target AND NOT a.attisdropped) END;
 
 ALTER VIEW @extschema@.embeddinggemma_async_status SET (security_barrier = true);
 ALTER VIEW @extschema@.embeddinggemma_async_failures SET (security_barrier = true);
@@ -11,3 +21,40 @@ SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_targets_id_seq'
 
 COMMENT ON FUNCTION @extschema@.embeddinggemma_async_wait(regclass, text, interval) IS
 'Waits (interruptibly) until nothing is pending for the target — every queued row embedded or failed — and returns true; false if timeout passes first. Needs SELECT on the table.';
+
+-- Targets follow their tables (src/asynchronous/follow.rs): a dropped table, chunk table or
+-- named column removes the target with a NOTICE; a renamed column keeps it working.
+CREATE FUNCTION embeddinggemma_async_follow(relations oid[])
+RETURNS void
+VOLATILE STRICT PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_follow_wrapper';
+
+COMMENT ON FUNCTION embeddinggemma_async_follow(oid[]) IS
+'Called by the extension''s event triggers with the tables a DDL command touched: reconciles their asynchronous targets with the catalog (renamed columns followed, targets whose table or columns are gone removed).';
+
+CREATE FUNCTION embeddinggemma_async_follow_ddl()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    touched oid[];
+BEGIN
+    IF TG_EVENT OPERATOR(pg_catalog.=) 'sql_drop' THEN
+        touched := ARRAY(SELECT DISTINCT o.objid FROM pg_catalog.pg_event_trigger_dropped_objects() o
+                          WHERE o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass);
+    ELSE
+        touched := ARRAY(SELECT DISTINCT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                          WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass);
+    END IF;
+    IF pg_catalog.cardinality(touched) OPERATOR(pg_catalog.>) 0 THEN
+        PERFORM @extschema@.embeddinggemma_async_follow(touched);
+    END IF;
+END
+$fn$;
+
+CREATE EVENT TRIGGER embeddinggemma_async_follow_drop ON sql_drop
+    EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
+CREATE EVENT TRIGGER embeddinggemma_async_follow_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION embeddinggemma_async_follow_ddl();

@@ -407,6 +407,10 @@ CREATE TABLE embeddinggemma_async_targets (
     last_embedded_at timestamptz,
     rows_per_second  float8,
     created_at       timestamptz NOT NULL DEFAULT now(),
+    -- The key, source and vector columns by number: followed through renames (follow.rs).
+    key_attnum       int2,
+    source_attnum    int2,
+    target_attnum    int2,
     UNIQUE (relation, target)
 );
 CREATE TABLE embeddinggemma_async_queue (
@@ -421,7 +425,10 @@ CREATE TABLE embeddinggemma_async_queue (
     last_attempt timestamptz,
     -- Times this entry was in hand when a worker stopped mid-batch (a crash, an immediate
     -- shutdown): once, it is embedded alone next; twice, it is kept apart as failed.
-    interrupted  int         NOT NULL DEFAULT 0
+    interrupted  int         NOT NULL DEFAULT 0,
+    -- The key as its type's send function writes it (the trigger's entries): the worker reads
+    -- it back whatever the writer's DateStyle, TimeZone or extra_float_digits; key is for people.
+    key_bytes    bytea
 );
 CREATE INDEX embeddinggemma_async_queue_target ON embeddinggemma_async_queue (target_id, id);
 REVOKE ALL ON embeddinggemma_async_targets, embeddinggemma_async_queue FROM PUBLIC;
@@ -531,3 +538,40 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_drop_wrapper';
 
 COMMENT ON FUNCTION embeddinggemma_async_drop(regclass, text) IS
 'Removes the target, its trigger and its queue. Vectors already written stay.';
+
+-- Targets follow their tables (src/asynchronous/follow.rs): a dropped table, chunk table or
+-- named column removes the target with a NOTICE; a renamed column keeps it working.
+CREATE FUNCTION embeddinggemma_async_follow(relations oid[])
+RETURNS void
+VOLATILE STRICT PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_follow_wrapper';
+
+COMMENT ON FUNCTION embeddinggemma_async_follow(oid[]) IS
+'Called by the extension''s event triggers with the tables a DDL command touched: reconciles their asynchronous targets with the catalog (renamed columns followed, targets whose table or columns are gone removed).';
+
+CREATE FUNCTION embeddinggemma_async_follow_ddl()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    touched oid[];
+BEGIN
+    IF TG_EVENT OPERATOR(pg_catalog.=) 'sql_drop' THEN
+        touched := ARRAY(SELECT DISTINCT o.objid FROM pg_catalog.pg_event_trigger_dropped_objects() o
+                          WHERE o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass);
+    ELSE
+        touched := ARRAY(SELECT DISTINCT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                          WHERE c.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass);
+    END IF;
+    IF pg_catalog.cardinality(touched) OPERATOR(pg_catalog.>) 0 THEN
+        PERFORM @extschema@.embeddinggemma_async_follow(touched);
+    END IF;
+END
+$fn$;
+
+CREATE EVENT TRIGGER embeddinggemma_async_follow_drop ON sql_drop
+    EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
+CREATE EVENT TRIGGER embeddinggemma_async_follow_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION embeddinggemma_async_follow_ddl();

@@ -203,10 +203,45 @@ impl ChunkSettings {
         }
         batch.insert(client, &sql, self.vector_type);
     }
+
+    /// Cuts and embeds `texts` (nothing written): their chunk rows under `keys`. The
+    /// asynchronous worker embeds outside the owner's time-bounded work, then inserts them with
+    /// `insert_embedded`.
+    pub fn embedded_chunks(&self, keys: &[String], texts: &[Option<String>]) -> ChunkBatch {
+        let docs = Texts::collect(texts.iter().map(|t| t.as_deref()));
+        let mut batch = ChunkBatch::default();
+        for (doc, chunk, start, end, body, vector) in ChunkRows::new(docs, Cut::new(self.max_tokens, self.overlap, &self.task), Some(self.dim)) {
+            batch.keys.push(keys[doc as usize - 1].clone());
+            batch.chunks.push(chunk);
+            batch.starts.push(start);
+            batch.ends.push(end);
+            batch.bodies.push(body);
+            batch.vectors.push(vector.expect("embed_chunks rows have vectors"));
+        }
+        batch
+    }
+
+    /// Inserts chunk rows made by `embedded_chunks`, `CHUNK_TEXTS` at a time.
+    pub fn insert_embedded(&self, client: &mut pgrx::spi::SpiClient<'_>, mut rows: ChunkBatch) {
+        let sql = self.insert_sql();
+        while !rows.keys.is_empty() {
+            let n = rows.keys.len().min(crate::functions::CHUNK_TEXTS);
+            let mut part = ChunkBatch {
+                keys: rows.keys.drain(..n).collect(),
+                chunks: rows.chunks.drain(..n).collect(),
+                starts: rows.starts.drain(..n).collect(),
+                ends: rows.ends.drain(..n).collect(),
+                bodies: rows.bodies.drain(..n).collect(),
+                vectors: rows.vectors.drain(..n).collect(),
+            };
+            part.insert(client, &sql, self.vector_type);
+        }
+    }
 }
 
+/// Chunk rows (keys, numbers, offsets, bodies, vectors) as parallel columns.
 #[derive(Default)]
-struct ChunkBatch {
+pub struct ChunkBatch {
     keys: Vec<String>,
     chunks: Vec<i32>,
     starts: Vec<i32>,

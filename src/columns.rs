@@ -185,6 +185,41 @@ fn embeddinggemma_check_key(tbl: pg_sys::Oid, key_col: &str) {
     check_key(&open_checked(tbl), key_col);
 }
 
+/// The key of `tuple` in its type's binary form (its send function): the same bytes whatever
+/// the session's DateStyle, TimeZone, extra_float_digits or bytea_output, so that another
+/// session reads the same value back (`key_from_binary`).
+///
+/// # Safety
+/// As `key_text`.
+pub unsafe fn key_binary(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, key: &KeyColumn) -> Option<Vec<u8>> {
+    // SAFETY: per this function's contract; the send function of the key's own type returns a
+    // palloc'd bytea.
+    unsafe {
+        let datum = pgrx::heap_getattr_raw(tuple, key.attno, desc)?;
+        let (mut send, mut varlena) = (pg_sys::InvalidOid, false);
+        pg_sys::getTypeBinaryOutputInfo(key.type_oid, &mut send, &mut varlena);
+        let bytes = pg_sys::OidSendFunctionCall(send, datum);
+        Some(pgrx::varlena::varlena_to_byte_slice(bytes.cast()).to_vec())
+    }
+}
+
+/// The text form, in this session, of a key sent as `bytes` by `key_binary` (its type's
+/// receive function, with the column's modifier, then its output function).
+pub fn key_from_binary(key: &KeyColumn, bytes: &[u8]) -> String {
+    // SAFETY: a StringInfo over a copy of the bytes, read by the type's own receive function
+    // (which raises on malformed input); its output function returns a palloc'd C string.
+    unsafe {
+        let (mut receive, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeBinaryInputInfo(key.type_oid, &mut receive, &mut ioparam);
+        let buf = pg_sys::makeStringInfo();
+        pg_sys::appendBinaryStringInfo(buf, bytes.as_ptr().cast(), bytes.len() as i32);
+        let datum = pg_sys::OidReceiveFunctionCall(receive, buf, ioparam, key.typmod);
+        let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+        pg_sys::getTypeOutputInfo(key.type_oid, &mut output, &mut varlena);
+        CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, datum)).to_string_lossy().into_owned()
+    }
+}
+
 /// The key of `tuple` as text (its type's output function).
 ///
 /// # Safety

@@ -51,7 +51,7 @@ pub static SERVICE: GucSetting<Service> = GucSetting::<Service>::new(Service::Au
 pub static SERVICE_BINARY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static ASYNC_MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
-pub static ASYNC_STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ASYNC_STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static ASYNC_LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAX_CALL_MEMORY: GucSetting<i32> = GucSetting::<i32>::new((DEFAULT_MAX_MEMORY >> 20) as i32);
 

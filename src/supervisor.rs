@@ -192,6 +192,8 @@ pub extern "C-unwind" fn embeddinggemma_supervisor_main(_arg: pg_sys::Datum) {
             }
             next_start = Instant::now();
             backoff = Duration::from_millis(100);
+            // Targets record the model they are embedded with: every database is looked at.
+            crate::asynchronous::registry::look_at_every_database();
         }
     }
     for s in service.into_iter().chain(draining.into_iter().map(|(s, _)| s)) {

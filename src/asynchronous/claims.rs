@@ -25,14 +25,21 @@ fn targets() -> String {
 /// A queue entry claimed for a batch.
 pub struct Claimed {
     pub id: i64,
+    /// The key as the writer's session printed it, or (rows queued by the worker's scan, or
+    /// before 0.5.0) as the worker prints it.
     pub key: String,
+    /// The key as its type's send function wrote it, when the trigger queued it.
+    pub bytes: Option<Vec<u8>>,
+}
+
+fn claimed(r: &pgrx::spi::SpiHeapTupleData, first: usize) -> Result<Claimed, pgrx::spi::SpiError> {
+    Ok(Claimed { id: r.get(first)?.unwrap_or_default(), key: r.get(first + 1)?.unwrap_or_default(), bytes: r.get(first + 2)? })
 }
 
 fn leased(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<Claimed> {
     pgrx::spi::Spi::connect_mut(|c| {
         let rows = c.update(sql, None, args)?;
-        rows.map(|r| Ok(Claimed { id: r.get(1)?.unwrap_or_default(), key: r.get(2)?.unwrap_or_default() }))
-            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+        rows.map(|r| claimed(&r, 1)).collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
     .expect("SPI reports errors as ERRORs")
 }
@@ -54,7 +61,7 @@ pub fn claim(id: i32, max_attempts: i32) -> Vec<Claimed> {
                   WINDOW w AS (ORDER BY q.id)
                    ORDER BY q.id LIMIT {CLAIM_ENTRIES}) x
                  WHERE x.n OPERATOR(pg_catalog.=) 1 OR x.bytes OPERATOR(pg_catalog.<=) {CLAIM_KEY_BYTES}))
-         RETURNING id, key"
+         RETURNING id, key, key_bytes"
     );
     leased(&sql, &[text_param(id), text_param(max_attempts)])
 }
@@ -70,12 +77,12 @@ pub fn claim_interrupted(ids: &[i32]) -> Option<(i32, Claimed)> {
                  WHERE q.target_id OPERATOR(pg_catalog.=) ANY ($1) AND NOT q.leased AND q.interrupted OPERATOR(pg_catalog.>) 0
                    AND q.attempts OPERATOR(pg_catalog.<) t.max_attempts
                  ORDER BY q.id LIMIT 1)
-         RETURNING target_id, id, key"
+         RETURNING target_id, id, key, key_bytes"
     );
     pgrx::spi::Spi::connect_mut(|c| {
         let rows = c.update(sql.as_str(), None, &[text_param(ids.to_vec())])?;
         let Some(r) = rows.into_iter().next() else { return Ok(None) };
-        Ok::<_, pgrx::spi::SpiError>(Some((r.get(1)?.unwrap_or_default(), Claimed { id: r.get(2)?.unwrap_or_default(), key: r.get(3)?.unwrap_or_default() })))
+        Ok::<_, pgrx::spi::SpiError>(Some((r.get(1)?.unwrap_or_default(), claimed(&r, 2)?)))
     })
     .expect("SPI reports errors as ERRORs")
 }

@@ -26,6 +26,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// How long a worker serves its database before it makes way for another that waits.
 const TURN: Duration = Duration::from_secs(30);
+/// How long an idle worker waits for the serving model's identity before it leaves anyway.
+const MODEL_WAIT: Duration = Duration::from_secs(60);
 /// How often the serving model's identity is read again.
 const MODEL_CHECK: Duration = Duration::from_secs(10);
 
@@ -61,6 +63,46 @@ fn caught(e: pg_sys::panic::CaughtError) -> String {
         pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
         pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
     }
+}
+
+/// Why a batch failed.
+enum Failure {
+    /// The service could not embed (down, restarting, its model failing to load): nothing to
+    /// hold against the rows, which go back to the queue untried.
+    Service(String),
+    /// Reading or writing the rows failed (the owner's triggers or constraints, a timeout), or
+    /// the model refused a text.
+    Rows(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Rows(e)
+    }
+}
+
+/// An ERROR of the embedding call: a text the model refuses (a data exception, a limit) is the
+/// row's; anything else is the service's.
+fn embedding_failure(e: pg_sys::panic::CaughtError) -> Failure {
+    let code = match &e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => Some(r.sql_error_code()),
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Some(ereport.sql_error_code()),
+    };
+    let class = code.map(|c| {
+        let sqlstate = c as u32;
+        // The two first characters of the SQLSTATE, as PGUNSIXBIT packs them.
+        ((sqlstate & 0x3F) as u8 + b'0', ((sqlstate >> 6) & 0x3F) as u8 + b'0')
+    });
+    let message = caught(e);
+    match class {
+        Some((b'2', b'2')) | Some((b'5', b'4')) => Failure::Rows(message),
+        _ => Failure::Service(message),
+    }
+}
+
+/// Runs the embedding step `f` (no transaction of its own is needed for a vector target).
+fn embedding<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
+    PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(f)))).catch_others(|e| Err(embedding_failure(e))).execute()
 }
 
 /// What a round found to do.
@@ -148,7 +190,9 @@ impl Worker {
         let ids: Vec<i32> = targets.iter().map(|t| t.id).collect();
         if let Some((id, entry)) = txn(|| claims::claim_interrupted(&ids))? {
             let t = targets.iter().find(|t| t.id == id).expect("claimed among these targets");
-            self.process(t, Batch::of(vec![entry]));
+            if let Some(batch) = self.batch(t, vec![entry]) {
+                self.process(t, batch)?;
+            }
             return Ok(Round::Worked);
         }
         let first = self.next % targets.len();
@@ -159,7 +203,9 @@ impl Worker {
                 continue;
             }
             worked = true;
-            self.process(t, Batch::of(claimed));
+            if let Some(batch) = self.batch(t, claimed) {
+                self.process(t, batch)?;
+            }
             if registry::must_leave(self.slot) {
                 break;
             }
@@ -171,48 +217,78 @@ impl Worker {
         Ok(Round::Worked)
     }
 
+    /// The batch of claimed entries, their keys read back in this worker's terms; entries
+    /// whose key cannot be read back (its column retyped) are recorded as failed.
+    fn batch(&self, t: &Target, mut claimed: Vec<Claimed>) -> Option<Batch> {
+        match txn(|| rows::keys_in_worker_terms(t, &mut claimed)) {
+            Ok(()) => Some(Batch::of(claimed)),
+            Err(e) => {
+                let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+                if let Err(e) = txn(|| claims::failed(&ids, &e)) {
+                    pgrx::warning!("embeddinggemma async: recording rows of target {}: {e}", t.id);
+                }
+                None
+            }
+        }
+    }
+
     /// Embeds and writes a batch; a batch that fails is written row by row (each in its own
-    /// transaction, so that one bad row fails alone) while the time allows.
-    fn process(&self, t: &Target, batch: Batch) {
+    /// transaction, so that one bad row fails alone) while the time allows. Err: the service
+    /// failed (the batch is back in the queue, untried).
+    fn process(&self, t: &Target, batch: Batch) -> Result<(), String> {
         let started = Instant::now();
         match self.write(t, &batch) {
             Ok(n) => {
                 let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 self.record(t, &batch.all_ids(), n, rate);
+                Ok(())
+            }
+            Err(Failure::Service(e)) => {
+                let _ = txn(|| claims::give_back(&batch.all_ids()));
+                Err(e)
             }
             Err(_) if registry::must_leave(self.slot) => {
                 let _ = txn(|| claims::give_back(&batch.all_ids()));
+                Ok(())
             }
-            Err(e) => {
+            Err(Failure::Rows(e)) => {
                 pgrx::log!("embeddinggemma async: a batch of {} rows of target {} failed ({e}); writing them one by one", batch.keys.len(), t.id);
-                self.one_by_one(t, batch);
+                self.one_by_one(t, batch)
             }
         }
     }
 
-    fn one_by_one(&self, t: &Target, batch: Batch) {
-        // A slow or locked table gets twice its batch time, then waits for the next round.
-        let budget = Duration::from_millis(2 * super::owner::Bounds::configured().statement_ms.max(5_000) as u64);
+    fn one_by_one(&self, t: &Target, batch: Batch) -> Result<(), String> {
+        // A slow or locked table gets about one more batch's time, then waits for the next
+        // round (the other targets go first).
+        let bound = super::owner::Bounds::configured().statement_ms;
+        let budget = Duration::from_millis(if bound > 0 { bound.max(1_000) as u64 } else { 60_000 });
         let started = Instant::now();
         let mut left: Vec<i64> = Vec::new();
+        let mut service = None;
         for (key, ids) in batch.keys.into_iter().zip(batch.ids) {
-            if started.elapsed() > budget || registry::must_leave(self.slot) {
+            if started.elapsed() > budget || registry::must_leave(self.slot) || service.is_some() {
                 left.extend(ids);
                 continue;
             }
             let one = Batch { keys: vec![key.clone()], ids: vec![ids.clone()] };
             match self.write(t, &one) {
                 Ok(n) => self.record(t, &ids, n, t.rows_per_second.unwrap_or(0.0)),
-                Err(e) => {
+                Err(Failure::Rows(e)) => {
                     if let Err(e) = txn(|| claims::failed(&ids, &e)) {
                         pgrx::warning!("embeddinggemma async: recording row {key} of target {}: {e}", t.id);
                     }
+                }
+                Err(Failure::Service(e)) => {
+                    left.extend(ids);
+                    service = Some(e);
                 }
             }
         }
         if let Err(e) = txn(|| claims::give_back(&left)) {
             pgrx::warning!("embeddinggemma async: giving back rows of target {}: {e}", t.id);
         }
+        service.map_or(Ok(()), Err)
     }
 
     fn record(&self, t: &Target, ids: &[i64], n: usize, rate: f64) {
@@ -226,7 +302,7 @@ impl Worker {
 
     /// Reads, embeds and writes `batch`; entries left for later are given back and refused
     /// ones recorded, in the transaction of the read. The rows written.
-    fn write(&self, t: &Target, batch: &Batch) -> Result<usize, String> {
+    fn write(&self, t: &Target, batch: &Batch) -> Result<usize, Failure> {
         let found = txn(|| {
             let found = rows::read(t, &batch.keys);
             let pick = |want: fn(&Found) -> bool| -> Vec<i64> {
@@ -261,12 +337,13 @@ impl Worker {
                 if keys.is_empty() {
                     return Ok(0);
                 }
-                txn(|| rows::write_chunks(t, &keys, texts))
+                let chunks = txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
+                Ok(txn(|| rows::write_chunks(t, &keys, chunks))?)
             }
         }
     }
 
-    fn write_vectors(&self, t: &Target, column: &str, keys: &[String], found: Vec<Found>) -> Result<usize, String> {
+    fn write_vectors(&self, t: &Target, column: &str, keys: &[String], found: Vec<Found>) -> Result<usize, Failure> {
         let (mut live, mut texts, mut lens) = (Vec::new(), Vec::new(), Vec::new());
         for (k, f) in keys.iter().zip(found) {
             if let Found::Text(text, len) = f {
@@ -279,11 +356,9 @@ impl Worker {
             return Ok(0);
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vectors = PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(|| routing::embed(&refs, &t.task, t.dim)))))
-            .catch_others(|e| Err(caught(e)))
-            .execute()?;
+        let vectors = embedding(|| routing::embed(&refs, &t.task, t.dim))?;
         drop(refs);
-        txn(|| rows::write_vectors(t, column, &live, &texts, &lens, &vectors))
+        Ok(txn(|| rows::write_vectors(t, column, &live, &texts, &lens, &vectors))?)
     }
 }
 
@@ -348,7 +423,10 @@ pub extern "C-unwind" fn embeddinggemma_async_worker_main(arg: pg_sys::Datum) {
                 (Duration::ZERO, false)
             }
             Ok(Round::Idle) => {
-                if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_EXIT {
+                // It stays until it has recorded the serving model (the service may be loading
+                // one), for a while.
+                let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+                if idle >= IDLE_EXIT && (worker.model.is_some() || idle >= MODEL_WAIT) {
                     leave(slot, db, Leave::Idle);
                 }
                 (IDLE_POLL, true)

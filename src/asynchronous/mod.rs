@@ -8,6 +8,7 @@
 mod claims;
 pub mod database_ddl;
 pub mod drain;
+mod follow;
 pub mod launcher;
 mod owner;
 mod provenance;

@@ -37,8 +37,9 @@ fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
     (queue, sequence)
 }
 
-/// Queues `keys` of the target `target_id` (one entry each), in this transaction.
-pub fn insert(target_id: i32, keys: &[String]) {
+/// Queues `keys` (text and binary forms) of the target `target_id` (one entry each), in this
+/// transaction.
+pub fn insert(target_id: i32, keys: &[(String, Vec<u8>)]) {
     let (queue, sequence) = oids();
     // SAFETY: the queue exists (checked above) and is locked as an INSERT locks it; the tuple is
     // formed from its own descriptor; each index entry is built and inserted as
@@ -50,7 +51,7 @@ pub fn insert(target_id: i32, keys: &[String]) {
         let attrs = PgTupleDesc::from_pg_unchecked(desc);
         let indexes = open_indexes(rel);
         let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsHeapTuple);
-        for key in keys {
+        for (key, bytes) in keys {
             let mut values = vec![pg_sys::Datum::from(0usize); attrs.len()];
             let mut nulls = vec![true; attrs.len()];
             for (i, a) in attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped) {
@@ -59,6 +60,7 @@ pub fn insert(target_id: i32, keys: &[String]) {
                     "id" => sql_text::as_role(owner, || pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])).into_datum(),
                     "target_id" => target_id.into_datum(),
                     "key" => key.as_str().into_datum(),
+                    "key_bytes" => bytes.as_slice().into_datum(),
                     "enqueued_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
                     "attempts" => 0i32.into_datum(),
                     "leased" => false.into_datum(),

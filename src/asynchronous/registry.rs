@@ -175,6 +175,13 @@ pub fn notify_launcher() {
     }
 }
 
+/// Asks the launcher to start a worker for every database in turn (the serving model changed:
+/// each records it).
+pub fn look_at_every_database() {
+    get().overflow.store(true, Ordering::Release);
+    notify_launcher();
+}
+
 pub fn unwant(db: pg_sys::Oid) {
     let r = get();
     for i in 0..WANTED {

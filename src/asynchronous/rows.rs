@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::owner::{as_owner, Bounds};
 use super::target::Target;
+use crate::chunk_trigger::ChunkBatch;
 use crate::columns::{check_columns, check_source, key_column};
 use crate::sql_text::{self, ident, relation, text_param};
 use crate::statement_trigger::Writing;
@@ -34,6 +35,19 @@ pub enum Found {
     Later,
     /// A chunk document too large to embed: its length in bytes.
     TooLarge(i64),
+}
+
+/// The entries' keys as this worker prints them: the queue's binary form read back by the
+/// key's type, so that the writer's DateStyle, TimeZone or extra_float_digits never decide
+/// which row a key names.
+pub fn keys_in_worker_terms(t: &Target, claimed: &mut [super::claims::Claimed]) {
+    let documents = crate::columns::open_checked(t.relation);
+    let key = key_column(&documents, &t.key);
+    for c in claimed.iter_mut() {
+        if let Some(bytes) = c.bytes.take() {
+            c.key = crate::columns::key_from_binary(&key, &bytes);
+        }
+    }
 }
 
 /// The current texts of `keys`, as the table's owner.
@@ -109,9 +123,17 @@ pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String]
     })
 }
 
-/// Replaces the chunks of `keys` with those of `texts` (None: the document is gone or has no
-/// text), as the owner.
-pub fn write_chunks(t: &Target, keys: &[String], texts: Vec<Option<String>>) -> usize {
+/// The chunk rows of the documents `keys` with a text (cut and embedded; nothing written).
+pub fn embed_chunks(t: &Target, keys: &[String], texts: &[Option<String>]) -> ChunkBatch {
+    let documents = crate::columns::open_checked(t.relation);
+    let settings = t.chunk_settings(&documents);
+    let (live_keys, live_texts): (Vec<String>, Vec<Option<String>>) =
+        keys.iter().cloned().zip(texts.iter().cloned()).filter(|(_, text)| text.as_deref().is_some_and(|s| !s.is_empty())).unzip();
+    settings.embedded_chunks(&live_keys, &live_texts)
+}
+
+/// Replaces the chunks of the documents `keys` with `chunks`, as the owner.
+pub fn write_chunks(t: &Target, keys: &[String], chunks: ChunkBatch) -> usize {
     let documents = crate::columns::open_checked(t.relation);
     let settings = t.chunk_settings(&documents);
     as_owner(t.owner(), Bounds::configured(), || {
@@ -122,11 +144,7 @@ pub fn write_chunks(t: &Target, keys: &[String], texts: Vec<Option<String>>) -> 
             settings.key.sql_type()
         );
         sql_text::run(&delete, &[text_param(keys.to_vec())]);
-        let live: Vec<(String, Option<String>)> = keys.iter().cloned().zip(texts).filter(|(_, text)| text.as_deref().is_some_and(|s| !s.is_empty())).collect();
-        if !live.is_empty() {
-            let (keys, texts): (Vec<String>, Vec<Option<String>>) = live.into_iter().unzip();
-            crate::routing::in_background(|| pgrx::spi::Spi::connect_mut(|c| settings.insert_chunks(c, &keys, &texts)));
-        }
+        pgrx::spi::Spi::connect_mut(|c| settings.insert_embedded(c, chunks));
     });
     keys.len()
 }

@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode, PgTupleDesc};
 
 use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
-use crate::columns::{check_columns, check_key, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
+use crate::columns::{check_columns, check_key, key_binary, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
 use crate::errors::raise;
 use crate::sql_text::{self, ident, param, relation, text_param};
 use super::registry;
@@ -128,9 +128,12 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     }
     let (targets, owner) = targets_table();
     let sql = format!(
-        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
+        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale,
+                                key_attnum, source_attnum, target_attnum)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id"
     );
+    // Columns are followed by number: a rename keeps the target, a drop removes it (follow.rs).
+    let attnum = |name: &str| crate::columns::lookup_column(rel, name).map(|a| a.attnum);
     let args = [
         param(rel.oid(), pg_sys::REGCLASSOID),
         text_param(key.name.clone()),
@@ -143,6 +146,9 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
         text_param(chunks.map(|c| c.max_tokens)),
         text_param(chunks.map(|c| c.overlap)),
         text_param(keep_stale),
+        text_param(key.attno.get() as i16),
+        text_param(attnum(source)),
+        text_param(if chunks.is_none() { attnum(target) } else { None }),
     ];
     let exists = format!("SELECT EXISTS (SELECT FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND target OPERATOR(pg_catalog.=) $2)");
     let same = [param(rel.oid(), pg_sys::REGCLASSOID), text_param(target.to_string())];
@@ -400,6 +406,12 @@ fn trigger_columns(id: i32, t: &TriggerTarget, rel: pg_sys::Relation) -> Columns
     columns
 }
 
+/// Whether the columns a cached target names are still there by those names.
+fn names_resolve(t: &TriggerTarget, relation: &PgRelation) -> bool {
+    let there = |name: &str| crate::columns::lookup_column(relation, name).is_some();
+    there(&t.source) && there(&t.key) && t.target.as_deref().is_none_or(there)
+}
+
 #[pg_trigger(sql = "")]
 fn embeddinggemma_async_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -421,7 +433,13 @@ fn embeddinggemma_async_trigger<'a>(
     let rel = data.tg_relation;
     // SAFETY: the relation the trigger fires on, open for the call.
     let (relid, desc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
-    let t = trigger_target(id, relid);
+    let mut t = trigger_target(id, relid);
+    // SAFETY: the relation the trigger fires on, open for the call.
+    if !names_resolve(&t, &unsafe { PgRelation::from_pg(rel) }) {
+        // Renamed columns (another session followed the rename): the target as stored now.
+        TARGETS.with(|all| all.borrow_mut().remove(&id));
+        t = trigger_target(id, relid);
+    }
     let columns = trigger_columns(id, &t, rel);
     let (source, key) = (&columns.source, &columns.key);
     let update = matches!(op, PgTriggerOperation::Update);
@@ -429,7 +447,9 @@ fn embeddinggemma_async_trigger<'a>(
     // UPDATE), and the columns were checked against that relation above.
     let (new, old) = if update { (data.tg_newtuple, Some(data.tg_trigtuple)) } else { (data.tg_trigtuple, None) };
     let text = |tuple| unsafe { source_text(tuple, desc, source) };
-    let key_of = |tuple| unsafe { key_text(tuple, desc, key) };
+    // The key as the writer reads it (for the failures view) and as its type sends it (what
+    // the worker reads back, whatever this session's settings).
+    let key_of = |tuple| unsafe { key_text(tuple, desc, key).zip(key_binary(tuple, desc, key)) };
     // SAFETY: as above; a column number of this relation.
     let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
     // SAFETY: the descriptor of the tuple returned (NEW, or NEW with its vector cleared).
@@ -458,7 +478,7 @@ fn embeddinggemma_async_trigger<'a>(
         }
     }
     // A chunk target is queued even without a text (its chunks go); a vector target only with one.
-    let mut keys: Vec<String> = Vec::new();
+    let mut keys: Vec<(String, Vec<u8>)> = Vec::new();
     if has_text || t.target.is_none() {
         keys.extend(new_key);
     }

@@ -18,15 +18,15 @@
 //! - memory: a row whose text is hundreds of megabytes is never held whole by the worker.
 //!
 //! Against the main test server, with the real model through the service. Tests that change
-//! the server's settings, watch every worker or the server log, or drop databases run alone
-//! ([`ALONE`]); the others use tables, roles and schemas of their own (`tr_…`) and run beside
-//! them. Everything is created anew at the start of a test, so a failed run leaves nothing
+//! the server's settings, watch every worker or the server log, drop databases or load the
+//! worker for long run alone ([`ALONE`]: the one worker of the database serves every test);
+//! the others use tables, roles and schemas of their own (`tr_…`) and run beside each other. Everything is created anew at the start of a test, so a failed run leaves nothing
 //! that disturbs the next.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,11 +35,16 @@ use postgres::{Client, NoTls};
 
 const SAME_TEXT: f64 = 1e-6;
 
-/// Tests that change server settings, watch every worker or the server log, or drop databases.
-static ALONE: Mutex<()> = Mutex::new(());
+/// Held exclusively by tests that change server settings, watch every worker or the server
+/// log, drop databases or keep the worker busy for long; shared by the others.
+static ALONE: RwLock<()> = RwLock::new(());
 
-fn alone() -> MutexGuard<'static, ()> {
-    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    ALONE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn beside_others() -> RwLockReadGuard<'static, ()> {
+    ALONE.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn secs(s: u64) -> Duration {
@@ -266,6 +271,7 @@ fn planting_function(name: &str, local: bool) -> String {
 
 #[test]
 fn one_owners_session_settings_never_reach_another_owners_write() {
+    let _shared = beside_others();
     let mut c = connect();
     owner_with_schema(&mut c, "tr_a");
     owner_with_schema(&mut c, "tr_b");
@@ -339,6 +345,7 @@ fn one_owners_session_settings_never_reach_another_owners_write() {
 
 #[test]
 fn an_ordinary_role_cannot_become_superuser_through_the_worker() {
+    let _shared = beside_others();
     let mut c = connect();
     owner_with_schema(&mut c, "tr_m");
     forget(&mut c, "tr_su_docs");
@@ -402,6 +409,7 @@ fn an_ordinary_role_cannot_become_superuser_through_the_worker() {
 
 #[test]
 fn the_status_and_failure_views_leak_nothing_to_a_role_that_cannot_read_the_table() {
+    let _shared = beside_others();
     let mut c = connect();
     for view in ["embeddinggemma_async_status", "embeddinggemma_async_failures"] {
         let options: String =
@@ -466,6 +474,7 @@ fn the_status_and_failure_views_leak_nothing_to_a_role_that_cannot_read_the_tabl
 
 #[test]
 fn waiting_on_a_target_needs_the_right_to_read_its_table() {
+    let _shared = beside_others();
     let mut c = connect();
     ordinary_role(&mut c, "tr_nosel");
     forget(&mut c, "tr_wait_secret");
@@ -506,6 +515,9 @@ fn a_statement_that_never_ends_in_one_owners_trigger_does_not_stall_another_owne
         }
         forget(c, "tr_st_sleepy");
         forget(c, "tr_st_other");
+        forget(c, "tr_st_probe");
+        // Its trigger too (rows the worker has in hand may be tried again): before the limit goes.
+        let _ = c.batch_execute("DROP TABLE IF EXISTS tr_st_sleepy");
     });
     round_trip(&mut c, "tr_st_probe");
     c.batch_execute(
@@ -545,6 +557,7 @@ fn a_row_lock_held_by_a_session_stalls_only_its_own_rows() {
     let _cleanup = Cleanup(|c: &mut Client| {
         forget(c, "tr_lk_x");
         forget(c, "tr_lk_y");
+        forget(c, "tr_lk_probe");
     });
     round_trip(&mut c, "tr_lk_probe");
     c.batch_execute(
@@ -589,6 +602,7 @@ fn a_row_lock_held_by_a_session_stalls_only_its_own_rows() {
 
 #[test]
 fn entries_with_huge_keys_all_drain_and_none_stays_leased() {
+    let _shared = beside_others();
     let mut c = connect();
     ordinary_role(&mut c, "tr_hk");
     forget(&mut c, "tr_hk_docs");
@@ -624,6 +638,7 @@ fn entries_with_huge_keys_all_drain_and_none_stays_leased() {
 
 #[test]
 fn a_target_registered_while_the_worker_is_busy_is_served_too() {
+    let _shared = beside_others();
     let mut c = connect();
     ordinary_role(&mut c, "tr_busy");
     forget(&mut c, "tr_busy_big");

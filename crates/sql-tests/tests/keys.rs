@@ -1,0 +1,116 @@
+//! Keys of every common type find their own row on every write path, whatever the writer's
+//! session prints them like (issue 27): a writer with DateStyle 'SQL, DMY', a far-off TimeZone,
+//! extra_float_digits -15, bytea_output 'escape' and IntervalStyle 'sql_standard' writes rows
+//! with keys that differ only in what text would lose (char(n) padding, time zones, day/month
+//! order); each row must end with `embed(its text)` — through an asynchronous target (queued
+//! in the writer's session, written by the worker's) and through the statement trigger.
+
+use embeddinggemma_sql_tests::*;
+use postgres::Client;
+
+const SAME_TEXT: f64 = 1e-6;
+
+const HOSTILE: &str = "SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Pacific/Chatham'; SET extra_float_digits = -15;
+                       SET bytea_output = 'escape'; SET IntervalStyle = 'sql_standard';";
+
+/// (name, column type, three key literals).
+const KEYS: &[(&str, &str, [&str; 3])] = &[
+    ("int2", "int2", ["1", "2", "3"]),
+    ("int4", "int4", ["1", "20", "300"]),
+    ("int8", "int8", ["1", "9000000000", "-5"]),
+    ("numeric", "numeric", ["1.5", "2.25", "1.50001"]),
+    ("text", "text", ["'a'", "'ab'", "'a b'"]),
+    ("varchar", "varchar(10)", ["'a'", "'ab'", "'abc'"]),
+    ("char", "char(4)", ["'a'", "'ab'", "'abc'"]),
+    ("uuid", "uuid", ["'00000000-0000-0000-0000-000000000001'", "'00000000-0000-0000-0000-000000000002'", "'ffffffff-0000-0000-0000-000000000001'"]),
+    ("date", "date", ["'2026-01-02'", "'2026-02-01'", "'2026-12-31'"]),
+    ("timestamp", "timestamp", ["'2026-01-02 03:04:05'", "'2026-02-01 03:04:05'", "'2026-01-02 03:04:05.5'"]),
+    ("timestamptz", "timestamptz", ["'2026-01-02 03:04:05+00'", "'2026-02-01 03:04:05+00'", "'2026-01-02 03:04:05+13:45'"]),
+    ("bytea", "bytea", ["'\\x00'", "'\\x00ff'", "'\\x61'"]),
+    ("inet", "inet", ["'10.0.0.1'", "'::1'", "'192.168.0.0/16'"]),
+    ("domain", "{prefix}_positive", ["1", "2", "3"]),
+];
+
+/// Rows of `table` whose vector is not `embed(body)`, and the rows in all.
+fn wrong_rows(c: &mut Client, table: &str) -> (i64, i64) {
+    let r = c
+        .query_one(
+            &format!("SELECT count(*) FILTER (WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}), count(*) FROM {table}"),
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn tables(c: &mut Client, prefix: &str) {
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!("DROP TABLE IF EXISTS {prefix}_{name}")).unwrap();
+    }
+    c.batch_execute(&format!("DROP DOMAIN IF EXISTS {prefix}_positive; CREATE DOMAIN {prefix}_positive AS int CHECK (VALUE > 0);")).unwrap();
+    for (name, ty, _) in KEYS {
+        let ty = ty.replace("{prefix}", prefix);
+        c.batch_execute(&format!("CREATE TABLE {prefix}_{name} (k {ty} PRIMARY KEY, body text, v vector(768));")).unwrap();
+    }
+}
+
+/// In a hostile writer's session: three rows per table, then every text changed.
+fn write_hostile(c: &mut Client, prefix: &str) {
+    c.batch_execute(HOSTILE).unwrap();
+    for (name, _, keys) in KEYS {
+        let values: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("({k}, 'first text {i} of {name}')")).collect();
+        c.batch_execute(&format!("INSERT INTO {prefix}_{name} (k, body) VALUES {}", values.join(", "))).unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            c.batch_execute(&format!("UPDATE {prefix}_{name} SET body = 'changed text {i} of {name}' WHERE k = {k}")).unwrap();
+        }
+    }
+    c.batch_execute("RESET ALL").unwrap();
+}
+
+#[test]
+fn every_key_type_gets_its_own_vector_through_an_async_target_whatever_the_writer_prints() {
+    let mut c = connect();
+    tables(&mut c, "ka");
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!("SELECT embeddinggemma_async('ka_{name}', 'body', 'v')")).unwrap();
+    }
+    write_hostile(&mut c, "ka");
+    let mut failures = Vec::new();
+    for (name, _, _) in KEYS {
+        let table = format!("ka_{name}");
+        let drained: bool = c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', '120 s')"), &[]).unwrap().get(0);
+        let failed: i64 = c.query_one(&format!("SELECT failed FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"), &[]).unwrap().get(0);
+        let (wrong, rows) = wrong_rows(&mut c, &table);
+        eprintln!("{table}: drained {drained}, {wrong} of {rows} rows without embed(body), {failed} failed");
+        if !drained || wrong != 0 || rows != 3 || failed != 0 {
+            failures.push(table.clone());
+        }
+        c.batch_execute(&format!("SELECT embeddinggemma_async_drop('{table}', 'v')")).unwrap();
+    }
+    assert!(failures.is_empty(), "key types whose rows did not get their own vector: {failures:?}");
+}
+
+#[test]
+fn every_key_type_gets_its_own_vector_through_the_statement_trigger_whatever_the_writer_prints() {
+    let mut c = connect();
+    tables(&mut c, "ks");
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!(
+            "CREATE TRIGGER ins AFTER INSERT ON ks_{name} REFERENCING NEW TABLE AS new_rows
+               FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('k', 'body', 'v');
+             CREATE TRIGGER upd AFTER UPDATE ON ks_{name} REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+               FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('k', 'body', 'v');"
+        ))
+        .unwrap();
+    }
+    write_hostile(&mut c, "ks");
+    let mut failures = Vec::new();
+    for (name, _, _) in KEYS {
+        let table = format!("ks_{name}");
+        let (wrong, rows) = wrong_rows(&mut c, &table);
+        eprintln!("{table}: {wrong} of {rows} rows without embed(body)");
+        if wrong != 0 || rows != 3 {
+            failures.push(table);
+        }
+    }
+    assert!(failures.is_empty(), "key types whose rows did not get their own vector: {failures:?}");
+}
