@@ -1,0 +1,103 @@
+//! Asynchronous targets follow their table through DDL (issue 27): renamed columns keep the
+//! target working (in this session and in others that wrote before), a dropped table or column
+//! removes the target with a NOTICE instead of breaking every later write or leaving a target
+//! that spins the worker, and registration refuses what the worker cannot serve.
+
+use embeddinggemma_sql_tests::*;
+use postgres::Client;
+
+const SAME_TEXT: f64 = 1e-6;
+
+fn wait(c: &mut Client, table: &str, target: &str) -> bool {
+    c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', '{target}', '120 s')"), &[]).unwrap().get(0)
+}
+
+fn targets_on(c: &mut Client, table_oid: u32) -> i64 {
+    c.query_one("SELECT count(*) FROM embeddinggemma_async_targets WHERE relation::oid = $1", &[&postgres::types::Oid::from(table_oid)]).unwrap().get(0)
+}
+
+fn wrong(c: &mut Client, table: &str, text: &str, vector: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > {SAME_TEXT}"), &[]).unwrap().get(0)
+}
+
+#[test]
+fn renamed_columns_keep_an_async_target_working_in_every_session() {
+    let mut c = connect();
+    let mut other = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dr_docs;
+         CREATE TABLE dr_docs (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO dr_docs VALUES (1, 'before the rename', NULL);
+         SELECT embeddinggemma_async('dr_docs', 'body', 'v');",
+    )
+    .unwrap();
+    // Another session writes before the rename (its trigger caches the target's columns).
+    other.batch_execute("INSERT INTO dr_docs VALUES (2, 'written by another session', NULL)").unwrap();
+    assert!(wait(&mut c, "dr_docs", "v"));
+    c.batch_execute(
+        "ALTER TABLE dr_docs RENAME COLUMN body TO content;
+         ALTER TABLE dr_docs RENAME COLUMN v TO embedding;
+         ALTER TABLE dr_docs RENAME COLUMN id TO doc_id;",
+    )
+    .unwrap();
+    c.batch_execute("INSERT INTO dr_docs VALUES (3, 'after the rename', NULL); UPDATE dr_docs SET content = 'changed after the rename' WHERE doc_id = 1")
+        .unwrap();
+    other.batch_execute("INSERT INTO dr_docs VALUES (4, 'another session after the rename', NULL)").unwrap();
+    let target: String = c.query_one("SELECT target FROM embeddinggemma_async_status WHERE table_name = 'dr_docs'::regclass", &[]).unwrap().get(0);
+    assert_eq!(target, "embedding", "the target did not follow the rename");
+    assert!(wait(&mut c, "dr_docs", "embedding"), "the renamed target did not drain");
+    assert_eq!(wrong(&mut c, "dr_docs", "content", "embedding"), 0);
+    c.batch_execute("SELECT embeddinggemma_async_drop('dr_docs', 'embedding'); DROP TABLE dr_docs").unwrap();
+}
+
+#[test]
+fn dropping_the_vector_column_or_the_table_removes_the_target_with_a_notice() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dd_docs, dd_gone;
+         CREATE TABLE dd_docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TABLE dd_gone (id int PRIMARY KEY, body text, v vector(768));
+         SELECT embeddinggemma_async('dd_docs', 'body', 'v');
+         SELECT embeddinggemma_async('dd_gone', 'body', 'v');
+         INSERT INTO dd_gone SELECT i, 'row ' || i FROM generate_series(1, 5) i;",
+    )
+    .unwrap();
+    let docs: u32 = c.query_one("SELECT 'dd_docs'::regclass::oid", &[]).unwrap().get(0);
+    let gone: u32 = c.query_one("SELECT 'dd_gone'::regclass::oid", &[]).unwrap().get(0);
+    c.batch_execute("ALTER TABLE dd_docs DROP COLUMN v").unwrap();
+    assert_eq!(targets_on(&mut c, docs), 0, "the target of a dropped vector column is still there");
+    // Writes go on: no trigger of the removed target is left to fail them.
+    c.batch_execute("INSERT INTO dd_docs VALUES (1, 'written after the drop')").unwrap();
+    c.batch_execute("DROP TABLE dd_gone").unwrap();
+    assert_eq!(targets_on(&mut c, gone), 0, "the target of a dropped table is still there");
+    let queued: i64 = c
+        .query_one("SELECT count(*) FROM embeddinggemma_async_queue q WHERE NOT EXISTS (SELECT FROM embeddinggemma_async_targets t WHERE t.id = q.target_id)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0, "queue entries of removed targets are left");
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.contains("removed") && n.contains("\"v\" was dropped")), "{said:?}");
+    assert!(said.iter().any(|n| n.contains("removed") && n.contains("table was dropped")), "{said:?}");
+    c.batch_execute("DROP TABLE dd_docs").unwrap();
+}
+
+#[test]
+fn registration_refuses_what_the_worker_cannot_serve() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dg_parent, dg_plain CASCADE;
+         DROP VIEW IF EXISTS dg_view;
+         CREATE TABLE dg_parent (id int, body text, v vector(768), PRIMARY KEY (id)) PARTITION BY RANGE (id);
+         CREATE TABLE dg_plain (id int PRIMARY KEY, body text, v vector(768));
+         CREATE VIEW dg_view AS SELECT * FROM dg_plain;
+         CREATE TEMP TABLE dg_temp (id int PRIMARY KEY, body text, v vector(768));",
+    )
+    .unwrap();
+    for table in ["dg_parent", "dg_view", "dg_temp"] {
+        let (code, message, hint) = expect_error(&mut c, &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"));
+        eprintln!("{table}: {code} {message} / {hint:?}");
+        assert!(code == "42809" || code == "42P17" || code == "42P01", "{table}: {code} {message}");
+        assert!(hint.is_some(), "{table}: no hint");
+    }
+    c.batch_execute("DROP TABLE dg_parent, dg_plain CASCADE").unwrap();
+}
