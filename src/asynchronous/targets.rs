@@ -86,6 +86,20 @@ fn wake_at_commit() {
     }
 }
 
+/// Refuses to register while the extension's SQL is older than its library (the tables a
+/// target is recorded in change between versions).
+fn require_current_sql() {
+    let sql = "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'embeddinggemma'";
+    let version = sql_text::one::<String>(sql, &[]).unwrap_or_default();
+    if version != env!("CARGO_PKG_VERSION") {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("embeddinggemma: the extension is at version {version}, its library at {}", env!("CARGO_PKG_VERSION")),
+            "ALTER EXTENSION embeddinggemma UPDATE first.",
+        )
+    }
+}
+
 /// Refuses a relation a target cannot follow: only a plain, permanent table has rows the
 /// worker can find again by key.
 fn check_plain_table(rel: &PgRelation) {
@@ -117,6 +131,7 @@ fn trigger_name(id: i32) -> String {
 /// Records a target, installs its trigger, starts the worker.
 fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool) -> i32 {
     check_plain_table(rel);
+    require_current_sql();
     // The queue and the targets live in each node's own tables; a distributed table's rows are
     // written on the workers, whose triggers would not find a target registered here.
     if crate::citus::is_distributed(rel.oid()) || crate::citus::shard_of(rel.oid()).is_some() {

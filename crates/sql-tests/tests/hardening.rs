@@ -352,7 +352,9 @@ fn upgrading_from_0_1_0_0_2_0_0_3_0_and_0_4_0_gives_the_objects_of_a_fresh_insta
 
 /// An asynchronous target registered on 0.4.0 drains after `ALTER EXTENSION … UPDATE`: the rows
 /// present at registration and those written before and after the update, each with the vector
-/// embed() gives (the new library leaves a not-yet-updated install alone meanwhile).
+/// embed() gives (the new library leaves a not-yet-updated install alone meanwhile, and refuses
+/// new registrations there). The target is recorded as 0.4.0's `embeddinggemma_async` records
+/// one: its row in the targets table (no column numbers) and its trigger.
 #[test]
 fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
     let mut admin = connect();
@@ -360,10 +362,24 @@ fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
     db.batch_execute(
         "CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '0.4.0';
          CREATE TABLE up_async (id int PRIMARY KEY, body text, v vector(768));
-         INSERT INTO up_async SELECT i, 'present at registration ' || i FROM generate_series(1, 5) i;
-         SELECT embeddinggemma_async('up_async', 'body', 'v');
-         INSERT INTO up_async SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i;",
+         INSERT INTO up_async SELECT i, 'present at registration ' || i FROM generate_series(1, 5) i;",
     )
+    .unwrap();
+    let (code, _, hint) = expect_error(&mut db, "SELECT embeddinggemma_async('up_async', 'body', 'v')");
+    assert_eq!((code.as_str(), hint.as_deref()), ("55000", Some("ALTER EXTENSION embeddinggemma UPDATE first.")));
+    let id: i32 = db
+        .query_one(
+            "INSERT INTO embeddinggemma_async_targets (relation, key_column, source, target, task, dim)
+             VALUES ('up_async', 'id', 'body', 'v', 'document', 768) RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "CREATE TRIGGER embeddinggemma_async_{id} BEFORE INSERT OR UPDATE ON up_async
+           FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_trigger('{id}');
+         INSERT INTO up_async SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i;"
+    ))
     .unwrap();
     db.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
     db.batch_execute("INSERT INTO up_async SELECT i, 'written on 0.5.0 ' || i FROM generate_series(9, 10) i").unwrap();
