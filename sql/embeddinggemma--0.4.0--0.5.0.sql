@@ -58,3 +58,21 @@ CREATE EVENT TRIGGER embeddinggemma_async_follow_drop ON sql_drop
     EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
 CREATE EVENT TRIGGER embeddinggemma_async_follow_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
+
+COMMENT ON FUNCTION @extschema@.embeddinggemma_async(regclass, text, text, text, int, text, boolean) IS
+'Registers an asynchronous target: writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not: every vector of the target is then its own. key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
+COMMENT ON FUNCTION @extschema@.embeddinggemma_async_chunks(regclass, regclass, text, text, text, int, int, text, int) IS
+'embeddinggemma_async for a chunk table: a document whose text changes, or that is deleted, is queued, and the worker replaces its chunks (columns chunk_key, chunk, start_offset, end_offset, body, embedding) with embed_chunks(source).';
+
+-- A chunk target's trigger also fires on DELETE: a deleted document's chunks go.
+DO $do$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT id, relation FROM @extschema@.embeddinggemma_async_targets WHERE chunk_table IS NOT NULL LOOP
+        EXECUTE pg_catalog.format(
+            'CREATE OR REPLACE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION @extschema@.embeddinggemma_async_trigger(%L)',
+            'embeddinggemma_async_' OPERATOR(pg_catalog.||) t.id, t.relation, t.id::pg_catalog.text);
+    END LOOP;
+END
+$do$;

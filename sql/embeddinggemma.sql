@@ -491,7 +491,7 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wrapper';
 
 COMMENT ON FUNCTION embeddinggemma_async(regclass, text, text, text, int, text, boolean) IS
-'Registers an asynchronous target: writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too. key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
+'Registers an asynchronous target: writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not: every vector of the target is then its own. key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
 
 CREATE FUNCTION embeddinggemma_async_chunks(tbl regclass, chunk_table regclass, key text DEFAULT NULL, chunk_key text DEFAULT 'doc_id',
                                             source text DEFAULT 'body', max_tokens int DEFAULT 512, overlap int DEFAULT 64,
@@ -502,7 +502,7 @@ SET search_path = pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_chunks_wrapper';
 
 COMMENT ON FUNCTION embeddinggemma_async_chunks(regclass, regclass, text, text, text, int, int, text, int) IS
-'embeddinggemma_async for a chunk table: a document whose text changes is queued, and the worker replaces its chunks (columns chunk_key, chunk, start_offset, end_offset, body, embedding) with embed_chunks(source).';
+'embeddinggemma_async for a chunk table: a document whose text changes, or that is deleted, is queued, and the worker replaces its chunks (columns chunk_key, chunk, start_offset, end_offset, body, embedding) with embed_chunks(source).';
 
 CREATE FUNCTION embeddinggemma_async_trigger()
 RETURNS trigger

@@ -144,8 +144,8 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     let (targets, owner) = targets_table();
     let sql = format!(
         "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale,
-                                key_attnum, source_attnum, target_attnum)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id"
+                                key_attnum, source_attnum, target_attnum, scan_all)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, true) RETURNING id"
     );
     // Columns are followed by number: a rename keeps the target, a drop removes it (follow.rs).
     let attnum = |name: &str| crate::columns::lookup_column(rel, name).map(|a| a.attnum);
@@ -182,8 +182,9 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     let function = format!("{}.embeddinggemma_async_trigger", ident(&sql_text::schema_name(schema)));
     sql_text::run(
         &format!(
-            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {function}({})",
+            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE{} ON {} FOR EACH ROW EXECUTE FUNCTION {function}({})",
             ident(&trigger_name(id)),
+            if chunks.is_some() { " OR DELETE" } else { "" },
             relation(rel.oid()),
             sql_text::literal(&id.to_string())
         ),
@@ -436,7 +437,7 @@ fn embeddinggemma_async_trigger<'a>(
     };
     let op = trigger.op()?;
     if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::Before) {
-        misuse("must be fired BEFORE INSERT OR UPDATE … FOR EACH ROW")
+        misuse("must be fired BEFORE INSERT OR UPDATE [OR DELETE] … FOR EACH ROW")
     }
     let data = trigger.trigger_data();
     // SAFETY: PostgreSQL hands a trigger its Trigger with tgnargs strings in tgargs.
@@ -465,10 +466,21 @@ fn embeddinggemma_async_trigger<'a>(
     // The key as the writer reads it (for the failures view) and as its type sends it (what
     // the worker reads back, whatever this session's settings).
     let key_of = |tuple| unsafe { key_text(tuple, desc, key).zip(key_binary(tuple, desc, key)) };
+    // SAFETY: the descriptor of the tuple returned (NEW, OLD, or NEW with its vector cleared).
+    let returned = |tuple| Ok(Some(unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(desc), tuple) }));
+    if matches!(op, PgTriggerOperation::Delete) {
+        // A deleted document's chunks go (a chunk table needs no foreign key for that).
+        let old = data.tg_trigtuple;
+        if t.target.is_none() {
+            if let Some(k) = key_of(old) {
+                super::queue::insert(id, &[k]);
+                wake_at_commit();
+            }
+        }
+        return returned(old);
+    }
     // SAFETY: as above; a column number of this relation.
     let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
-    // SAFETY: the descriptor of the tuple returned (NEW, or NEW with its vector cleared).
-    let returned = |tuple| Ok(Some(unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(desc), tuple) }));
     let new_key = key_of(new);
     let (text_changed, old_key) = match old {
         Some(old) => (text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),

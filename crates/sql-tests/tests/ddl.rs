@@ -101,3 +101,41 @@ fn registration_refuses_what_the_worker_cannot_serve() {
     }
     c.batch_execute("DROP TABLE dg_parent, dg_plain CASCADE").unwrap();
 }
+
+#[test]
+fn a_deleted_document_loses_its_chunks_without_a_foreign_key() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dk_docs, dk_chunks;
+         CREATE TABLE dk_docs (id int PRIMARY KEY, body text);
+         CREATE TABLE dk_chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                 PRIMARY KEY (doc_id, chunk));
+         INSERT INTO dk_docs VALUES (1, 'the first document'), (2, 'the second document');
+         SELECT embeddinggemma_async_chunks('dk_docs', 'dk_chunks');",
+    )
+    .unwrap();
+    let drained = |c: &mut Client| -> bool { c.query_one("SELECT embeddinggemma_async_wait('dk_docs', 'dk_chunks', '120 s')", &[]).unwrap().get(0) };
+    assert!(drained(&mut c));
+    let chunks = |c: &mut Client, id: i32| -> i64 { c.query_one("SELECT count(*) FROM dk_chunks WHERE doc_id = $1", &[&id]).unwrap().get(0) };
+    assert!(chunks(&mut c, 1) > 0 && chunks(&mut c, 2) > 0);
+    c.batch_execute("DELETE FROM dk_docs WHERE id = 1").unwrap();
+    assert!(drained(&mut c));
+    assert_eq!(chunks(&mut c, 1), 0, "the deleted document kept its chunks");
+    assert!(chunks(&mut c, 2) > 0, "another document lost its chunks");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dk_docs', 'dk_chunks'); DROP TABLE dk_docs, dk_chunks").unwrap();
+}
+
+#[test]
+fn registration_replaces_vectors_the_table_already_had() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dv_docs;
+         CREATE TABLE dv_docs (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO dv_docs SELECT i, 'row ' || i, embed('something else entirely') FROM generate_series(1, 4) i;
+         SELECT embeddinggemma_async('dv_docs', 'body', 'v');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dv_docs", "v"));
+    assert_eq!(wrong(&mut c, "dv_docs", "body", "v"), 0, "vectors written before registration were kept");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dv_docs', 'v'); DROP TABLE dv_docs").unwrap();
+}
