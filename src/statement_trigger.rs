@@ -42,7 +42,7 @@ impl Drop for Writing {
     }
 }
 
-fn writing(relation: pg_sys::Oid) -> bool {
+pub fn writing(relation: pg_sys::Oid) -> bool {
     WRITING.with(|w| w.borrow().contains(&relation))
 }
 

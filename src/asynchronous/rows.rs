@@ -68,7 +68,7 @@ pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
                         (pg_catalog.row_number() OVER w OPERATOR(pg_catalog.=) 1
                          OR pg_catalog.sum(LEAST(pg_catalog.octet_length(d.{s}::pg_catalog.text), {counted})) OVER w
                             OPERATOR(pg_catalog.<=) {BATCH_TEXT_BYTES}) AS fits
-                   FROM {tbl} d WHERE d.{k} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{kt}[])
+                   FROM ONLY {tbl} d WHERE d.{k} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{kt}[])
                  WINDOW w AS (ORDER BY d.ctid)) x",
         k = ident(&t.key),
         s = ident(&t.source),
@@ -104,7 +104,7 @@ pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String]
     let key = key_column(&documents, &t.key);
     let vector_type = documents.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == column).map(|a| a.atttypid).expect("checked");
     let sql = format!(
-        "UPDATE {tbl} d SET {v} = u.v
+        "UPDATE ONLY {tbl} d SET {v} = u.v
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]),
                            pg_catalog.unnest($3::pg_catalog.int8[]), pg_catalog.unnest($4)) AS u(k, s, n, v)
           WHERE d.{k} OPERATOR(pg_catalog.=) u.k::{kt}

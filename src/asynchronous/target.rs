@@ -130,7 +130,7 @@ impl Target {
             None => String::new(),
         };
         let sql = format!(
-            "SELECT d.{k}::pg_catalog.text FROM {} d WHERE {}{after} ORDER BY d.{k} USING OPERATOR(pg_catalog.<) LIMIT {SCAN_ROWS}",
+            "SELECT d.{k}::pg_catalog.text FROM ONLY {} d WHERE {}{after} ORDER BY d.{k} USING OPERATOR(pg_catalog.<) LIMIT {SCAN_ROWS}",
             relation(self.relation),
             self.scan_filter(&documents)
         );

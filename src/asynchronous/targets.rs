@@ -86,6 +86,28 @@ fn wake_at_commit() {
     }
 }
 
+/// Refuses a task or dimension the serving model does not have (the service checks requests
+/// only when they come, which for a target is in the worker, row after row).
+fn check_task_and_dim(task: &str, dim: i32) {
+    routing::check_request(task, dim);
+    // While the service still loads its model, the worker checks each request instead.
+    let Some(model) = PgTryBuilder::new(|| Some(routing::info())).catch_others(|_| None).execute() else { return };
+    if task != "none" && !model.tasks.iter().any(|t| t == task) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("embeddinggemma: unknown task \"{task}\""),
+            format!("The model's tasks are {}, or none.", model.tasks.join(", ")),
+        )
+    }
+    if !model.dims.contains(&dim) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("embeddinggemma: the model has no dimension {dim}"),
+            format!("Pass one of {:?}.", model.dims),
+        )
+    }
+}
+
 /// Refuses to register while the extension's SQL is older than its library (the tables a
 /// target is recorded in change between versions).
 fn require_current_sql() {
@@ -100,6 +122,11 @@ fn require_current_sql() {
     }
 }
 
+fn has_children(oid: pg_sys::Oid) -> bool {
+    let sql = "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits WHERE inhparent OPERATOR(pg_catalog.=) $1)";
+    sql_text::one::<bool>(sql, &[param(oid, pg_sys::OIDOID)]) == Some(true)
+}
+
 /// Refuses a relation a target cannot follow: only a plain, permanent table has rows the
 /// worker can find again by key.
 fn check_plain_table(rel: &PgRelation) {
@@ -111,6 +138,8 @@ fn check_plain_table(rel: &PgRelation) {
         Some("not a table (a view, foreign table, materialized view or sequence); register the table it reads")
     } else if persistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char {
         Some("a temporary table, which the background worker cannot see; use embeddinggemma_trigger() for it")
+    } else if has_children(rel.oid()) {
+        Some("a table with inheritance children, whose rows its trigger does not see; register each child")
     } else {
         None
     };
@@ -232,7 +261,7 @@ fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str
     check_columns(&rel, source, target, dim);
     let key = key.map(str::to_string).unwrap_or_else(|| default_key(&rel));
     let key = check_key(&rel, &key);
-    routing::check_request(task, dim);
+    check_task_and_dim(task, dim);
     register(&rel, &key, source, target, None, task, dim, keep_stale.unwrap_or(false))
 }
 
@@ -257,7 +286,7 @@ fn embeddinggemma_async_chunks(
     let (task, dim) = (task.unwrap_or("document"), dim.unwrap_or(768));
     let cut = (max_tokens.unwrap_or(512), overlap.unwrap_or(64));
     let settings = ChunkSettings::check(&rel, &key, source.unwrap_or("body"), chunk_table, chunk_key.unwrap_or("doc_id"), cut, task, dim);
-    routing::check_request(task, dim);
+    check_task_and_dim(task, dim);
     // The chunk settings are checked as the chunk trigger checks them, cutting included.
     crate::chunks::Cut::new(cut.0, cut.1, task);
     register(&rel, &settings.key, &settings.source, &sql_text::display(chunk_table), Some(&settings), task, dim, true)
@@ -482,14 +511,20 @@ fn embeddinggemma_async_trigger<'a>(
     // SAFETY: as above; a column number of this relation.
     let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
     let new_key = key_of(new);
+    // A generated source column is computed after BEFORE triggers: its text is not known here,
+    // so every write queues the row and the worker reads the text as stored.
+    // SAFETY: the relation's descriptor; a column number checked above.
+    let generated = unsafe { (*pg_sys::TupleDescAttr(desc, source.attno.get() as i32 - 1)).attgenerated != 0 };
+    // The worker's own write of the vector changes no text.
+    let ours = crate::statement_trigger::writing(relid);
     let (text_changed, old_key) = match old {
-        Some(old) => (text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
+        Some(old) => ((generated && !ours) || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),
     };
     if !text_changed && old_key.is_none() {
         return returned(new);
     }
-    let has_text = !is_null(new, source.attno.get());
+    let has_text = generated || !is_null(new, source.attno.get());
     let mut row = new;
     if let Some(name) = t.target.as_deref().filter(|_| !has_text || !t.keep_stale) {
         // A vector target: its vector no longer matches the text (a NULL text has none).

@@ -139,3 +139,41 @@ fn registration_replaces_vectors_the_table_already_had() {
     assert_eq!(wrong(&mut c, "dv_docs", "body", "v"), 0, "vectors written before registration were kept");
     c.batch_execute("SELECT embeddinggemma_async_drop('dv_docs', 'v'); DROP TABLE dv_docs").unwrap();
 }
+
+#[test]
+fn registration_refuses_unknown_tasks_and_inheritance_parents() {
+    let mut c = connect();
+    // The task is checked against the serving model's tasks once it is loaded.
+    c.batch_execute("SELECT embed('the model is loaded')").unwrap();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dt_docs, dt_child, dt_parent CASCADE;
+         CREATE TABLE dt_docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TABLE dt_parent (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TABLE dt_child () INHERITS (dt_parent);",
+    )
+    .unwrap();
+    let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('dt_docs', 'body', 'v', task => 'nonsense')");
+    assert_eq!(code, "22023", "{message}");
+    assert!(hint.is_some_and(|h| h.contains("document")), "{message}");
+    let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('dt_parent', 'body', 'v')");
+    assert_eq!(code, "42809", "{message}");
+    assert!(hint.is_some(), "{message}");
+    c.batch_execute("DROP TABLE dt_docs, dt_parent CASCADE").unwrap();
+}
+
+#[test]
+fn a_generated_source_column_is_embedded_as_stored() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dgen_docs;
+         CREATE TABLE dgen_docs (id int PRIMARY KEY, title text, body text GENERATED ALWAYS AS ('about ' || title) STORED, v vector(768));
+         SELECT embeddinggemma_async('dgen_docs', 'body', 'v');
+         INSERT INTO dgen_docs (id, title) VALUES (1, 'whales'), (2, 'volcanoes');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dgen_docs", "v"));
+    c.batch_execute("UPDATE dgen_docs SET title = 'deserts' WHERE id = 1").unwrap();
+    assert!(wait(&mut c, "dgen_docs", "v"));
+    assert_eq!(wrong(&mut c, "dgen_docs", "body", "v"), 0, "a generated text was not embedded as stored");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dgen_docs', 'v'); DROP TABLE dgen_docs").unwrap();
+}
