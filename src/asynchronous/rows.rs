@@ -4,7 +4,6 @@
 //! a text (the engine embeds at most 2,048 tokens, which lie well inside them), and a chunk
 //! document over `CHUNK_DOCUMENT_BYTES` is refused, not read.
 
-use std::collections::HashMap;
 
 use super::owner::{as_owner, Bounds};
 use super::target::Target;
@@ -60,40 +59,41 @@ pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
         None => ("x.s".to_string(), CHUNK_DOCUMENT_BYTES, CHUNK_DOCUMENT_BYTES),
     };
     // Lengths come from the varlena headers (nothing is decompressed to measure them); only
-    // rows within the budget are read.
+    // rows within the budget are read. Rows are matched to keys by position: the text a cast
+    // gives a key (char(n) without its padding, inet with its mask) need not be the key's.
     let sql = format!(
-        "SELECT x.k, CASE WHEN x.fits AND x.len OPERATOR(pg_catalog.<=) {limit} THEN {prefix} END, x.len, x.fits
-           FROM (SELECT d.{k}::pg_catalog.text AS k, d.{s}::pg_catalog.text AS s,
+        "SELECT x.i, CASE WHEN x.fits AND x.len OPERATOR(pg_catalog.<=) {limit} THEN {prefix} END, x.len
+           FROM (SELECT u.i, d.{s}::pg_catalog.text AS s,
                         pg_catalog.octet_length(d.{s}::pg_catalog.text) AS len,
                         (pg_catalog.row_number() OVER w OPERATOR(pg_catalog.=) 1
                          OR pg_catalog.sum(LEAST(pg_catalog.octet_length(d.{s}::pg_catalog.text), {counted})) OVER w
                             OPERATOR(pg_catalog.<=) {BATCH_TEXT_BYTES}) AS fits
-                   FROM ONLY {tbl} d WHERE d.{k} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::{kt}[])
-                 WINDOW w AS (ORDER BY d.ctid)) x",
+                   FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(k, i)
+                   JOIN ONLY {tbl} d ON d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
+                 WINDOW w AS (ORDER BY u.i)) x",
         k = ident(&t.key),
         s = ident(&t.source),
         tbl = relation(t.relation),
         kt = key.sql_type()
     );
-    let rows: HashMap<String, Found> = as_owner(t.owner(), Bounds::configured(), || {
+    let mut found: Vec<Found> = keys.iter().map(|_| Found::Nothing).collect();
+    as_owner(t.owner(), Bounds::configured(), || {
         pgrx::spi::Spi::connect_mut(|c| {
-            let rows = c.update(sql.as_str(), None, &[text_param(keys.to_vec())])?;
-            rows.map(|r| {
-                let (key, text, len, fits) = (r.get::<String>(1)?, r.get::<String>(2)?, r.get::<i64>(3)?, r.get::<bool>(4)?);
-                let found = match (text, len, fits) {
-                    (Some(text), Some(len), _) => Found::Text(text, len),
-                    (_, None, _) => Found::Nothing,
-                    (None, Some(_), Some(false)) => Found::Later,
-                    (None, Some(len), _) => Found::TooLarge(len),
+            for r in c.update(sql.as_str(), None, &[text_param(keys.to_vec())])? {
+                let (i, text, len) = (r.get::<i64>(1)?.unwrap_or_default(), r.get::<String>(2)?, r.get::<i32>(3)?);
+                let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| found.get_mut(i)) else { continue };
+                *slot = match (text, len) {
+                    (Some(text), Some(len)) => Found::Text(text, len.into()),
+                    (None, Some(len)) if i64::from(len) > limit => Found::TooLarge(len.into()),
+                    (None, Some(_)) => Found::Later,
+                    (_, None) => Found::Nothing,
                 };
-                Ok((key.unwrap_or_default(), found))
-            })
-            .collect::<Result<_, pgrx::spi::SpiError>>()
+            }
+            Ok::<_, pgrx::spi::SpiError>(())
         })
         .expect("SPI reports errors as ERRORs")
     });
-    let mut rows = rows;
-    keys.iter().map(|k| rows.remove(k).unwrap_or(Found::Nothing)).collect()
+    found
 }
 
 /// Writes `vectors` of `keys` whose text still starts with `texts` and has the same length (a

@@ -114,3 +114,123 @@ fn every_key_type_gets_its_own_vector_through_the_statement_trigger_whatever_the
     }
     assert!(failures.is_empty(), "key types whose rows did not get their own vector: {failures:?}");
 }
+
+#[test]
+fn every_key_type_gets_its_own_vector_through_the_backfill_whatever_the_caller_prints() {
+    let mut c = connect();
+    tables(&mut c, "kb");
+    write_hostile(&mut c, "kb");
+    c.batch_execute(HOSTILE).unwrap();
+    let mut failures = Vec::new();
+    for (name, _, _) in KEYS {
+        let table = format!("kb_{name}");
+        c.batch_execute(&format!("CALL embeddinggemma_backfill('{table}', 'body', 'v')")).unwrap();
+        let (wrong, rows) = wrong_rows(&mut c, &table);
+        if wrong != 0 || rows != 3 {
+            eprintln!("{table}: {wrong} of {rows} rows without embed(body)");
+            failures.push(table);
+        }
+    }
+    assert!(failures.is_empty(), "key types whose rows did not get their own vector: {failures:?}");
+}
+
+/// Documents and chunk tables keyed by each type.
+fn chunk_tables(c: &mut Client, prefix: &str) {
+    tables(c, prefix);
+    for (name, ty, _) in KEYS {
+        let ty = ty.replace("{prefix}", prefix);
+        c.batch_execute(&format!(
+            "DROP TABLE IF EXISTS {prefix}_{name}_chunks;
+             CREATE TABLE {prefix}_{name}_chunks (doc_id {ty}, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                                  PRIMARY KEY (doc_id, chunk));"
+        ))
+        .unwrap();
+    }
+}
+
+/// Tables whose documents do not each have exactly their own chunks (every chunk's text taken
+/// from its own document, none missing, none of another key).
+fn chunk_failures(c: &mut Client, prefix: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (name, _, _) in KEYS {
+        let (docs, chunks) = (format!("{prefix}_{name}"), format!("{prefix}_{name}_chunks"));
+        let r = c
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {chunks} c LEFT JOIN {docs} d ON d.k = c.doc_id
+                              WHERE d.k IS NULL OR strpos(d.body, c.body) = 0),
+                            (SELECT count(*) FROM {docs} d WHERE NOT EXISTS (SELECT FROM {chunks} c WHERE c.doc_id = d.k))"
+                ),
+                &[],
+            )
+            .unwrap();
+        let (foreign, missing): (i64, i64) = (r.get(0), r.get(1));
+        if foreign != 0 || missing != 0 {
+            eprintln!("{docs}: {foreign} chunks not of their document, {missing} documents without chunks");
+            failures.push(docs);
+        }
+    }
+    failures
+}
+
+#[test]
+fn every_key_type_gets_its_own_chunks_through_the_chunk_trigger_whatever_the_writer_prints() {
+    let mut c = connect();
+    chunk_tables(&mut c, "kc");
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!(
+            "CREATE TRIGGER chunks AFTER INSERT OR UPDATE OR DELETE ON kc_{name}
+               FOR EACH ROW EXECUTE FUNCTION embeddinggemma_chunk_trigger('k', 'body', 'kc_{name}_chunks', 'doc_id');"
+        ))
+        .unwrap();
+    }
+    write_hostile(&mut c, "kc");
+    let failures = chunk_failures(&mut c, "kc");
+    assert!(failures.is_empty(), "key types whose documents did not get their own chunks: {failures:?}");
+}
+
+#[test]
+fn every_key_type_gets_its_own_chunks_through_the_chunk_backfill_and_an_async_chunk_target() {
+    let mut c = connect();
+    chunk_tables(&mut c, "kd");
+    write_hostile(&mut c, "kd");
+    // The backfill chunks as the table's chunk trigger does, with its settings: installed
+    // after the writes, so that only the backfill chunks them.
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!(
+            "CREATE TRIGGER chunks AFTER INSERT OR UPDATE OR DELETE ON kd_{name}
+               FOR EACH ROW EXECUTE FUNCTION embeddinggemma_chunk_trigger('k', 'body', 'kd_{name}_chunks', 'doc_id');"
+        ))
+        .unwrap();
+    }
+    c.batch_execute(HOSTILE).unwrap();
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!("CALL embeddinggemma_chunk_backfill('kd_{name}', 'kd_{name}_chunks')")).unwrap();
+    }
+    let failures = chunk_failures(&mut c, "kd");
+    assert!(failures.is_empty(), "chunk backfill: key types whose documents did not get their own chunks: {failures:?}");
+    // The same documents kept in step asynchronously: registered, then written again by the
+    // hostile writer (the worker re-chunks every document).
+    c.batch_execute("RESET ALL").unwrap();
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!(
+            "DROP TRIGGER chunks ON kd_{name}; TRUNCATE kd_{name}_chunks;
+             SELECT embeddinggemma_async_chunks('kd_{name}', 'kd_{name}_chunks', key => 'k')"
+        ))
+        .unwrap();
+    }
+    c.batch_execute(HOSTILE).unwrap();
+    for (name, _, keys) in KEYS {
+        c.batch_execute(&format!("UPDATE kd_{name} SET body = body || ' again' WHERE k = {}", keys[0])).unwrap();
+    }
+    c.batch_execute("RESET ALL").unwrap();
+    for (name, _, _) in KEYS {
+        let drained: bool = c.query_one(&format!("SELECT embeddinggemma_async_wait('kd_{name}', 'kd_{name}_chunks', '120 s')"), &[]).unwrap().get(0);
+        assert!(drained, "kd_{name} did not drain");
+    }
+    let failures = chunk_failures(&mut c, "kd");
+    for (name, _, _) in KEYS {
+        c.batch_execute(&format!("SELECT embeddinggemma_async_drop('kd_{name}', 'kd_{name}_chunks')")).unwrap();
+    }
+    assert!(failures.is_empty(), "async chunks: key types whose documents did not get their own chunks: {failures:?}");
+}
