@@ -5,6 +5,7 @@
 
 ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN interrupted int NOT NULL DEFAULT 0;
 ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN key_bytes bytea;
+ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN key_type oid;
 
 -- Columns followed by number through renames.
 ALTER TABLE @extschema@.embeddinggemma_async_targets ADD COLUMN key_attnum int2, ADD COLUMN source_attnum int2, ADD COLUMN target_attnum int2;
@@ -15,7 +16,20 @@ UPDATE @extschema@.embeddinggemma_async_targets t
                        (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.target AND NOT a.attisdropped) END;
 
 ALTER VIEW @extschema@.embeddinggemma_async_status SET (security_barrier = true);
-ALTER VIEW @extschema@.embeddinggemma_async_failures SET (security_barrier = true);
+CREATE OR REPLACE VIEW @extschema@.embeddinggemma_async_failures WITH (security_barrier) AS
+SELECT t.relation AS table_name,
+       t.target,
+       q.key,
+       q.last_error AS error,
+       q.attempts,
+       q.last_attempt
+  FROM @extschema@.embeddinggemma_async_queue q
+  JOIN @extschema@.embeddinggemma_async_targets t ON t.id OPERATOR(pg_catalog.=) q.target_id
+ WHERE q.attempts OPERATOR(pg_catalog.>=) t.max_attempts
+   AND pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) t.relation), 'USAGE');
+
+COMMENT ON VIEW @extschema@.embeddinggemma_async_failures IS
+'Rows whose write kept failing (a user trigger raised, a constraint, a dropped column) after the retries, with the last error, for the tables the current role owns (keys and errors can carry row data that row-level security hides from other readers). They block nothing; embeddinggemma_async_reembed queues them again.';
 
 SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_targets_id_seq', '');
 
@@ -76,3 +90,54 @@ BEGIN
     END LOOP;
 END
 $do$;
+
+-- pg_dump keeps the queue (rows pending at dump time are embedded after a restore) and the
+-- queue's numbering.
+SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_queue_id_seq', '');
+
+-- A target row inserted (a registration, or pg_restore copying the targets back) numbers its
+-- columns from their names as the table is now (a restored table has no dropped columns, so
+-- its numbers may differ), and wakes the database's worker when it commits. A queue entry
+-- restored while leased is not one a worker holds.
+CREATE FUNCTION embeddinggemma_async_target_numbered()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.key_attnum := (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                          AND a.attname OPERATOR(pg_catalog.=) NEW.key_column AND NOT a.attisdropped);
+    NEW.source_attnum := (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                             AND a.attname OPERATOR(pg_catalog.=) NEW.source AND NOT a.attisdropped);
+    NEW.target_attnum := CASE WHEN NEW.chunk_table IS NULL THEN
+                             (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                                 AND a.attname OPERATOR(pg_catalog.=) NEW.target AND NOT a.attisdropped) END;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER numbered BEFORE INSERT ON embeddinggemma_async_targets
+    FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_target_numbered();
+
+CREATE FUNCTION embeddinggemma_async_wake()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wake_wrapper';
+
+CREATE TRIGGER wake AFTER INSERT ON embeddinggemma_async_targets
+    FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_async_wake();
+
+CREATE FUNCTION embeddinggemma_async_entry_restored()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.leased := false;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER restored BEFORE INSERT ON embeddinggemma_async_queue
+    FOR EACH ROW WHEN (NEW.leased) EXECUTE FUNCTION embeddinggemma_async_entry_restored();

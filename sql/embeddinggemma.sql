@@ -428,7 +428,10 @@ CREATE TABLE embeddinggemma_async_queue (
     interrupted  int         NOT NULL DEFAULT 0,
     -- The key as its type's send function writes it (the trigger's entries): the worker reads
     -- it back whatever the writer's DateStyle, TimeZone or extra_float_digits; key is for people.
-    key_bytes    bytea
+    key_bytes    bytea,
+    -- The type key_bytes were sent as: read back only by that type (a key column retyped
+    -- since falls back to the text).
+    key_type     oid
 );
 CREATE INDEX embeddinggemma_async_queue_target ON embeddinggemma_async_queue (target_id, id);
 REVOKE ALL ON embeddinggemma_async_targets, embeddinggemma_async_queue FROM PUBLIC;
@@ -477,11 +480,11 @@ SELECT t.relation AS table_name,
   FROM @extschema@.embeddinggemma_async_queue q
   JOIN @extschema@.embeddinggemma_async_targets t ON t.id OPERATOR(pg_catalog.=) q.target_id
  WHERE q.attempts OPERATOR(pg_catalog.>=) t.max_attempts
-   AND pg_catalog.has_table_privilege(t.relation, 'SELECT');
+   AND pg_catalog.pg_has_role((SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) t.relation), 'USAGE');
 GRANT SELECT ON embeddinggemma_async_failures TO PUBLIC;
 
 COMMENT ON VIEW embeddinggemma_async_failures IS
-'Rows whose write kept failing (a user trigger raised, a constraint, a dropped column) after the retries, with the last error. They block nothing; embeddinggemma_async_reembed queues them again.';
+'Rows whose write kept failing (a user trigger raised, a constraint, a dropped column) after the retries, with the last error, for the tables the current role owns (keys and errors can carry row data that row-level security hides from other readers). They block nothing; embeddinggemma_async_reembed queues them again.';
 
 CREATE FUNCTION embeddinggemma_async(tbl regclass, source text, target text, task text DEFAULT 'document', dim int DEFAULT 768,
                                      key text DEFAULT NULL, keep_stale boolean DEFAULT false)
@@ -575,3 +578,54 @@ CREATE EVENT TRIGGER embeddinggemma_async_follow_drop ON sql_drop
     EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
 CREATE EVENT TRIGGER embeddinggemma_async_follow_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
+
+-- pg_dump keeps the queue (rows pending at dump time are embedded after a restore) and the
+-- queue's numbering.
+SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('embeddinggemma_async_queue_id_seq', '');
+
+-- A target row inserted (a registration, or pg_restore copying the targets back) numbers its
+-- columns from their names as the table is now (a restored table has no dropped columns, so
+-- its numbers may differ), and wakes the database's worker when it commits. A queue entry
+-- restored while leased is not one a worker holds.
+CREATE FUNCTION embeddinggemma_async_target_numbered()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.key_attnum := (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                          AND a.attname OPERATOR(pg_catalog.=) NEW.key_column AND NOT a.attisdropped);
+    NEW.source_attnum := (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                             AND a.attname OPERATOR(pg_catalog.=) NEW.source AND NOT a.attisdropped);
+    NEW.target_attnum := CASE WHEN NEW.chunk_table IS NULL THEN
+                             (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.relation
+                                 AND a.attname OPERATOR(pg_catalog.=) NEW.target AND NOT a.attisdropped) END;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER numbered BEFORE INSERT ON embeddinggemma_async_targets
+    FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_target_numbered();
+
+CREATE FUNCTION embeddinggemma_async_wake()
+RETURNS trigger
+SET search_path = pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wake_wrapper';
+
+CREATE TRIGGER wake AFTER INSERT ON embeddinggemma_async_targets
+    FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_async_wake();
+
+CREATE FUNCTION embeddinggemma_async_entry_restored()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    NEW.leased := false;
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER restored BEFORE INSERT ON embeddinggemma_async_queue
+    FOR EACH ROW WHEN (NEW.leased) EXECUTE FUNCTION embeddinggemma_async_entry_restored();

@@ -7,6 +7,8 @@
 //! next; an entry that was in hand at two such stops is kept apart as failed, so a row that
 //! kills the worker cannot do it again and again.
 
+use pgrx::pg_sys;
+
 use crate::sql_text::{self, text_param};
 
 /// Entries one claim leases, at most: enough for the service to fill its passes.
@@ -28,12 +30,14 @@ pub struct Claimed {
     /// The key as the writer's session printed it, or (rows queued by the worker's scan, or
     /// before 0.5.0) as the worker prints it.
     pub key: String,
-    /// The key as its type's send function wrote it, when the trigger queued it.
-    pub bytes: Option<Vec<u8>>,
+    /// The key as its type's send function wrote it, when the trigger queued it, and that type.
+    pub bytes: Option<(Vec<u8>, pg_sys::Oid)>,
 }
 
 fn claimed(r: &pgrx::spi::SpiHeapTupleData, first: usize) -> Result<Claimed, pgrx::spi::SpiError> {
-    Ok(Claimed { id: r.get(first)?.unwrap_or_default(), key: r.get(first + 1)?.unwrap_or_default(), bytes: r.get(first + 2)? })
+    let bytes: Option<Vec<u8>> = r.get(first + 2)?;
+    let key_type: Option<pg_sys::Oid> = r.get(first + 3)?;
+    Ok(Claimed { id: r.get(first)?.unwrap_or_default(), key: r.get(first + 1)?.unwrap_or_default(), bytes: bytes.zip(key_type) })
 }
 
 fn leased(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<Claimed> {
@@ -61,7 +65,7 @@ pub fn claim(id: i32, max_attempts: i32) -> Vec<Claimed> {
                   WINDOW w AS (ORDER BY q.id)
                    ORDER BY q.id LIMIT {CLAIM_ENTRIES}) x
                  WHERE x.n OPERATOR(pg_catalog.=) 1 OR x.bytes OPERATOR(pg_catalog.<=) {CLAIM_KEY_BYTES}))
-         RETURNING id, key, key_bytes"
+         RETURNING id, key, key_bytes, key_type"
     );
     leased(&sql, &[text_param(id), text_param(max_attempts)])
 }
@@ -77,7 +81,7 @@ pub fn claim_interrupted(ids: &[i32]) -> Option<(i32, Claimed)> {
                  WHERE q.target_id OPERATOR(pg_catalog.=) ANY ($1) AND NOT q.leased AND q.interrupted OPERATOR(pg_catalog.>) 0
                    AND q.attempts OPERATOR(pg_catalog.<) t.max_attempts
                  ORDER BY q.id LIMIT 1)
-         RETURNING target_id, id, key, key_bytes"
+         RETURNING target_id, id, key, key_bytes, key_type"
     );
     pgrx::spi::Spi::connect_mut(|c| {
         let rows = c.update(sql.as_str(), None, &[text_param(ids.to_vec())])?;

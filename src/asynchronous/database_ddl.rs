@@ -87,11 +87,9 @@ unsafe extern "C-unwind" fn process_utility(
     let cname = name.and_then(|n| std::ffi::CString::new(n).ok());
     // SAFETY: a catalog lookup by name; missing_ok.
     let db = cname.map(|n| unsafe { pg_sys::get_database_oid(n.as_ptr(), true) }).filter(|db| *db != pg_sys::InvalidOid);
-    if let Some(db) = db {
-        if !registry::hold_and_empty(db, HOLD, LEAVE_WAIT) {
-            pgrx::log!("embeddinggemma async: the worker of database {} did not leave in time", db.to_u32());
-        }
-    }
+    // Only a role the command may succeed for (the database's owner, a superuser) moves the
+    // worker: anyone else's attempt fails in PostgreSQL's own check, and must not disturb it.
+    let db = db.filter(|db| may_empty(*db));
     let run = || {
         // SAFETY: the arguments PostgreSQL passed, handed on to the next hook or the standard
         // implementation.
@@ -104,12 +102,42 @@ unsafe extern "C-unwind" fn process_utility(
     };
     match db {
         None => run(),
-        Some(db) => PgTryBuilder::new(std::panic::AssertUnwindSafe(run))
-            .finally(|| {
-                registry::unhold(db);
-                // Still there (a failed DROP, a RENAME, a template copied): served again.
+        Some(db) => PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            if !registry::hold_and_empty(db, HOLD, LEAVE_WAIT) {
+                pgrx::log!("embeddinggemma async: the worker of database {} did not leave in time", db.to_u32());
+            }
+            run()
+        }))
+        .finally(|| {
+            registry::unhold(db);
+            // Still there (a failed DROP, a RENAME, a template copied): served again.
+            if database_exists(db) {
                 registry::want(db, registry::now_ms());
-            })
-            .execute(),
+            }
+        })
+        .execute(),
     }
+}
+
+/// Whether the current role owns database `db` or is a superuser.
+fn may_empty(db: pg_sys::Oid) -> bool {
+    // SAFETY: catalog checks of the current role.
+    unsafe { pg_sys::superuser() || owns_database(db) }
+}
+
+#[cfg(not(feature = "pg15"))]
+unsafe fn owns_database(db: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog check of an existing database.
+    unsafe { pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, db, pg_sys::GetUserId()) }
+}
+
+#[cfg(feature = "pg15")]
+unsafe fn owns_database(db: pg_sys::Oid) -> bool {
+    // SAFETY: a catalog check of an existing database.
+    unsafe { pg_sys::pg_database_ownercheck(db, pg_sys::GetUserId()) }
+}
+
+fn database_exists(db: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache probe by OID; NULL when the database is gone.
+    !unsafe { pg_sys::get_database_name(db) }.is_null()
 }

@@ -105,6 +105,13 @@ fn embedding<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
     PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(f)))).catch_others(|e| Err(embedding_failure(e))).execute()
 }
 
+/// What a batch wrote: rows, and the entries it is done with (not those it gave back for a
+/// later batch or refused).
+struct Written {
+    rows: usize,
+    done: Vec<i64>,
+}
+
 /// What a round found to do.
 enum Round {
     Worked,
@@ -238,9 +245,9 @@ impl Worker {
     fn process(&self, t: &Target, batch: Batch) -> Result<(), String> {
         let started = Instant::now();
         match self.write(t, &batch) {
-            Ok(n) => {
-                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                self.record(t, &batch.all_ids(), n, rate);
+            Ok(w) => {
+                let rate = w.rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                self.record(t, &w.done, w.rows, rate);
                 Ok(())
             }
             Err(Failure::Service(e)) => {
@@ -273,7 +280,7 @@ impl Worker {
             }
             let one = Batch { keys: vec![key.clone()], ids: vec![ids.clone()] };
             match self.write(t, &one) {
-                Ok(n) => self.record(t, &ids, n, t.rows_per_second.unwrap_or(0.0)),
+                Ok(w) => self.record(t, &w.done, w.rows, t.rows_per_second.unwrap_or(0.0)),
                 Err(Failure::Rows(e)) => {
                     if let Err(e) = txn(|| claims::failed(&ids, &e)) {
                         pgrx::warning!("embeddinggemma async: recording row {key} of target {}: {e}", t.id);
@@ -302,7 +309,7 @@ impl Worker {
 
     /// Reads, embeds and writes `batch`; entries left for later are given back and refused
     /// ones recorded, in the transaction of the read. The rows written.
-    fn write(&self, t: &Target, batch: &Batch) -> Result<usize, Failure> {
+    fn write(&self, t: &Target, batch: &Batch) -> Result<Written, Failure> {
         let found = txn(|| {
             let found = rows::read(t, &batch.keys);
             let pick = |want: fn(&Found) -> bool| -> Vec<i64> {
@@ -320,8 +327,10 @@ impl Worker {
             }
             found
         })?;
-        match &t.column {
-            Some(column) => self.write_vectors(t, column, &batch.keys, found),
+        let done: Vec<i64> =
+            found.iter().zip(&batch.ids).filter(|(f, _)| matches!(f, Found::Text(..) | Found::Nothing)).flat_map(|(_, ids)| ids.iter().copied()).collect();
+        let rows = match &t.column {
+            Some(column) => self.write_vectors(t, column, &batch.keys, found)?,
             None => {
                 let (keys, texts): (Vec<String>, Vec<Option<String>>) = batch
                     .keys
@@ -335,12 +344,14 @@ impl Worker {
                     })
                     .unzip();
                 if keys.is_empty() {
-                    return Ok(0);
+                    0
+                } else {
+                    let chunks = txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
+                    txn(|| rows::write_chunks(t, &keys, chunks))?
                 }
-                let chunks = txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
-                Ok(txn(|| rows::write_chunks(t, &keys, chunks))?)
             }
-        }
+        };
+        Ok(Written { rows, done })
     }
 
     fn write_vectors(&self, t: &Target, column: &str, keys: &[String], found: Vec<Found>) -> Result<usize, Failure> {
@@ -362,9 +373,28 @@ impl Worker {
     }
 }
 
+thread_local! {
+    /// Set when the worker leaves on its own (`leave`): an exit without it (a FATAL, such as the
+    /// watchdog's) asks for a new worker.
+    static LEAVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// At process exit: a worker that did not leave on its own (a FATAL ended it) gives its slot up
+/// and asks for a new worker, which finds its entries leased and marks them interrupted.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    if LEAVING.get() {
+        return;
+    }
+    let (slot, db) = ((arg.value() >> 32) as usize, pg_sys::Oid::from(arg.value() as u32));
+    registry::release(slot);
+    registry::want(db, registry::now_ms() + 1_000);
+}
+
 /// Leaves for good: the slot goes first, so that a commit after the last look below finds no
 /// worker and asks the launcher for one.
 fn leave(slot: usize, db: pg_sys::Oid, why: Leave) -> ! {
+    LEAVING.set(true);
     registry::release(slot);
     match why {
         Leave::Held => {}
@@ -391,6 +421,9 @@ pub extern "C-unwind" fn embeddinggemma_async_worker_main(arg: pg_sys::Datum) {
         registry::notify_launcher();
         return;
     };
+    // SAFETY: registers a callback run as the process exits, with the slot and database packed
+    // in its argument.
+    unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(((slot as u64) << 32) | db.to_u32() as u64)) };
     // Names in the SQL it runs never resolve through a user's objects.
     // SAFETY: sets this worker's own setting, as SET would.
     unsafe {

@@ -16,6 +16,9 @@ use super::registry;
 
 /// How long a started worker may take to take its slot before it counts as failed.
 const START_GRACE: Duration = Duration::from_secs(10);
+/// How often every database is looked at anyway: a database copied from a template, or
+/// restored, has queued rows that no commit announced.
+const RESCAN: Duration = Duration::from_secs(600);
 /// How long the launcher sleeps with nothing to do (a request wakes it sooner).
 const IDLE: Duration = Duration::from_secs(5);
 
@@ -83,14 +86,16 @@ pub extern "C-unwind" fn embeddinggemma_async_launcher_main(_arg: pg_sys::Datum)
     // At start every database is looked at once: rows queued before a restart wait there.
     let mut unseen: Vec<pg_sys::Oid> = BackgroundWorker::transaction(databases);
     let mut starting: HashMap<u32, Instant> = HashMap::new();
+    let mut last_look = Instant::now();
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereads the configuration, as PostgreSQL's own workers do.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let (wanted, overflow) = registry::wanted_now();
-        if overflow {
+        if overflow || last_look.elapsed() > RESCAN {
             unseen = BackgroundWorker::transaction(databases);
+            last_look = Instant::now();
         }
         starting.retain(|db, at| at.elapsed() < START_GRACE && !registry::running(pg_sys::Oid::from(*db)));
         let candidates: Vec<pg_sys::Oid> = wanted.iter().chain(unseen.iter()).copied().collect();
@@ -123,7 +128,10 @@ pub extern "C-unwind" fn embeddinggemma_async_launcher_main(_arg: pg_sys::Datum)
         // A worker that leaves sets this latch; the poll covers one that died.
         let wait = if waiting { Duration::from_millis(500) } else { registry::next_due_in().unwrap_or(IDLE).min(IDLE) };
         if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {
-            return;
+            // Terminated: exit 1, so that the postmaster starts it again (at shutdown it does
+            // not); an exit 0 would unregister it for good.
+            // SAFETY: ends this process.
+            unsafe { pg_sys::proc_exit(1) };
         }
     }
 }

@@ -2,16 +2,25 @@
 //! maintenance commands (VACUUM, ANALYZE, REFRESH MATERIALIZED VIEW) run it: with the owner's
 //! rights as a security-restricted operation, inside a GUC nest level of its own that is rolled
 //! back afterwards, under `search_path = pg_catalog, pg_temp`, and bounded in time. One owner's
-//! triggers can then leave nothing — no setting, no search path, no temporary object — for the
-//! next owner's write in the same worker session.
+//! triggers can then leave nothing — no setting, no search path, no temporary object, no
+//! advisory lock — for the next owner's write in the same worker session.
+//!
+//! Owner code that catches the statement timeout's cancel and goes on is ended for good: a
+//! watchdog terminates the worker (a FATAL, which no exception handler catches, not a crash)
+//! when the work outlives its timeout by as much again, and a terminate request
+//! (`pg_terminate_backend`, a DDL command on the database) ends owner work at once.
 
 use std::ffi::CString;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
 
 /// `STATEMENT_TIMEOUT` of `utils/timeout.h` (the same position from PostgreSQL 9.3 to 18),
 /// which pgrx's bindings leave out.
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+/// `USER_LOCKMETHOD` of `storage/lock.h`: advisory locks.
+const USER_LOCKMETHOD: pg_sys::LOCKMETHODID = 2;
 
 extern "C-unwind" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
@@ -54,6 +63,65 @@ unsafe fn set_in_nest(name: &str, value: &str) {
     }
 }
 
+/// Terminates this worker (SIGTERM to its main thread, which PostgreSQL's `die` handles while
+/// owner work runs) if owner work outlives `deadline`, unless stopped first.
+struct Watchdog {
+    stopped: Arc<Mutex<bool>>,
+    thread: std::thread::Thread,
+}
+
+impl Watchdog {
+    fn start(deadline: Instant) -> Watchdog {
+        let stopped = Arc::new(Mutex::new(false));
+        // SAFETY: this thread's id, to signal it from the watchdog.
+        let main = unsafe { libc::pthread_self() } as usize;
+        let flag = stopped.clone();
+        let handle = std::thread::spawn(move || loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+                if !*stopped {
+                    // SAFETY: a signal to this process's main thread, whose handler is `die`
+                    // until the watchdog is stopped (under the same lock).
+                    unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGTERM) };
+                }
+                return;
+            }
+            std::thread::park_timeout(left);
+            if *flag.lock().unwrap_or_else(|e| e.into_inner()) {
+                return;
+            }
+        });
+        Watchdog { stopped, thread: handle.thread().clone() }
+    }
+
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.thread.unpark();
+    }
+}
+
+/// Installs PostgreSQL's `die` for SIGTERM (a FATAL at the next interrupt check); the handler it
+/// replaced comes back with `restore_sigterm`.
+fn die_on_sigterm() -> libc::sigaction {
+    // SAFETY: sigaction with a handler PostgreSQL's backends use for SIGTERM, flags as pqsignal
+    // sets them.
+    unsafe {
+        let mut new: libc::sigaction = std::mem::zeroed();
+        new.sa_sigaction = pg_sys::die as *const () as usize;
+        new.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut new.sa_mask);
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGTERM, &new, &mut old);
+        old
+    }
+}
+
+fn restore_sigterm(old: &libc::sigaction) {
+    // SAFETY: puts back the handler die_on_sigterm replaced.
+    unsafe { libc::sigaction(libc::SIGTERM, old, std::ptr::null_mut()) };
+}
+
 /// Runs `f` as `role` (see the module's doc). An ERROR inside unwinds through here to the
 /// caller's transaction, whose abort rolls back every nest level; on return the nest level is
 /// rolled back here, session-level `set_config` calls of the owner's code included.
@@ -63,9 +131,15 @@ pub fn as_owner<R>(role: pg_sys::Oid, bounds: Bounds, f: impl FnOnce() -> R) -> 
         context: i32,
         nest: i32,
         timed: bool,
+        watchdog: Option<Watchdog>,
+        sigterm: libc::sigaction,
     }
     impl Drop for Restore {
         fn drop(&mut self) {
+            if let Some(w) = &self.watchdog {
+                w.stop();
+            }
+            restore_sigterm(&self.sigterm);
             // SAFETY: undoes what as_owner set up below, in reverse order. While an ERROR
             // unwinds, the transaction's abort rolls back the GUC nest levels instead.
             unsafe {
@@ -75,6 +149,9 @@ pub fn as_owner<R>(role: pg_sys::Oid, bounds: Bounds, f: impl FnOnce() -> R) -> 
                 if !std::thread::panicking() {
                     pg_sys::AtEOXact_GUC(false, self.nest);
                 }
+                // Session-level advisory locks the owner's code took (they outlive its
+                // transaction): the next owner must not hold them.
+                pg_sys::LockReleaseAll(USER_LOCKMETHOD, true);
                 pg_sys::SetUserIdAndSecContext(self.user, self.context);
             }
         }
@@ -94,7 +171,12 @@ pub fn as_owner<R>(role: pg_sys::Oid, bounds: Bounds, f: impl FnOnce() -> R) -> 
         if timed {
             enable_timeout_after(STATEMENT_TIMEOUT, bounds.statement_ms);
         }
-        Restore { user, context, nest, timed }
+        let sigterm = die_on_sigterm();
+        let watchdog = timed.then(|| {
+            let grace = Duration::from_millis(bounds.statement_ms.max(5_000) as u64);
+            Watchdog::start(Instant::now() + Duration::from_millis(bounds.statement_ms as u64) + grace)
+        });
+        Restore { user, context, nest, timed, watchdog, sigterm }
     };
     f()
 }

@@ -1,7 +1,8 @@
 //! The asynchronous trigger's write into the queue, as a heap insert plus its index entries:
 //! the trigger fires per written row, and an SPI `INSERT` (portal, executor, the key array and
 //! its `unnest`) cost about as much as the user's own insert. The queue is the extension's own
-//! table with no triggers, rules or policies, so nothing is skipped that would run for it.
+//! table with no rules or policies and one trigger, for restored entries that were leased, which
+//! never applies here (an entry is inserted unleased): nothing is skipped that would run for it.
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -37,9 +38,9 @@ fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
     (queue, sequence)
 }
 
-/// Queues `keys` (text and binary forms) of the target `target_id` (one entry each), in this
-/// transaction.
-pub fn insert(target_id: i32, keys: &[(String, Vec<u8>)]) {
+/// Queues `keys` (text and binary forms, of type `key_type`) of the target `target_id` (one
+/// entry each), in this transaction.
+pub fn insert(target_id: i32, key_type: pg_sys::Oid, keys: &[(String, Vec<u8>)]) {
     let (queue, sequence) = oids();
     // SAFETY: the queue exists (checked above) and is locked as an INSERT locks it; the tuple is
     // formed from its own descriptor; each index entry is built and inserted as
@@ -61,6 +62,7 @@ pub fn insert(target_id: i32, keys: &[(String, Vec<u8>)]) {
                     "target_id" => target_id.into_datum(),
                     "key" => key.as_str().into_datum(),
                     "key_bytes" => bytes.as_slice().into_datum(),
+                    "key_type" => key_type.into_datum(),
                     "enqueued_at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())),
                     "attempts" => 0i32.into_datum(),
                     "leased" => false.into_datum(),

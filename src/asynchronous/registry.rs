@@ -17,6 +17,8 @@ use pgrx::{pg_shmem_init, PgAtomic};
 pub const SLOTS: usize = 32;
 /// Databases waiting for a worker, at most; beyond it the launcher looks at every database.
 const WANTED: usize = 128;
+/// How long a worker asked to leave may take to notice the cancel before it is terminated.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
 /// Databases held by DDL at once.
 const HELD: usize = 16;
 
@@ -253,7 +255,9 @@ pub fn hold_and_empty(db: pg_sys::Oid, time: Duration, wait: Duration) -> bool {
     if let Some(i) = slot {
         r.held_until[i].store(until, Ordering::Release);
     }
-    let deadline = std::time::Instant::now() + wait;
+    let started = std::time::Instant::now();
+    let deadline = started + wait;
+    let mut terminated = false;
     loop {
         let Some(i) = serving(db) else { return true };
         let pid = r.pid[i].load(Ordering::Acquire);
@@ -262,6 +266,11 @@ pub fn hold_and_empty(db: pg_sys::Oid, time: Duration, wait: Duration) -> bool {
             // SAFETY: a signal to a process of this cluster, as pg_cancel_backend sends it.
             unsafe { libc::kill(pid, libc::SIGINT) };
             set_latch(pid);
+        } else if !terminated && started.elapsed() > CANCEL_GRACE {
+            // Owner code that swallowed the cancel: terminated (a FATAL ends its work).
+            // SAFETY: a signal to a process of this cluster, as pg_terminate_backend sends it.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            terminated = true;
         }
         if std::time::Instant::now() >= deadline {
             return false;

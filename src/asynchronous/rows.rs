@@ -42,11 +42,16 @@ pub enum Found {
 pub fn keys_in_worker_terms(t: &Target, claimed: &mut [super::claims::Claimed]) {
     let documents = crate::columns::open_checked(t.relation);
     let key = key_column(&documents, &t.key);
-    for c in claimed.iter_mut() {
-        if let Some(bytes) = c.bytes.take() {
-            c.key = crate::columns::key_from_binary(&key, &bytes);
+    // A key type's receive and output functions can run the owner's code (a domain's CHECK).
+    as_owner(t.owner(), Bounds::configured(), || {
+        for c in claimed.iter_mut() {
+            match c.bytes.take() {
+                Some((bytes, sent_as)) if sent_as == key.type_oid => c.key = crate::columns::key_from_binary(&key, &bytes),
+                // The key column was retyped since: the text the writer queued.
+                _ => {}
+            }
         }
-    }
+    });
 }
 
 /// The current texts of `keys`, as the table's owner.

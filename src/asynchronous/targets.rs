@@ -64,6 +64,15 @@ fn require_service() {
     }
 }
 
+/// The targets table's statement trigger: a registration or a restore wakes the worker.
+#[pg_trigger(sql = "")]
+fn embeddinggemma_async_wake<'a>(_trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::PgTriggerError> {
+    if service_state::preloaded() {
+        ensure_worker();
+    }
+    Ok(None)
+}
+
 /// Once this transaction commits, wakes this database's worker, or asks the launcher for one.
 pub fn ensure_worker() {
     // SAFETY: this backend's database.
@@ -502,7 +511,7 @@ fn embeddinggemma_async_trigger<'a>(
         let old = data.tg_trigtuple;
         if t.target.is_none() {
             if let Some(k) = key_of(old) {
-                super::queue::insert(id, &[k]);
+                super::queue::insert(id, key.type_oid, &[k]);
                 wake_at_commit();
             }
         }
@@ -548,7 +557,7 @@ fn embeddinggemma_async_trigger<'a>(
         keys.extend(old_key);
     }
     if !keys.is_empty() {
-        super::queue::insert(id, &keys);
+        super::queue::insert(id, key.type_oid, &keys);
         wake_at_commit();
     }
     returned(row)

@@ -177,3 +177,70 @@ fn a_generated_source_column_is_embedded_as_stored() {
     assert_eq!(wrong(&mut c, "dgen_docs", "body", "v"), 0, "a generated text was not embedded as stored");
     c.batch_execute("SELECT embeddinggemma_async_drop('dgen_docs', 'v'); DROP TABLE dgen_docs").unwrap();
 }
+
+/// `pg_dump` of a database whose target has rows pending, restored into a new database: the
+/// target works there, its pending rows are embedded without a restart, and the next
+/// registration gets a new id.
+#[test]
+fn pg_dump_and_pg_restore_keep_targets_and_their_pending_rows() {
+    use postgres::NoTls;
+    let pg_bin = std::env::var("EMBEDDINGGEMMA_TEST_PG_BIN").expect("EMBEDDINGGEMMA_TEST_PG_BIN is not set: run the SQL tests through scripts/test");
+    let mut admin = connect();
+    for db in ["dump_src", "dump_dst"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    let db_dsn = |db: &str| format!("{} dbname={db}", dsn());
+    let mut src = Client::connect(&db_dsn("dump_src"), NoTls).unwrap();
+    // Writes of the vectors fail while the gate is closed: the rows stay queued.
+    src.batch_execute(
+        "CREATE EXTENSION embeddinggemma CASCADE;
+         CREATE TABLE gate (open boolean);
+         INSERT INTO gate VALUES (false);
+         CREATE TABLE docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE FUNCTION closed() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.v IS NOT NULL AND NOT (SELECT open FROM public.gate) THEN RAISE EXCEPTION 'the gate is closed'; END IF;
+             RETURN NEW;
+           END $$;
+         CREATE TRIGGER closed BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION closed();
+         INSERT INTO docs SELECT i, 'pending at dump time ' || i FROM generate_series(1, 6) i;
+         SELECT embeddinggemma_async('docs', 'body', 'v');
+         UPDATE embeddinggemma_async_targets SET max_attempts = 1000;",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while src.query_one("SELECT count(*) FROM embeddinggemma_async_queue WHERE attempts > 0", &[]).unwrap().get::<_, i64>(0) < 6 {
+        assert!(std::time::Instant::now() < deadline, "the rows were never tried");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let dump = std::process::Command::new(format!("{pg_bin}/pg_dump"))
+        .args(["-Fc", "-d", &db_dsn("dump_src")])
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+    let mut restore = std::process::Command::new(format!("{pg_bin}/pg_restore"))
+        .args(["-d", &db_dsn("dump_dst")])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(restore.stdin.as_mut().unwrap(), &dump.stdout).unwrap();
+    let restored = restore.wait_with_output().unwrap();
+    assert!(restored.status.success(), "pg_restore: {}", String::from_utf8_lossy(&restored.stderr));
+    drop(src);
+    admin.batch_execute("DROP DATABASE dump_src WITH (FORCE)").unwrap();
+    let mut dst = Client::connect(&db_dsn("dump_dst"), NoTls).unwrap();
+    let pending: i64 = dst.query_one("SELECT count(*) FROM embeddinggemma_async_queue", &[]).unwrap().get(0);
+    assert!(pending >= 6, "the pending rows were not restored: {pending} queue entries");
+    dst.batch_execute("UPDATE gate SET open = true").unwrap();
+    assert!(wait(&mut dst, "docs", "v"), "the restored target did not drain");
+    assert_eq!(wrong(&mut dst, "docs", "body", "v"), 0);
+    dst.batch_execute(
+        "CREATE TABLE more (id int PRIMARY KEY, body text, v vector(768));
+         SELECT embeddinggemma_async('more', 'body', 'v');",
+    )
+    .unwrap();
+    drop(dst);
+    admin.batch_execute("DROP DATABASE dump_dst WITH (FORCE)").unwrap();
+}
