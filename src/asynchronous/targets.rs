@@ -519,15 +519,18 @@ fn embeddinggemma_async_trigger<'a>(
     }
     // SAFETY: as above; a column number of this relation.
     let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
+    // The worker's own write sets only the vector: nothing to queue, and no text to compare
+    // (which would detoast two copies of a long one in the worker).
+    if crate::statement_trigger::writing(relid) && update {
+        return returned(new);
+    }
     let new_key = key_of(new);
     // A generated source column is computed after BEFORE triggers: its text is not known here,
     // so every write queues the row and the worker reads the text as stored.
     // SAFETY: the relation's descriptor; a column number checked above.
     let generated = unsafe { (*pg_sys::TupleDescAttr(desc, source.attno.get() as i32 - 1)).attgenerated != 0 };
-    // The worker's own write of the vector changes no text.
-    let ours = crate::statement_trigger::writing(relid);
     let (text_changed, old_key) = match old {
-        Some(old) => ((generated && !ours) || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
+        Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),
     };
     if !text_changed && old_key.is_none() {
