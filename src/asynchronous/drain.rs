@@ -393,6 +393,8 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) 
 
 /// Leaves for good: the slot goes first, so that a commit after the last look below finds no
 /// worker and asks the launcher for one.
+// proc_exit is `-> !` in some versions' bindings and not in others.
+#[allow(unreachable_code)]
 fn leave(slot: usize, db: pg_sys::Oid, why: Leave) -> ! {
     LEAVING.set(true);
     registry::release(slot);

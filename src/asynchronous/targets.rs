@@ -528,7 +528,7 @@ fn embeddinggemma_async_trigger<'a>(
     // A generated source column is computed after BEFORE triggers: its text is not known here,
     // so every write queues the row and the worker reads the text as stored.
     // SAFETY: the relation's descriptor; a column number checked above.
-    let generated = unsafe { (*pg_sys::TupleDescAttr(desc, source.attno.get() as i32 - 1)).attgenerated != 0 };
+    let generated = unsafe { PgTupleDesc::from_pg_unchecked(desc) }.get(source.attno.get() - 1).is_some_and(|a| a.attgenerated != 0);
     let (text_changed, old_key) = match old {
         Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),
