@@ -147,6 +147,23 @@ pub fn embed(client: &mut Client, text: &str, task: &str, dim: i32) -> Vec<f32> 
     client.query_one("SELECT embed($1, $2, $3)::real[]", &[&text, &task, &dim]).unwrap().get(0)
 }
 
+/// Rows of `table` (bigint `id`, `body`, vector `v`) whose vector is not `embed(body)` within
+/// 1e-6 (missing, extra or different): one `embed_batch` over the table, whose vectors equal
+/// embed()'s.
+pub fn stale_vectors(c: &mut Client, table: &str) -> i64 {
+    c.query_one(
+        &format!(
+            "SELECT count(*) FROM {table} t
+               JOIN embed_batch((SELECT array_agg(id ORDER BY id) FROM {table}), (SELECT array_agg(body ORDER BY id) FROM {table})) e
+                 ON e.id = t.id
+              WHERE (t.body IS NULL) <> (t.v IS NULL) OR (t.v IS NOT NULL AND t.v <=> e.embedding > 1e-6)"
+        ),
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// This backend's `embeddinggemma_stats()` column `name`.
 pub fn stat<T: for<'a> postgres::types::FromSql<'a>>(client: &mut Client, name: &str) -> T {
     client.query_one(&format!("SELECT {name} FROM embeddinggemma_stats()"), &[]).unwrap().get(0)

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use embeddinggemma_sql_tests::*;
 use postgres::{Client, NoTls};
 
-const SAME_TEXT: f64 = 1e-6;
-
 /// Tests that stop the service, the worker or the server run alone.
 static DISRUPTIVE: Mutex<()> = Mutex::new(());
 
@@ -21,21 +19,6 @@ fn service_dsn() -> String {
     std::env::var("EMBEDDINGGEMMA_TEST_SERVICE_DSN").expect("EMBEDDINGGEMMA_TEST_SERVICE_DSN is not set: run the SQL tests through scripts/test")
 }
 
-/// Rows of `table` whose vector is not `embed(body)` (missing, extra or different): one
-/// `embed_batch` over the table, whose vectors equal embed()'s.
-fn stale(c: &mut Client, table: &str) -> i64 {
-    c.query_one(
-        &format!(
-            "SELECT count(*) FROM {table} t
-               JOIN embed_batch((SELECT array_agg(id ORDER BY id) FROM {table}), (SELECT array_agg(body ORDER BY id) FROM {table})) e
-                 ON e.id = t.id
-              WHERE (t.body IS NULL) <> (t.v IS NULL) OR (t.v IS NOT NULL AND t.v <=> e.embedding > {SAME_TEXT})"
-        ),
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
 
 fn wait(c: &mut Client, table: &str, within: &str) -> bool {
     c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', timeout => '{within}')"), &[]).unwrap().get(0)
@@ -63,7 +46,7 @@ fn writes_only_record_and_the_worker_embeds_every_row_as_embed_would() {
     let id: i32 = c.query_one("SELECT embeddinggemma_async('as_docs', 'body', 'v')", &[]).unwrap().get(0);
     assert!(id > 0);
     assert!(wait(&mut c, "as_docs", "120 s"), "the backlog did not drain");
-    assert_eq!(stale(&mut c, "as_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "as_docs"), 0);
     // A write records and returns: this session embeds nothing itself.
     c.batch_execute("SELECT embeddinggemma_stats_reset()").unwrap();
     c.batch_execute(
@@ -80,7 +63,7 @@ fn writes_only_record_and_the_worker_embeds_every_row_as_embed_would() {
     let kept: bool = c.query_one("SELECT v IS NOT NULL FROM as_docs WHERE id = 2", &[]).unwrap().get(0);
     assert!(kept, "an update of another column touched the vector");
     assert!(wait(&mut c, "as_docs", "120 s"));
-    assert_eq!(stale(&mut c, "as_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "as_docs"), 0);
     let (pending, failed, is_stale) = status(&mut c, "as_docs");
     assert_eq!((pending, failed, is_stale), (0, 0, false));
     let model: String = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'as_docs'::regclass", &[]).unwrap().get(0);
@@ -137,7 +120,7 @@ fn a_row_updated_or_deleted_while_it_is_embedded_ends_with_its_latest_text() {
         thread::sleep(Duration::from_millis(50));
     }
     assert!(wait(&mut c, "ar_docs", "120 s"));
-    assert_eq!(stale(&mut c, "ar_docs"), 0, "a row kept the vector of an earlier text");
+    assert_eq!(stale_vectors(&mut c, "ar_docs"), 0, "a row kept the vector of an earlier text");
     let body: String = c.query_one("SELECT body FROM ar_docs WHERE id = 1", &[]).unwrap().get(0);
     assert_eq!(body, "version 29 of row one");
     c.batch_execute("SELECT embeddinggemma_async_drop('ar_docs', 'v')").unwrap();
@@ -192,7 +175,7 @@ fn only_the_owner_registers_and_no_role_writes_the_queue() {
     c.batch_execute("SELECT embeddinggemma_async('ao_docs', 'body', 'v')").unwrap();
     user.batch_execute("UPDATE ao_docs SET body = 'written by an ordinary role' WHERE id = 1").unwrap();
     assert!(wait(&mut c, "ao_docs", "120 s"));
-    assert_eq!(stale(&mut c, "ao_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "ao_docs"), 0);
     c.batch_execute("SELECT embeddinggemma_async_drop('ao_docs', 'v')").unwrap();
 }
 
@@ -253,7 +236,7 @@ fn nothing_is_lost_when_the_service_or_the_worker_dies_mid_drain() {
     eprintln!("killed the service with {at_kill} of {N} rows embedded, then terminated the worker");
     assert!(at_kill < N, "the drain ended before the kill");
     assert!(wait(&mut c, "ak_docs", "300 s"), "the queue did not drain after the kill");
-    assert_eq!(stale(&mut c, "ak_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "ak_docs"), 0);
     let (pending, failed, _) = status(&mut c, "ak_docs");
     assert_eq!((pending, failed), (0, 0), "rows failed because the service died");
     c.batch_execute("SELECT embeddinggemma_async_drop('ak_docs', 'v')").unwrap();
@@ -294,7 +277,7 @@ fn a_change_of_model_marks_the_target_stale_until_it_is_re_embedded() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(settled(&mut bf16).unwrap()["dtype"], "bf16");
-    assert_eq!(stale(&mut bf16, "am_docs"), 0, "vectors are not the bf16 model's");
+    assert_eq!(stale_vectors(&mut bf16, "am_docs"), 0, "vectors are not the bf16 model's");
     bf16.batch_execute("ALTER SYSTEM RESET embeddinggemma.dtype").unwrap();
     bf16.batch_execute("SELECT pg_reload_conf()").unwrap();
     service_pid(&mut service_session());
@@ -336,7 +319,7 @@ fn nothing_is_lost_when_the_server_restarts_immediately_mid_drain() {
     eprintln!("server restarted immediately with {at_restart} of {N} rows embedded");
     assert!(at_restart < N, "the drain ended before the restart");
     assert!(wait(&mut c, "ai_docs", "300 s"), "the queue did not drain after the restart");
-    assert_eq!(stale(&mut c, "ai_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "ai_docs"), 0);
     assert_eq!(status(&mut c, "ai_docs").1, 0, "rows failed because the server restarted");
     c.batch_execute("SELECT embeddinggemma_async_drop('ai_docs', 'v')").unwrap();
 }

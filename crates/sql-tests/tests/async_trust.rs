@@ -70,20 +70,6 @@ fn wait(c: &mut Client, table: &str, target: &str, within: &str) -> bool {
     c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', '{target}', timeout => '{within}')"), &[]).unwrap().get(0)
 }
 
-/// Rows of `table` (bigint `id`, `body`, `v`) whose vector is not `embed(body)`.
-fn stale(c: &mut Client, table: &str) -> i64 {
-    c.query_one(
-        &format!(
-            "SELECT count(*) FROM {table} t
-               JOIN embed_batch((SELECT array_agg(id ORDER BY id) FROM {table}), (SELECT array_agg(body ORDER BY id) FROM {table})) e
-                 ON e.id = t.id
-              WHERE (t.body IS NULL) <> (t.v IS NULL) OR (t.v IS NOT NULL AND t.v <=> e.embedding > {SAME_TEXT})"
-        ),
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
 
 /// (pending, failed) of `table`'s target `v`.
 fn status(c: &mut Client, table: &str) -> (i64, i64) {
@@ -305,8 +291,8 @@ fn one_owners_session_settings_never_reach_another_owners_write() {
     .unwrap();
     assert!(wait(&mut c, "tr_a.docs", "v", DRAIN), "owner A's rows did not drain");
     assert!(wait(&mut c, "tr_a.docs_local", "v", DRAIN), "owner A's rows did not drain");
-    assert_eq!(stale(&mut c, "tr_a.docs"), 0, "owner A's rows were not written");
-    assert_eq!(stale(&mut c, "tr_a.docs_local"), 0, "owner A's rows were not written");
+    assert_eq!(stale_vectors(&mut c, "tr_a.docs"), 0, "owner A's rows were not written");
+    assert_eq!(stale_vectors(&mut c, "tr_a.docs_local"), 0, "owner A's rows were not written");
     let ran: Vec<String> = c.query("SELECT DISTINCT what FROM tr_a.ran ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ran, ["plant_local", "plant_session"], "owner A's triggers did not run in the worker");
     // Owner B's table, written after A's, records the settings its write runs with.
@@ -329,7 +315,7 @@ fn one_owners_session_settings_never_reach_another_owners_write() {
     )
     .unwrap();
     assert!(wait(&mut c, "tr_b.docs", "v", DRAIN), "owner B's rows did not drain");
-    assert_eq!(stale(&mut c, "tr_b.docs"), 0, "owner B's rows were not written right");
+    assert_eq!(stale_vectors(&mut c, "tr_b.docs"), 0, "owner B's rows were not written right");
     let seen = c.query("SELECT search_path, statement_timeout, lock_timeout, read_only, truncate FROM tr_b.seen", &[]).unwrap();
     assert!(!seen.is_empty(), "owner B's trigger never ran in the worker");
     for row in &seen {
@@ -384,7 +370,7 @@ fn an_ordinary_role_cannot_become_superuser_through_the_worker() {
     )
     .unwrap();
     assert!(wait(&mut c, "tr_m.docs", "v", DRAIN), "the attacker's rows did not drain");
-    assert_eq!(stale(&mut c, "tr_m.docs"), 0, "the attacker's rows were not written (its trigger did not run)");
+    assert_eq!(stale_vectors(&mut c, "tr_m.docs"), 0, "the attacker's rows were not written (its trigger did not run)");
     // A superuser's table whose trigger calls now() unqualified, written after.
     c.batch_execute(
         "DROP TABLE IF EXISTS tr_su_docs;
@@ -400,7 +386,7 @@ fn an_ordinary_role_cannot_become_superuser_through_the_worker() {
     )
     .unwrap();
     assert!(wait(&mut c, "tr_su_docs", "v", DRAIN), "the superuser's rows did not drain");
-    assert_eq!(stale(&mut c, "tr_su_docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "tr_su_docs"), 0);
     let touched: i64 = c.query_one("SELECT count(updated_at) FROM tr_su_docs", &[]).unwrap().get(0);
     assert_eq!(touched, 2, "the superuser's trigger did not run in the worker");
     let planted: Vec<String> = c.query("SELECT who FROM tr_m.ran", &[]).unwrap().iter().map(|r| r.get(0)).collect();
@@ -549,7 +535,7 @@ fn a_statement_that_never_ends_in_one_owners_trigger_does_not_stall_another_owne
     let started = Instant::now();
     assert!(wait(&mut c, "tr_st_other", "v", "60 s"), "another owner's target stalled behind a trigger that never ends");
     eprintln!("the other target drained in {:.1} s beside the sleeping one", started.elapsed().as_secs_f64());
-    assert_eq!(stale(&mut c, "tr_st_other"), 0);
+    assert_eq!(stale_vectors(&mut c, "tr_st_other"), 0);
 }
 
 #[test]
@@ -596,12 +582,12 @@ fn a_row_lock_held_by_a_session_stalls_only_its_own_rows() {
     let started = Instant::now();
     assert!(wait(&mut c, "tr_lk_y", "v", "60 s"), "a target stalled behind another table's locked row");
     eprintln!("the free table drained in {:.1} s beside the locked row", started.elapsed().as_secs_f64());
-    assert_eq!(stale(&mut c, "tr_lk_y"), 0);
+    assert_eq!(stale_vectors(&mut c, "tr_lk_y"), 0);
     let locked_row_empty: bool = c.query_one("SELECT v IS NULL FROM tr_lk_x WHERE id = 1", &[]).unwrap().get(0);
     assert!(locked_row_empty, "the locked row was written while locked");
     locker.batch_execute("ROLLBACK").unwrap();
     assert!(wait(&mut c, "tr_lk_x", "v", DRAIN), "the locked table did not drain once the lock was gone");
-    assert_eq!(stale(&mut c, "tr_lk_x"), 0, "rows of the locked table were not written once the lock was gone");
+    assert_eq!(stale_vectors(&mut c, "tr_lk_x"), 0, "rows of the locked table were not written once the lock was gone");
     assert_eq!(status(&mut c, "tr_lk_x"), (0, 0));
 }
 
@@ -638,7 +624,7 @@ fn entries_with_huge_keys_all_drain_and_none_stays_leased() {
     assert_eq!(left, ((0, 0), (0, 0)), "entries left in the queue");
     let wrong: i64 = c.query_one(&format!("SELECT count(*) FROM tr_hk_docs WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}"), &[]).unwrap().get(0);
     assert_eq!(wrong, 0, "rows with huge keys without their vector");
-    assert_eq!(stale(&mut c, "tr_hk_small"), 0);
+    assert_eq!(stale_vectors(&mut c, "tr_hk_small"), 0);
 }
 
 #[test]
@@ -678,7 +664,7 @@ fn a_target_registered_while_the_worker_is_busy_is_served_too() {
         started.elapsed().as_secs_f64(),
         status(&mut c, "tr_busy_big").0
     );
-    assert_eq!(stale(&mut c, "tr_busy_new"), 0);
+    assert_eq!(stale_vectors(&mut c, "tr_busy_new"), 0);
     assert!(wait(&mut c, "tr_busy_big", "v", DRAIN), "the big target did not drain");
     let done: i64 = c.query_one("SELECT count(v) FROM tr_busy_big", &[]).unwrap().get(0);
     assert_eq!(done, BIG);
@@ -737,7 +723,7 @@ fn async_workers_are_bounded_cluster_wide_and_databases_with_targets_can_be_drop
     for db in DATABASES {
         let mut s = db_session(db);
         assert!(wait(&mut s, "docs", "v", DRAIN), "{db} did not drain with one worker for the cluster");
-        assert_eq!(stale(&mut s, "docs"), 0, "{db}");
+        assert_eq!(stale_vectors(&mut s, "docs"), 0, "{db}");
     }
     let (most, samples) = sampler.finish();
     eprintln!("5 databases drained in {:.1} s; at most {most} workers in {samples} samples", started.elapsed().as_secs_f64());
