@@ -181,12 +181,11 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     }
     let (targets, owner) = targets_table();
     let sql = format!(
-        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale,
-                                key_attnum, source_attnum, target_attnum, scan_all)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, true) RETURNING id"
+        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale, scan_all)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true) RETURNING id"
     );
-    // Columns are followed by number: a rename keeps the target, a drop removes it (follow.rs).
-    let attnum = |name: &str| crate::columns::lookup_column(rel, name).map(|a| a.attnum);
+    // The targets table's own trigger numbers the columns from their names (follow.rs follows
+    // them by number), for a registration as for a restore.
     let args = [
         param(rel.oid(), pg_sys::REGCLASSOID),
         text_param(key.name.clone()),
@@ -199,9 +198,6 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
         text_param(chunks.map(|c| c.max_tokens)),
         text_param(chunks.map(|c| c.overlap)),
         text_param(keep_stale),
-        text_param(key.attno.get() as i16),
-        text_param(attnum(source)),
-        text_param(if chunks.is_none() { attnum(target) } else { None }),
     ];
     let exists = format!("SELECT EXISTS (SELECT FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND target OPERATOR(pg_catalog.=) $2)");
     let same = [param(rel.oid(), pg_sys::REGCLASSOID), text_param(target.to_string())];
