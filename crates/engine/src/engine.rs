@@ -57,10 +57,8 @@ pub struct Engine {
     /// background pass (the service's asynchronous work), so that background embedding takes
     /// only the CPU that the database's own processes leave idle.
     background_pool: std::sync::OnceLock<JoinedPool>,
-    /// A background pass is running; and its threads were moved to the normal class for an
-    /// interactive request waiting for the end of its layer.
-    background_running: AtomicBool,
-    background_hurried: AtomicBool,
+    /// The background pool's threads are at nice 19 in the normal class, not idle-class.
+    background_softened: AtomicBool,
     memory: MemoryModel,
     max_memory: usize,
     info: EngineInfo,
@@ -217,7 +215,7 @@ impl Engine {
             weight_bytes: encoder.bytes() + head.bytes(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), background_running: AtomicBool::new(false), background_hurried: AtomicBool::new(false), memory, max_memory: options.max_memory, info })
+        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), background_softened: AtomicBool::new(false), memory, max_memory: options.max_memory, info })
     }
 
     /// Runs `f` on the engine's own pool, or on one started for this call and joined after.
@@ -348,28 +346,28 @@ impl Engine {
             let _ = self.background_pool.set(pool);
         }
         let pool = self.background_pool.get().expect("set above");
-        self.calm_background();
-        self.background_running.store(true, Ordering::Release);
-        let result = self.forward_ids_in(pool, seqs, cancel);
-        self.background_running.store(false, Ordering::Release);
-        self.calm_background();
-        result
+        self.forward_ids_in(pool, seqs, cancel)
     }
 
-    /// An interactive request arrived: a background pass in progress runs at normal priority
-    /// until the end of its current layer, where the scheduler serves the request (on a busy
-    /// machine an idle-class layer would hardly advance, and the request would wait for it).
-    pub fn hurry_background(&self) {
-        if self.background_running.load(Ordering::Acquire) && !self.background_hurried.swap(true, Ordering::AcqRel) {
+    /// Whether background passes run on a pool of their own beside interactive ones: on the
+    /// CPU with an own pool (a GPU runs one pass at a time).
+    pub fn has_background_pool(&self) -> bool {
+        self.pool.is_some() && self.info.device == "cpu"
+    }
+
+    /// Interactive passes run beside a background one: its threads leave the idle class for
+    /// nice 19 meanwhile (see `JoinedPool::set_idle`: a lock they hold must not stall them).
+    pub fn soften_background(&self) {
+        if !self.background_softened.swap(true, Ordering::AcqRel) {
             if let Some(pool) = self.background_pool.get() {
                 pool.set_idle(false);
             }
         }
     }
 
-    /// Background threads back to the idle class (after `hurry_background`).
+    /// Background threads back to the idle class (after `soften_background`).
     pub fn calm_background(&self) {
-        if self.background_hurried.swap(false, Ordering::AcqRel) {
+        if self.background_softened.swap(false, Ordering::AcqRel) {
             if let Some(pool) = self.background_pool.get() {
                 pool.set_idle(true);
             }

@@ -54,6 +54,7 @@ impl JoinedPool {
                     builder.spawn(move || {
                         if idle {
                             started.lock().unwrap_or_else(|e| e.into_inner()).push(own_tid());
+                            set_nice_19();
                             set_idle(0, true);
                         }
                         thread.run()
@@ -67,8 +68,11 @@ impl JoinedPool {
         Ok(JoinedPool { pool: Some(pool), handles, tids })
     }
 
-    /// Moves the threads of an idle-class pool to the normal class (`idle = false`) or back:
-    /// work that an interactive request waits for must not wait for idle CPU time.
+    /// Moves the threads of an idle-class pool to the normal class at nice 19 (`idle = false`)
+    /// or back. An interactive pass beside a background one can wait for a lock a background
+    /// thread holds (candle's elementwise ops share one global pool behind a mutex): an
+    /// idle-class holder would get no CPU time while the interactive threads run, a nice-19
+    /// one gets a small share and lets the lock go within milliseconds.
     pub fn set_idle(&self, idle: bool) {
         for &tid in self.tids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             set_idle(tid, idle);
@@ -102,20 +106,27 @@ fn own_tid() -> i32 {
     0
 }
 
-/// Linux: thread `tid` (0: the caller) to SCHED_IDLE, or back to SCHED_OTHER. Nice 19 is not
-/// enough: under EEVDF a nice-19 thread keeps its slice when a normal one wakes, and took ~40 %
-/// of two CPUs that sixteen inserting sessions kept busy; an idle-class thread is preempted at
-/// once. Neither switch needs a privilege (the threads keep nice 0); should the first fail,
-/// nice 19 is the fallback.
+/// The calling thread to nice 19 (lowering a thread's priority needs no privilege; raising it
+/// back would, so an idle-class pool's threads stay at 19 in either class).
+fn set_nice_19() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain syscall on the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+    }
+}
+
+/// Linux: thread `tid` (0: the caller) to SCHED_IDLE, or back to SCHED_OTHER (at its nice
+/// value). Nice 19 alone is not enough for background work: under EEVDF a nice-19 thread keeps
+/// its slice when a normal one wakes, and took ~40 % of two CPUs that sixteen inserting
+/// sessions kept busy; an idle-class thread is preempted at once. Neither switch needs a
+/// privilege; should the first fail, the thread stays at nice 19.
 fn set_idle(tid: i32, idle: bool) {
     #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on a thread of this process.
+    // SAFETY: a plain syscall on a thread of this process.
     unsafe {
         let param = libc::sched_param { sched_priority: 0 };
-        let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
-        if libc::sched_setscheduler(tid, policy, &param) != 0 && idle {
-            libc::setpriority(libc::PRIO_PROCESS, if tid == 0 { libc::gettid() } else { tid } as libc::id_t, 19);
-        }
+        libc::sched_setscheduler(tid, if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER }, &param);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (tid, idle);

@@ -186,16 +186,30 @@ fn query_latencies(c: &mut Client, n: usize) -> Result<Vec<f64>> {
         c.query_one("SELECT vector_dims(embed($1, 'query'))", &[&format!("which planet is red? {i}")]).map_err(|e| format!("query: {e}"))?;
         ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    eprintln!("latencies in order (ms): {}", ms.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" "));
     ms.sort_by(f64::total_cmp);
     Ok(ms)
 }
 
 /// `embed(…, 'query')` latency of a search session, idle and while a backlog of `texts`
-/// drains: p50 of each.
-pub fn queries_during_drain(dsn: &str, texts: &[String], n: usize) -> Result<Report> {
+/// drains: p50 of each. The queries start once the first row is written, or (`at_once`) back
+/// to back from the moment the target is registered.
+pub fn queries_during_drain(dsn: &str, backlog: &str, texts: &[String], n: usize, at_once: bool) -> Result<Report> {
     let table = "eg_async_query_load";
     let mut c = connect(dsn)?;
     let mut search = connect(dsn)?;
+    // Idle means the service has nothing queued (an earlier run's backlog may still be in it).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while search
+        .query_one("SELECT coalesce(stats->'queue'->>'requests', '0') <> '0' FROM embeddinggemma_service_status()", &[])
+        .map_err(|e| format!("service status: {e}"))?
+        .get::<_, bool>(0)
+    {
+        if Instant::now() > deadline {
+            return Err("the service never became idle".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     query_latencies(&mut search, 3)?;
     let idle = query_latencies(&mut search, n)?;
     sql(&mut c, "create the table", &format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigint PRIMARY KEY, body text NOT NULL, v vector(768))"))?;
@@ -203,27 +217,22 @@ pub fn queries_during_drain(dsn: &str, texts: &[String], n: usize) -> Result<Rep
     c.execute(&format!("INSERT INTO {table} SELECT * FROM unnest($1::bigint[], $2::text[])"), &[&ids, &texts])
         .map_err(|e| format!("insert: {e}"))?;
     sql(&mut c, "register", &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"))?;
-    // Wait until the worker is writing, so the queries meet a draining backlog.
+    // Wait until the worker is writing, so the queries meet a draining backlog (at once: back
+    // to back from registration, so that they also meet the worker's first, full-sized passes).
     let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let written: i64 = c.query_one(&format!("SELECT count(v) FROM {table}"), &[]).map_err(|e| e.to_string())?.get(0);
-        if written > 0 {
-            break;
-        }
+    while !at_once && !c.query_one(&format!("SELECT count(v) > 0 FROM {table}"), &[]).map_err(|e| e.to_string())?.get::<_, bool>(0) {
         if Instant::now() > deadline {
             return Err("the backlog never started draining".into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let busy = query_latencies(&mut search, n)?;
-    let pending: i64 = c
-        .query_one(&format!("SELECT pending FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"), &[])
-        .map_err(|e| e.to_string())?
-        .get(0);
+    let written: i64 = c.query_one(&format!("SELECT count(v) FROM {table}"), &[]).map_err(|e| e.to_string())?.get(0);
     let mut r = Report::new("queries_during_drain");
     let p50 = |v: &[f64]| v[v.len() / 2];
-    r.put("queries", n).put_f("idle_p50_ms", p50(&idle), 1).put_f("draining_p50_ms", p50(&busy), 1);
-    r.put_f("ratio", p50(&busy) / p50(&idle), 2).put("pending_after", pending);
+    r.put("backlog", backlog).put("queries", n).put_f("idle_p50_ms", p50(&idle), 1).put_f("draining_p50_ms", p50(&busy), 1);
+    r.put_f("ratio", p50(&busy) / p50(&idle), 2).put_f("draining_max_ms", busy[busy.len() - 1], 1);
+    r.put("rows", texts.len()).put("written_after", written);
     sql(&mut c, "drop", &format!("SELECT embeddinggemma_async_drop('{table}', 'v'); DROP TABLE {table}"))?;
     Ok(r)
 }

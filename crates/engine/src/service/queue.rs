@@ -140,6 +140,20 @@ impl Queue {
         picked
     }
 
+    /// Waits until a queued job `pick` accepts is there, `nudge` is called, or `timeout` passes.
+    pub fn wait_arrival(&self, timeout: Duration, pick: impl Fn(&Job) -> bool) {
+        let s = self.lock();
+        if !s.jobs.iter().any(&pick) {
+            drop(self.arrived.wait_timeout(s, timeout).unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    /// Wakes the model thread from `wait_arrival` (its background pass has ended).
+    pub fn nudge(&self) {
+        let _s = self.lock();
+        self.arrived.notify_all();
+    }
+
     /// The model thread's intake: what is queued now, or when `block`, waits for something and
     /// then (the collection window) until `window` after the first request arrived.
     pub fn take(&self, block: bool, window: Duration) -> Vec<Job> {

@@ -12,20 +12,25 @@
 //! Interactive requests come first. Background requests (an asynchronous queue draining) run
 //! when no interactive one is in progress, and in at least every `BACKGROUND_SHARE`-th round
 //! beside them, so they are never starved. While interactive requests have come recently,
-//! background passes are small (`BACKGROUND_TOKENS`), and between the layers of a background
-//! pass, small interactive requests that arrived meanwhile are served at once: a search query
-//! waits for at most a fraction of one small layer, not for a whole pass.
+//! background passes are small (`BACKGROUND_TOKENS`).
 //!
-//! Background passes run on idle-class threads (they compute on CPU time nobody else wants;
-//! an interactive request arriving mid-layer moves them to the normal class until the layer
-//! ends: `Engine::hurry_background`), and before each of their layers they wait while other
-//! processes keep more than `BUSY_SHARE` of the CPUs busy (the database's own writes come
-//! first): idle-class threads alone still slowed sixteen inserting sessions by a third (their
-//! caches and memory bandwidth are shared). The wait is at most `YIELD_FACTOR` times the layer
-//! before it took, so a machine kept busy for hours still drains its queues, at one part in
-//! `YIELD_FACTOR + 1` of the time.
+//! On the CPU a background pass runs on a thread of its own, on idle-class threads (CPU time
+//! nobody else wants), while the model thread serves the small interactive requests that
+//! arrive meanwhile, whole, on the normal pool, the background threads at nice 19 meanwhile
+//! (`Engine::soften_background`): the operating system gives the interactive threads nearly
+//! all the CPU at once, so a search query does not wait for a background layer (one layer of a
+//! 2,048-token text takes a few hundred milliseconds on two cores). Should interactive work keep
+//! a background layer from ending for `STARVED`, the model thread lets the layer end before it
+//! serves more: background work is never starved. Where the engine has no background pool
+//! (GPUs), interactive requests are served between a background pass's layers instead.
+//!
+//! Before each of their layers background passes wait while other processes keep more than
+//! `BUSY_SHARE` of the CPUs busy (the database's own writes come first): idle-class threads
+//! alone still slowed sixteen inserting sessions by a third (their caches and memory bandwidth
+//! are shared). The wait is at most `YIELD_FACTOR` times the layer before it took, so a machine
+//! kept busy for hours still drains its queues, at one part in `YIELD_FACTOR + 1` of the time.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +63,10 @@ const YIELD_FACTOR: u32 = 9;
 const MAX_YIELD: Duration = Duration::from_secs(10);
 /// How often a waiting background layer looks again (and serves interactive requests).
 const YIELD_STEP: Duration = Duration::from_millis(50);
+/// Interactive work that kept a background layer from ending this long waits for the layer.
+const STARVED: Duration = Duration::from_secs(2);
+/// How long the model thread waits for an arrival before looking at its background pass.
+const ARRIVAL_CHECK: Duration = Duration::from_millis(50);
 
 struct Active {
     job: Job,
@@ -139,6 +148,8 @@ pub struct Scheduler {
     cpu: Mutex<CpuShare>,
     /// How long the last background layer took (the first layer of a pass waits by it).
     last_layer: Mutex<Duration>,
+    /// Background layers finished so far (the model thread sees a starved layer by it).
+    layers_done: AtomicU64,
 }
 
 /// One text of a round: (request in `active`, index in the request, ids).
@@ -146,7 +157,9 @@ type Taken = (usize, usize, Vec<u32>);
 
 impl Scheduler {
     pub fn new(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>, batch_wait: Duration) -> Scheduler {
-        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()), last_layer: Mutex::new(Duration::from_millis(100)) }
+        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()), last_layer: Mutex::new(Duration::from_millis(100)),
+            layers_done: AtomicU64::new(0),
+        }
     }
 
     pub fn run(self) -> ! {
@@ -203,9 +216,9 @@ impl Scheduler {
         }
     }
 
-    /// Between the layers of a background pass: serves the small interactive requests that
-    /// arrived meanwhile, whole, before the pass goes on.
-    fn serve_interactive_now(&self) {
+    /// During a background pass (between its layers, or `beside` it): serves the small
+    /// interactive requests that arrived meanwhile, whole, before the pass goes on.
+    fn serve_interactive_now(&self, beside: bool) {
         let mut jobs: Vec<Active> =
             self.queue.take_matching(|j| !j.background && j.texts.len() <= PREEMPT_TEXTS).into_iter().map(Active::new).collect();
         if jobs.is_empty() {
@@ -213,21 +226,50 @@ impl Scheduler {
         }
         self.saw_interactive();
         self.metrics.preempted();
+        if beside {
+            self.engine.soften_background();
+        }
         while !jobs.is_empty() {
             self.round(&mut jobs, false);
             jobs.retain_mut(|a| !self.settle(a));
         }
+        if beside {
+            self.engine.calm_background();
+        }
     }
 
-    /// Waits (serving interactive requests) while other processes keep the CPUs busy, for at
-    /// most `YIELD_FACTOR` times the last background layer's time.
-    fn yield_to_busy_cpus(&self) {
+    /// While a background pass runs on its own thread (until `finished`): serves the small
+    /// interactive requests that arrive, but lets a layer they starved end first.
+    fn serve_interactive_beside(&self, finished: &dyn Fn() -> bool) {
+        let mut watched = (self.layers_done.load(Ordering::Acquire), Duration::ZERO);
+        while !finished() {
+            let layers = self.layers_done.load(Ordering::Acquire);
+            if layers != watched.0 {
+                watched = (layers, Duration::ZERO);
+            }
+            if watched.1 < STARVED {
+                let started = Instant::now();
+                self.serve_interactive_now(true);
+                watched.1 += started.elapsed();
+                self.queue.wait_arrival(ARRIVAL_CHECK, |j| !j.background && j.texts.len() <= PREEMPT_TEXTS);
+            } else {
+                self.queue.wait_arrival(ARRIVAL_CHECK, |_| false);
+            }
+        }
+    }
+
+    /// Waits (serving interactive requests unless `apart`: the model thread does) while other
+    /// processes keep the CPUs busy, for at most `YIELD_FACTOR` times the last background
+    /// layer's time.
+    fn yield_to_busy_cpus(&self, apart: bool) {
         let last_layer = *self.last_layer.lock().unwrap_or_else(|e| e.into_inner());
         let most = (last_layer * YIELD_FACTOR).min(MAX_YIELD);
         let started = Instant::now();
         while started.elapsed() < most && self.cpu.lock().unwrap_or_else(|e| e.into_inner()).others() > BUSY_SHARE {
             std::thread::sleep(YIELD_STEP);
-            self.serve_interactive_now();
+            if !apart {
+                self.serve_interactive_now(false);
+            }
         }
         let waited = started.elapsed();
         if waited >= YIELD_STEP {
@@ -253,31 +295,52 @@ impl Scheduler {
         }
         let flags: Vec<_> = requests.iter().map(|&r| active[r].job.withdrawn.clone()).collect();
         let cancel = || flags.iter().all(|f| f.load(Ordering::Relaxed));
-        // Checked between layers: a background pass lets interactive requests through there,
-        // and waits while other processes keep the CPUs busy.
+        let apart = background && self.engine.has_background_pool();
+        // Checked between layers: a background pass waits there while other processes keep
+        // the CPUs busy, and (not apart) lets interactive requests through.
         let layer_started = Mutex::new(Instant::now());
         let between_layers = || {
             if background {
                 let mut layer_started = layer_started.lock().unwrap_or_else(|e| e.into_inner());
                 *self.last_layer.lock().unwrap_or_else(|e| e.into_inner()) = layer_started.elapsed();
-                self.serve_interactive_now();
-                self.engine.calm_background();
-                self.yield_to_busy_cpus();
+                self.layers_done.fetch_add(1, Ordering::AcqRel);
+                if !apart {
+                    self.serve_interactive_now(false);
+                }
+                self.yield_to_busy_cpus(apart);
                 *layer_started = Instant::now();
             }
             cancel()
         };
-        if background {
-            self.yield_to_busy_cpus();
-            *layer_started.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        }
-        let started = Instant::now();
-        let result = if background {
-            self.engine.forward_ids_background(&seqs, &between_layers)
-        } else {
-            self.engine.forward_ids(&seqs, &between_layers)
+        // The pass's start (after the wait for busy CPUs), its result and its time.
+        let run = || {
+            if background {
+                self.yield_to_busy_cpus(apart);
+            }
+            let started = Instant::now();
+            *layer_started.lock().unwrap_or_else(|e| e.into_inner()) = started;
+            let result = if background {
+                self.engine.forward_ids_background(&seqs, &between_layers)
+            } else {
+                self.engine.forward_ids(&seqs, &between_layers)
+            };
+            (started, result, started.elapsed())
         };
-        let time = started.elapsed();
+        let (started, result, time) = if apart {
+            std::thread::scope(|scope| {
+                let running = scope.spawn(|| {
+                    let outcome = run();
+                    self.queue.nudge();
+                    outcome
+                });
+                self.serve_interactive_beside(&|| running.is_finished());
+                running.join().unwrap_or_else(|_| {
+                    (Instant::now(), Err(Error::Inference("the background pass's thread panicked".into())), Duration::ZERO)
+                })
+            })
+        } else {
+            run()
+        };
         match result {
             Ok(vectors) => {
                 for (&m, v) in members.iter().zip(vectors) {

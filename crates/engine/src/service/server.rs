@@ -496,9 +496,6 @@ fn embed(
         permit: permit.take().expect("a job is made once"),
     };
     shared.queue.push(count, unreserved, job, &gone)?;
-    if !background {
-        engine.hurry_background();
-    }
     loop {
         match rx.recv_timeout(PEER_CHECK) {
             Ok(response) => return Some(response),

@@ -8,7 +8,10 @@
 //!   eg-load async-inserts plain|async|row-trigger --dsn DSN [--connections 16] [--seconds 60] [--n 3000 rows kept to drain]
 //!   eg-load async-insert-ratio --dsn DSN [--connections 16] [--seconds 30 per run, two runs of each] [--n 3000]
 //!   eg-load async-drain docstrings|short --dsn DSN [--n 300|3000]
-//!   eg-load async-queries --dsn DSN [--n 3000]       (query latency idle, then while N short rows drain)
+//!   eg-load async-queries short|docstrings --dsn DSN [--n 3000|300]
+//!                                                    (query latency idle, then while N rows drain: short
+//!                                                    rows once the first is written; docstrings back
+//!                                                    to back from registration)
 //!   eg-load short-corpus [--n 3000]                  (the short rows as a JSONL corpus, for the engine's bench)
 //!
 //! Run it as root (or the server's user) on the server's machine: memory is read from /proc.
@@ -18,7 +21,7 @@ use std::time::Duration;
 
 use embeddinggemma_sql_tests::{async_load, load};
 
-const USAGE: &str = "usage: eg-load short-texts|first-call|row-trigger|one-batch|wait|async-inserts KIND|async-insert-ratio|async-drain BACKLOG|async-queries --dsn DSN [--connections N] [--seconds S] [--n N]";
+const USAGE: &str = "usage: eg-load short-texts|first-call|row-trigger|one-batch|wait|async-inserts KIND|async-insert-ratio|async-drain BACKLOG|async-queries BACKLOG --dsn DSN [--connections N] [--seconds S] [--n N]";
 
 /// `n` generated one-line rows, as the insert load writes them.
 fn short_rows(n: usize) -> Vec<String> {
@@ -92,7 +95,17 @@ fn main() -> ExitCode {
             let model = std::env::var("EMBEDDINGGEMMA_MODEL_DIR").unwrap_or_else(|_| "/var/cache/embeddinggemma/embeddinggemma-300m".into());
             async_load::drain(&dsn, name, &texts, std::path::Path::new(&model)).map(Some)
         }
-        "async-queries" => async_load::queries_during_drain(&dsn, &short_rows(n.unwrap_or(3000)), 20).map(Some),
+        "async-queries" => match word.as_deref() {
+            Some("short") => async_load::queries_during_drain(&dsn, "short", &short_rows(n.unwrap_or(3000)), 20, false).map(Some),
+            Some("docstrings") => {
+                let texts = embeddinggemma_sql_tests::docstrings(n.unwrap_or(300));
+                async_load::queries_during_drain(&dsn, "docstrings", &texts, 15, true).map(Some)
+            }
+            _ => {
+                eprintln!("async-queries takes short or docstrings\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         _ => {
             eprintln!("unknown command {command}\n{USAGE}");
             return ExitCode::from(2);
