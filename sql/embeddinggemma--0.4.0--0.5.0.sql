@@ -9,6 +9,7 @@ ALTER TABLE @extschema@.embeddinggemma_async_queue ADD COLUMN key_type oid;
 
 -- Columns followed by number through renames.
 ALTER TABLE @extschema@.embeddinggemma_async_targets ADD COLUMN key_attnum int2, ADD COLUMN source_attnum int2, ADD COLUMN target_attnum int2;
+ALTER TABLE @extschema@.embeddinggemma_async_targets ADD COLUMN kept_existing boolean NOT NULL DEFAULT false;
 UPDATE @extschema@.embeddinggemma_async_targets t
    SET key_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.key_column AND NOT a.attisdropped),
        source_attnum = (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) t.relation AND a.attname OPERATOR(pg_catalog.=) t.source AND NOT a.attisdropped),
@@ -73,8 +74,15 @@ CREATE EVENT TRIGGER embeddinggemma_async_follow_drop ON sql_drop
 CREATE EVENT TRIGGER embeddinggemma_async_follow_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION embeddinggemma_async_follow_ddl();
 
-COMMENT ON FUNCTION @extschema@.embeddinggemma_async(regclass, text, text, text, int, text, boolean) IS
-'Registers an asynchronous target: writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not: every vector of the target is then its own. key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
+DROP FUNCTION @extschema@.embeddinggemma_async(regclass, text, text, text, int, text, boolean);
+CREATE FUNCTION @extschema@.embeddinggemma_async(tbl regclass, source text, target text, task text DEFAULT 'document', dim int DEFAULT 768,
+                                                 key text DEFAULT NULL, keep_stale boolean DEFAULT false, keep_existing boolean DEFAULT false)
+RETURNS int
+VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wrapper';
+COMMENT ON FUNCTION @extschema@.embeddinggemma_async(regclass, text, text, text, int, text, boolean, boolean) IS
+'Registers an asynchronous target on a table or a partitioned table (its partitions, present and future): writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not, so every vector of the target is its own; keep_existing => true queues only rows without a vector (the status view then shows no model until embeddinggemma_async_reembed). key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
 COMMENT ON FUNCTION @extschema@.embeddinggemma_async_chunks(regclass, regclass, text, text, text, int, int, text, int) IS
 'embeddinggemma_async for a chunk table: a document whose text changes, or that is deleted, is queued, and the worker replaces its chunks (columns chunk_key, chunk, start_offset, end_offset, body, embedding) with embed_chunks(source).';
 

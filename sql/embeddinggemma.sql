@@ -411,6 +411,8 @@ CREATE TABLE embeddinggemma_async_targets (
     key_attnum       int2,
     source_attnum    int2,
     target_attnum    int2,
+    -- Registered with keep_existing: the vectors there then were kept, so its model is not known.
+    kept_existing    boolean     NOT NULL DEFAULT false,
     UNIQUE (relation, target)
 );
 CREATE TABLE embeddinggemma_async_queue (
@@ -487,14 +489,14 @@ COMMENT ON VIEW embeddinggemma_async_failures IS
 'Rows whose write kept failing (a user trigger raised, a constraint, a dropped column) after the retries, with the last error, for the tables the current role owns (keys and errors can carry row data that row-level security hides from other readers). They block nothing; embeddinggemma_async_reembed queues them again.';
 
 CREATE FUNCTION embeddinggemma_async(tbl regclass, source text, target text, task text DEFAULT 'document', dim int DEFAULT 768,
-                                     key text DEFAULT NULL, keep_stale boolean DEFAULT false)
+                                     key text DEFAULT NULL, keep_stale boolean DEFAULT false, keep_existing boolean DEFAULT false)
 RETURNS int
 VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wrapper';
 
-COMMENT ON FUNCTION embeddinggemma_async(regclass, text, text, text, int, text, boolean) IS
-'Registers an asynchronous target: writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not: every vector of the target is then its own. key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
+COMMENT ON FUNCTION embeddinggemma_async(regclass, text, text, text, int, text, boolean, boolean) IS
+'Registers an asynchronous target on a table or a partitioned table (its partitions, present and future): writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not, so every vector of the target is its own; keep_existing => true queues only rows without a vector (the status view then shows no model until embeddinggemma_async_reembed). key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
 
 CREATE FUNCTION embeddinggemma_async_chunks(tbl regclass, chunk_table regclass, key text DEFAULT NULL, chunk_key text DEFAULT 'doc_id',
                                             source text DEFAULT 'body', max_tokens int DEFAULT 512, overlap int DEFAULT 64,

@@ -73,7 +73,7 @@ fn resolve_name(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
 /// `name` split into identifiers as PostgreSQL reads a qualified name: dots separate them,
 /// double quotes keep case and dots (`""` is a quote), unquoted parts are trimmed and
 /// lower-cased. None when it is not such a name.
-fn parse_ident(name: &str) -> Option<Vec<String>> {
+pub fn parse_ident(name: &str) -> Option<Vec<String>> {
     let mut parts = Vec::new();
     let mut chars = name.chars().peekable();
     loop {

@@ -15,6 +15,11 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: impl Into<S
     unreachable!("an ERROR report does not return")
 }
 
+/// Reports `message` as a WARNING with `hint`.
+pub fn warn(message: impl Into<String>, hint: impl Into<String>) {
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message.into(), function_name!()).set_hint(hint.into()).report(PgLogLevel::WARNING);
+}
+
 /// Raises the engine error `e` as an ERROR.
 pub fn raise_engine(e: Error) -> ! {
     use PgSqlErrorCode::*;

@@ -25,6 +25,8 @@ mod statement_trigger;
 mod stats;
 mod supervisor;
 mod transaction_memory;
+mod trigger_renames;
+mod utility_hook;
 mod vector;
 mod worker;
 
@@ -47,6 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
     // PostgreSQL's processes are single-threaded: no other thread reads the environment.
     let confined = unsafe { embeddinggemma_engine::confine_candle_threads() };
     guc::register();
+    utility_hook::install();
     supervisor::set_candle_confined(confined);
     supervisor::register();
 }

@@ -33,7 +33,16 @@ fn embeddinggemma_trigger<'a>(
         Some(Ok(d)) => d,
         Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
     };
-    let column = check_columns(&trigger.relation()?, source, target, dim);
+    let relation = trigger.relation()?;
+    let column = check_columns(&relation, source, target, dim);
+    // A generated column is computed after BEFORE triggers: NEW does not hold its text yet.
+    if relation.tuple_desc().get(column.attno.get() - 1).is_some_and(|a| a.attgenerated != 0) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("embeddinggemma_trigger(): source column \"{source}\" is generated, computed after BEFORE triggers run"),
+            "Embed it with an AFTER trigger, which sees the row as stored: embeddinggemma_statement_trigger, or an asynchronous target (embeddinggemma_async).",
+        )
+    }
 
     let data = trigger.trigger_data();
     let update = matches!(op, PgTriggerOperation::Update);

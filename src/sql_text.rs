@@ -189,6 +189,15 @@ pub fn extension_table(name: &str) -> (String, pg_sys::Oid) {
     (relation(oid), owner)
 }
 
+/// The rows of table `oid` in a FROM or UPDATE clause: `ONLY` the table itself (rows of
+/// inheritance children added later are not its rows), or a partitioned table with its
+/// partitions.
+pub fn table_rows(oid: pg_sys::Oid) -> String {
+    // SAFETY: a syscache lookup of an existing relation's kind.
+    let partitioned = unsafe { pg_sys::get_rel_relkind(oid) } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+    if partitioned { relation(oid) } else { format!("ONLY {}", relation(oid)) }
+}
+
 /// The OID of the extension's own relation (table, sequence) `name`; raises when it is missing.
 pub fn extension_relation(name: &str) -> pg_sys::Oid {
     relation_in(extension_schema(c"embeddinggemma"), name).unwrap_or_else(|| {

@@ -1,7 +1,7 @@
 //! DDL that needs every session to leave a database — DROP DATABASE, ALTER DATABASE … RENAME
 //! or SET TABLESPACE, CREATE DATABASE … TEMPLATE — finds the database's asynchronous worker
-//! gone: a utility hook (installed while preloading) holds the database (no worker starts for
-//! it), asks its worker to leave, and waits for it before the command runs. Without it a
+//! gone: the utility hook (`utility_hook`, while preloading) holds the database (no worker
+//! starts for it), asks its worker to leave, and waits for it before the command runs. Without it a
 //! database owner could not drop a database with targets, and a forced drop would leave a
 //! worker trying to come back.
 
@@ -9,7 +9,6 @@ use std::ffi::CStr;
 use std::time::Duration;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 use super::registry;
 
@@ -17,18 +16,6 @@ use super::registry;
 const HOLD: Duration = Duration::from_secs(60);
 /// How long the command waits for the worker to leave (a batch in hand is cancelled).
 const LEAVE_WAIT: Duration = Duration::from_secs(20);
-
-static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
-
-/// From `_PG_init` while preloading.
-pub fn install() {
-    // SAFETY: _PG_init runs once per process before any statement; hooks chain as PostgreSQL's
-    // own extensions chain them.
-    unsafe {
-        PREVIOUS = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
-    }
-}
 
 /// The name in a `DefElem` list's option `name`, if given.
 ///
@@ -70,52 +57,55 @@ unsafe fn emptied_database(node: *mut pg_sys::Node) -> Option<String> {
     }
 }
 
-#[pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: PostgreSQL passes a planned utility statement.
-    let name = unsafe { emptied_database((*pstmt).utilityStmt) };
+/// Before a utility statement: the database it needs every session out of, held and emptied of
+/// its worker (release it with `release` whatever happens next).
+///
+/// # Safety
+/// `node` is a parsed utility statement.
+pub unsafe fn hold_for(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
+    // SAFETY: per the contract.
+    let name = unsafe { emptied_database(node) };
     let cname = name.and_then(|n| std::ffi::CString::new(n).ok());
     // SAFETY: a catalog lookup by name; missing_ok.
     let db = cname.map(|n| unsafe { pg_sys::get_database_oid(n.as_ptr(), true) }).filter(|db| *db != pg_sys::InvalidOid);
     // Only a role the command may succeed for (the database's owner, a superuser) moves the
     // worker: anyone else's attempt fails in PostgreSQL's own check, and must not disturb it.
-    let db = db.filter(|db| may_empty(*db));
-    let run = || {
-        // SAFETY: the arguments PostgreSQL passed, handed on to the next hook or the standard
-        // implementation.
-        unsafe {
-            match PREVIOUS {
-                Some(previous) => previous(pstmt, query, read_only_tree, context, params, env, dest, qc),
-                None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            }
+    let db = db.filter(|db| may_empty(*db))?;
+    if !registry::hold_and_empty(db, HOLD, LEAVE_WAIT) {
+        pgrx::log!("embeddinggemma async: the worker of database {} did not leave in time", db.to_u32());
+    }
+    Some(db)
+}
+
+/// After the statement (or its failure): the held database is served again if still there.
+pub fn release(db: pg_sys::Oid) {
+    registry::unhold(db);
+    // Still there (a failed DROP, a RENAME, a template copied): served again.
+    if database_exists(db) {
+        registry::want(db, registry::now_ms());
+    }
+}
+
+/// After `CREATE DATABASE`: the new database (a copy of a template, targets included) is
+/// served without waiting for the launcher's rescan.
+///
+/// # Safety
+/// `node` is a parsed utility statement.
+pub unsafe fn created(node: *mut pg_sys::Node) {
+    // SAFETY: per the contract; the cast follows the node's tag.
+    let name = unsafe {
+        if (*node).type_ != pg_sys::NodeTag::T_CreatedbStmt {
+            return;
         }
+        (*(node as *mut pg_sys::CreatedbStmt)).dbname
     };
-    match db {
-        None => run(),
-        Some(db) => PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-            if !registry::hold_and_empty(db, HOLD, LEAVE_WAIT) {
-                pgrx::log!("embeddinggemma async: the worker of database {} did not leave in time", db.to_u32());
-            }
-            run()
-        }))
-        .finally(|| {
-            registry::unhold(db);
-            // Still there (a failed DROP, a RENAME, a template copied): served again.
-            if database_exists(db) {
-                registry::want(db, registry::now_ms());
-            }
-        })
-        .execute(),
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: a catalog lookup by the statement's NUL-terminated name; missing_ok.
+    let db = unsafe { pg_sys::get_database_oid(name, true) };
+    if db != pg_sys::InvalidOid {
+        registry::want(db, registry::now_ms());
     }
 }
 

@@ -3,7 +3,7 @@
 //! time (`launcher`, `registry`), that embed the queue in large batches through the service
 //! and write as each table's owner, one owner at a time and in its own restricted session state
 //! (`drain`, `claims`, `rows`, `owner`). DDL that must empty a database finds its worker gone
-//! (`database_ddl`).
+//! (`database_ddl`, called by the extension's utility hook).
 
 mod claims;
 pub mod database_ddl;
@@ -18,9 +18,8 @@ mod rows;
 mod target;
 pub mod targets;
 
-/// From `_PG_init` while preloading: shared memory, the launcher, the DDL hook.
+/// From `_PG_init` while preloading: shared memory, the launcher.
 pub fn register() {
     registry::init();
     launcher::register();
-    database_ddl::install();
 }

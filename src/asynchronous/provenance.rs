@@ -52,14 +52,15 @@ pub fn record_serving(targets: &[Target], model: &ModelInfo) {
 
 /// A target whose queue is empty and whose scan is done has every row embedded by the serving
 /// model since it was registered or re-embedded: that is then the model its vectors came from.
-/// (Rows written after a model change keep it stale until a re-embed.)
+/// (Rows written after a model change keep it stale until a re-embed; a target registered with
+/// keep_existing has vectors it did not write, and no model until a re-embed.)
 pub fn settle_models(targets: &[Target]) {
     let table = targets_table();
     let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
     for t in targets.iter().filter(|t| t.model.is_none() && !t.scanning) {
         sql_text::run(
             &format!(
-                "UPDATE {table} t SET model = t.serving WHERE t.id OPERATOR(pg_catalog.=) $1 AND t.serving IS NOT NULL
+                "UPDATE {table} t SET model = t.serving WHERE t.id OPERATOR(pg_catalog.=) $1 AND t.serving IS NOT NULL AND NOT t.kept_existing
                     AND NOT EXISTS (SELECT FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id)"
             ),
             &[text_param(t.id)],

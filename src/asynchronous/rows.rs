@@ -74,11 +74,11 @@ pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
                          OR pg_catalog.sum(LEAST(pg_catalog.octet_length(d.{s}::pg_catalog.text), {counted})) OVER w
                             OPERATOR(pg_catalog.<=) {BATCH_TEXT_BYTES}) AS fits
                    FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(k, i)
-                   JOIN ONLY {tbl} d ON d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
+                   JOIN {tbl} d ON d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
                  WINDOW w AS (ORDER BY u.i)) x",
         k = ident(&t.key),
         s = ident(&t.source),
-        tbl = relation(t.relation),
+        tbl = sql_text::table_rows(t.relation),
         kt = key.sql_type()
     );
     let mut found: Vec<Found> = keys.iter().map(|_| Found::Nothing).collect();
@@ -109,13 +109,13 @@ pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String]
     let key = key_column(&documents, &t.key);
     let vector_type = documents.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == column).map(|a| a.atttypid).expect("checked");
     let sql = format!(
-        "UPDATE ONLY {tbl} d SET {v} = u.v
+        "UPDATE {tbl} d SET {v} = u.v
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]),
                            pg_catalog.unnest($3::pg_catalog.int8[]), pg_catalog.unnest($4)) AS u(k, s, n, v)
           WHERE d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
             AND pg_catalog.octet_length(d.{s}::pg_catalog.text) OPERATOR(pg_catalog.=) u.n
             AND pg_catalog.substr(d.{s}::pg_catalog.text, 1, {PREFIX_CHARS}) OPERATOR(pg_catalog.=) u.s",
-        tbl = relation(t.relation),
+        tbl = sql_text::table_rows(t.relation),
         v = ident(column),
         k = ident(&t.key),
         s = ident(&t.source),

@@ -130,8 +130,8 @@ impl Target {
             None => String::new(),
         };
         let sql = format!(
-            "SELECT d.{k}::pg_catalog.text FROM ONLY {} d WHERE {}{after} ORDER BY d.{k} USING OPERATOR(pg_catalog.<) LIMIT {SCAN_ROWS}",
-            relation(self.relation),
+            "SELECT d.{k}::pg_catalog.text FROM {} d WHERE {}{after} ORDER BY d.{k} USING OPERATOR(pg_catalog.<) LIMIT {SCAN_ROWS}",
+            sql_text::table_rows(self.relation),
             self.scan_filter(&documents)
         );
         let keys: Vec<String> = as_owner(self.owner(), Bounds::configured(), || {

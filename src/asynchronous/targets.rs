@@ -18,10 +18,13 @@ use crate::sql_text::{self, ident, param, relation, text_param};
 use super::registry;
 use crate::{routing, service_state, worker};
 
-/// What the trigger needs of a target, cached per backend (a target's table and columns never
-/// change; dropping it drops its trigger).
+/// What the trigger needs of a target, cached per backend (a rename is followed by the names
+/// stored again; dropping a target drops its trigger; the cache is keyed by the targets table,
+/// which DROP and CREATE EXTENSION replace while target ids start again at 1).
 #[derive(Clone)]
 struct TriggerTarget {
+    /// The targets table it was read from.
+    registry: pg_sys::Oid,
     relation: pg_sys::Oid,
     key: String,
     source: String,
@@ -136,18 +139,27 @@ fn has_children(oid: pg_sys::Oid) -> bool {
     sql_text::one::<bool>(sql, &[param(oid, pg_sys::OIDOID)]) == Some(true)
 }
 
-/// Refuses a relation a target cannot follow: only a plain, permanent table has rows the
-/// worker can find again by key.
+/// Whether a trigger firing on `relid` serves a target on `relation`: the same table, or one of
+/// its partitions (the trigger on a partitioned table is cloned to each, present and future).
+fn covers(relation: pg_sys::Oid, relid: pg_sys::Oid) -> bool {
+    if relation == relid {
+        return true;
+    }
+    let sql = "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a WHERE a.relid OPERATOR(pg_catalog.=) $2)";
+    sql_text::one::<bool>(sql, &[param(relid, pg_sys::REGCLASSOID), param(relation, pg_sys::REGCLASSOID)]) == Some(true)
+}
+
+/// Refuses a relation a target cannot follow: only a plain or partitioned permanent table has
+/// rows the worker can find again by key.
 fn check_plain_table(rel: &PgRelation) {
     // SAFETY: an open relation's catalog entry.
     let (kind, persistence) = unsafe { ((*rel.rd_rel).relkind, (*rel.rd_rel).relpersistence) };
-    let refusal = if kind == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
-        Some("a partitioned table; register each partition")
-    } else if kind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+    let partitioned = kind == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+    let refusal = if kind != pg_sys::RELKIND_RELATION as std::ffi::c_char && !partitioned {
         Some("not a table (a view, foreign table, materialized view or sequence); register the table it reads")
     } else if persistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char {
         Some("a temporary table, which the background worker cannot see; use embeddinggemma_trigger() for it")
-    } else if has_children(rel.oid()) {
+    } else if !partitioned && has_children(rel.oid()) {
         Some("a table with inheritance children, whose rows its trigger does not see; register each child")
     } else {
         None
@@ -156,9 +168,29 @@ fn check_plain_table(rel: &PgRelation) {
         let (what, hint) = why.split_once("; ").expect("two parts");
         raise(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("embeddinggemma: {} is {what}: asynchronous targets are for plain tables", sql_text::display(rel.oid())),
+            format!("embeddinggemma: {} is {what}: asynchronous targets are for plain and partitioned tables", sql_text::display(rel.oid())),
             format!("{}{}.", hint[..1].to_uppercase(), &hint[1..]),
         )
+    }
+}
+
+/// Whether an enabled BEFORE ROW INSERT or UPDATE trigger of `rel` fires after `ours` (triggers
+/// of a relation are kept in firing order, by name).
+///
+/// # Safety
+/// `rel` is the open relation `ours` fires on.
+unsafe fn later_before_triggers(rel: pg_sys::Relation, ours: *const pg_sys::Trigger) -> bool {
+    const ROW_BEFORE: i16 = (pg_sys::TRIGGER_TYPE_ROW | pg_sys::TRIGGER_TYPE_BEFORE) as i16;
+    const WRITES: i16 = (pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE) as i16;
+    // SAFETY: per the contract; trigdesc lists numtriggers triggers.
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() {
+            return false;
+        }
+        let all = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
+        let Some(at) = all.iter().position(|t| t.tgoid == (*ours).tgoid) else { return false };
+        all[at + 1..].iter().any(|t| t.tgtype & ROW_BEFORE == ROW_BEFORE && t.tgtype & WRITES != 0 && t.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char)
     }
 }
 
@@ -167,7 +199,8 @@ fn trigger_name(id: i32) -> String {
 }
 
 /// Records a target, installs its trigger, starts the worker.
-fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool) -> i32 {
+#[allow(clippy::too_many_arguments)]
+fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool, keep_existing: bool) -> i32 {
     check_plain_table(rel);
     require_current_sql();
     // The queue and the targets live in each node's own tables; a distributed table's rows are
@@ -181,8 +214,8 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
     }
     let (targets, owner) = targets_table();
     let sql = format!(
-        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale, scan_all)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true) RETURNING id"
+        "INSERT INTO {targets} (relation, key_column, source, target, chunk_table, chunk_key, task, dim, max_tokens, overlap, keep_stale, scan_all, kept_existing)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NOT $12, $12) RETURNING id"
     );
     // The targets table's own trigger numbers the columns from their names (follow.rs follows
     // them by number), for a registration as for a restore.
@@ -198,6 +231,7 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
         text_param(chunks.map(|c| c.max_tokens)),
         text_param(chunks.map(|c| c.overlap)),
         text_param(keep_stale),
+        text_param(keep_existing),
     ];
     let exists = format!("SELECT EXISTS (SELECT FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND target OPERATOR(pg_catalog.=) $2)");
     let same = [param(rel.oid(), pg_sys::REGCLASSOID), text_param(target.to_string())];
@@ -259,7 +293,8 @@ fn default_key(rel: &PgRelation) -> String {
 }
 
 #[pg_extern(sql = "")]
-fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>) -> i32 {
+#[allow(clippy::too_many_arguments)]
+fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>, keep_existing: Option<bool>) -> i32 {
     require_service();
     let rel = open_checked(tbl);
     sql_text::require_owner(tbl, "embed it asynchronously");
@@ -267,7 +302,7 @@ fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str
     let key = key.map(str::to_string).unwrap_or_else(|| default_key(&rel));
     let key = check_key(&rel, &key);
     check_task_and_dim(task, dim);
-    register(&rel, &key, source, target, None, task, dim, keep_stale.unwrap_or(false))
+    register(&rel, &key, source, target, None, task, dim, keep_stale.unwrap_or(false), keep_existing.unwrap_or(false))
 }
 
 #[pg_extern(sql = "")]
@@ -294,7 +329,7 @@ fn embeddinggemma_async_chunks(
     check_task_and_dim(task, dim);
     // The chunk settings are checked as the chunk trigger checks them, cutting included.
     crate::chunks::Cut::new(cut.0, cut.1, task);
-    register(&rel, &settings.key, &settings.source, &sql_text::display(chunk_table), Some(&settings), task, dim, true)
+    register(&rel, &settings.key, &settings.source, &sql_text::display(chunk_table), Some(&settings), task, dim, true, false)
 }
 
 /// The target `name` (a vector column, or a chunk table) of `tbl`: its id and trigger.
@@ -356,12 +391,19 @@ fn embeddinggemma_async_wait(tbl: pg_sys::Oid, target: &str, timeout: pgrx::datu
 #[pg_extern(sql = "")]
 fn embeddinggemma_async_reembed(tbl: pg_sys::Oid, target: &str) {
     sql_text::require_owner(tbl, "re-embed it");
-    let id = find(tbl, target);
+    requeue(find(tbl, target));
+}
+
+/// Queues every row of target `id` again (its vectors are then all its own).
+fn requeue(id: i32) {
     let (targets, owner) = targets_table();
     let (queue, _) = queue_table();
     sql_text::as_role(owner, || {
         sql_text::run(
-            &format!("UPDATE {targets} SET scanning = true, scan_all = true, scan_after = NULL, model = NULL WHERE id OPERATOR(pg_catalog.=) $1"),
+            &format!(
+                "UPDATE {targets} SET scanning = true, scan_all = true, scan_after = NULL, model = NULL, kept_existing = false
+                  WHERE id OPERATOR(pg_catalog.=) $1"
+            ),
             &[text_param(id)],
         );
         sql_text::run(
@@ -370,6 +412,24 @@ fn embeddinggemma_async_reembed(tbl: pg_sys::Oid, target: &str) {
         );
     });
     ensure_worker();
+}
+
+/// After `ALTER TABLE relation ALTER COLUMN column TYPE …` (the utility hook): `USING` may have
+/// rewritten the texts without firing the trigger, so targets embedding that column embed every
+/// row again.
+pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
+    // SAFETY: a catalog lookup, missing_ok.
+    if unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) } == pg_sys::InvalidOid {
+        return;
+    }
+    let (targets, owner) = targets_table();
+    let sql = format!("SELECT pg_catalog.array_agg(id) FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND source OPERATOR(pg_catalog.=) $2");
+    let args = [param(relation, pg_sys::REGCLASSOID), text_param(column.to_string())];
+    let ids = sql_text::as_role(owner, || sql_text::one::<Vec<i32>>(&sql, &args)).unwrap_or_default();
+    for id in ids {
+        requeue(id);
+        pgrx::notice!("embeddinggemma: column \"{column}\" of {} was retyped: asynchronous target {id} embeds its rows again", sql_text::display(relation));
+    }
 }
 
 #[pg_extern(sql = "")]
@@ -387,7 +447,8 @@ fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
 }
 
 fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
-    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).filter(|t| t.relation == relid).cloned()) {
+    let registry = sql_text::extension_relation("embeddinggemma_async_targets");
+    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).filter(|t| t.registry == registry && covers(t.relation, relid)).cloned()) {
         return t;
     }
     let (targets, owner) = targets_table();
@@ -400,6 +461,7 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
             }
             let row = rows.first();
             Ok::<_, pgrx::spi::SpiError>(Some(TriggerTarget {
+                registry,
                 relation: row.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
                 key: row.get::<String>(2)?.unwrap_or_default(),
                 source: row.get::<String>(3)?.unwrap_or_default(),
@@ -411,7 +473,7 @@ fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
         .expect("SPI reports errors as ERRORs")
     });
     // A trigger a role made itself, naming another table's target, records nothing.
-    let target = found.filter(|t| t.relation == relid).unwrap_or_else(|| {
+    let target = found.filter(|t| covers(t.relation, relid)).unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
             format!("embeddinggemma_async_trigger(): no asynchronous target {id} on {}", sql_text::display(relid)),
@@ -517,24 +579,29 @@ fn embeddinggemma_async_trigger<'a>(
     let is_null = |tuple, attno: usize| unsafe { pg_sys::heap_attisnull(tuple, attno as i32, desc) };
     // The worker's own write sets only the vector: nothing to queue, and no text to compare
     // (which would detoast two copies of a long one in the worker).
-    if crate::statement_trigger::writing(relid) && update {
+    if (crate::statement_trigger::writing(t.relation) || crate::statement_trigger::writing(relid)) && update {
         return returned(new);
     }
     let new_key = key_of(new);
-    // A generated source column is computed after BEFORE triggers: its text is not known here,
-    // so every write queues the row and the worker reads the text as stored.
+    // A generated source column is computed after BEFORE triggers, and a BEFORE trigger that
+    // fires after this one (triggers fire in name order) may still change the text: the text
+    // as stored is not known here, so every write queues the row and the worker reads it.
     // SAFETY: the relation's descriptor; a column number checked above.
     let generated = unsafe { PgTupleDesc::from_pg_unchecked(desc) }.get(source.attno.get() - 1).is_some_and(|a| a.attgenerated != 0);
+    // SAFETY: the relation and trigger PostgreSQL fires.
+    let unknown = generated || unsafe { later_before_triggers(rel, data.tg_trigger) };
     let (text_changed, old_key) = match old {
         Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),
     };
-    if !text_changed && old_key.is_none() {
+    if !text_changed && !unknown && old_key.is_none() {
         return returned(new);
     }
-    let has_text = generated || !is_null(new, source.attno.get());
+    let has_text = unknown || !is_null(new, source.attno.get());
     let mut row = new;
-    if let Some(name) = t.target.as_deref().filter(|_| !has_text || !t.keep_stale) {
+    // The vector of a text that changed goes (a text changed by a later trigger only: the
+    // worker replaces it).
+    if let Some(name) = t.target.as_deref().filter(|_| text_changed && (!has_text || !t.keep_stale)) {
         // A vector target: its vector no longer matches the text (a NULL text has none).
         let target = columns.target.map_or_else(
             // SAFETY: the relation the trigger fires on, open for the call; raises: the column is gone.

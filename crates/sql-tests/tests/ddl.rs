@@ -1,7 +1,8 @@
 //! Asynchronous targets follow their table through DDL (issue 27): renamed columns keep the
 //! target working (in this session and in others that wrote before), a dropped table or column
 //! removes the target with a NOTICE instead of breaking every later write or leaving a target
-//! that spins the worker, and registration refuses what the worker cannot serve.
+//! that spins the worker, a retyped source is embedded again, partitioned tables are served
+//! through their parent, and registration refuses what the worker cannot serve.
 
 use embeddinggemma_sql_tests::*;
 use postgres::Client;
@@ -85,21 +86,168 @@ fn dropping_the_vector_column_or_the_table_removes_the_target_with_a_notice() {
 fn registration_refuses_what_the_worker_cannot_serve() {
     let mut c = connect();
     c.batch_execute(
-        "DROP TABLE IF EXISTS dg_parent, dg_plain CASCADE;
+        "DROP TABLE IF EXISTS dg_plain CASCADE;
          DROP VIEW IF EXISTS dg_view;
-         CREATE TABLE dg_parent (id int, body text, v vector(768), PRIMARY KEY (id)) PARTITION BY RANGE (id);
          CREATE TABLE dg_plain (id int PRIMARY KEY, body text, v vector(768));
          CREATE VIEW dg_view AS SELECT * FROM dg_plain;
          CREATE TEMP TABLE dg_temp (id int PRIMARY KEY, body text, v vector(768));",
     )
     .unwrap();
-    for table in ["dg_parent", "dg_view", "dg_temp"] {
+    for table in ["dg_view", "dg_temp"] {
         let (code, message, hint) = expect_error(&mut c, &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"));
         eprintln!("{table}: {code} {message} / {hint:?}");
         assert!(code == "42809" || code == "42P17" || code == "42P01", "{table}: {code} {message}");
         assert!(hint.is_some(), "{table}: no hint");
     }
-    c.batch_execute("DROP TABLE dg_parent, dg_plain CASCADE").unwrap();
+    c.batch_execute("DROP TABLE dg_plain CASCADE").unwrap();
+}
+
+/// A partitioned table registered once: rows of every partition, present and future, are
+/// embedded, through the parent.
+#[test]
+fn a_partitioned_table_is_served_through_its_parent() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dp_docs CASCADE;
+         CREATE TABLE dp_docs (id int PRIMARY KEY, body text, v vector(768)) PARTITION BY RANGE (id);
+         CREATE TABLE dp_low PARTITION OF dp_docs FOR VALUES FROM (0) TO (100);
+         CREATE TABLE dp_high PARTITION OF dp_docs FOR VALUES FROM (100) TO (200);
+         INSERT INTO dp_docs VALUES (1, 'a row there before', NULL), (150, 'another row there before', embed('not its text'));
+         SELECT embeddinggemma_async('dp_docs', 'body', 'v');
+         INSERT INTO dp_docs VALUES (2, 'written after registration', NULL), (151, 'written to the other partition', NULL);
+         CREATE TABLE dp_later PARTITION OF dp_docs FOR VALUES FROM (200) TO (300);
+         INSERT INTO dp_docs VALUES (250, 'a partition made after registration', NULL);",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dp_docs", "v"));
+    c.batch_execute("UPDATE dp_docs SET body = 'changed in a partition' WHERE id = 151; UPDATE dp_later SET body = 'changed through the partition' WHERE id = 250")
+        .unwrap();
+    assert!(wait(&mut c, "dp_docs", "v"));
+    let rows: i64 = c.query_one("SELECT count(*) FROM dp_docs", &[]).unwrap().get(0);
+    assert_eq!(rows, 5);
+    assert_eq!(wrong(&mut c, "dp_docs", "body", "v"), 0, "a partition's rows were not embedded from their text");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dp_docs', 'v'); DROP TABLE dp_docs").unwrap();
+}
+
+/// `ALTER COLUMN … TYPE … USING` rewrites texts without firing a row trigger: the target
+/// embeds every row again.
+#[test]
+fn retyping_the_source_column_embeds_every_row_again() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS drt_docs;
+         CREATE TABLE drt_docs (id int PRIMARY KEY, body varchar(100), v vector(768));
+         INSERT INTO drt_docs VALUES (1, 'quiet words'), (2, 'more quiet words');
+         SELECT embeddinggemma_async('drt_docs', 'body', 'v');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "drt_docs", "v"));
+    c.batch_execute("ALTER TABLE drt_docs ALTER COLUMN body TYPE text USING upper(body)").unwrap();
+    assert!(wait(&mut c, "drt_docs", "v"));
+    assert_eq!(wrong(&mut c, "drt_docs", "body", "v"), 0, "texts rewritten by ALTER TYPE kept their old vectors");
+    assert!(notices.lock().unwrap().iter().any(|n| n.contains("retyped")), "{:?}", notices.lock().unwrap());
+    c.batch_execute("SELECT embeddinggemma_async_drop('drt_docs', 'v'); DROP TABLE drt_docs").unwrap();
+}
+
+/// keep_existing => true: vectors already there stay (and the target claims no model for
+/// them); rows without one are embedded; a re-embed then makes every vector its own.
+#[test]
+fn keep_existing_keeps_vectors_and_claims_no_model_for_them() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dke_docs;
+         CREATE TABLE dke_docs (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO dke_docs VALUES (1, 'kept as it was', embed('a vector of another text')), (2, 'no vector yet', NULL);
+         SELECT embeddinggemma_async('dke_docs', 'body', 'v', keep_existing => true);",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dke_docs", "v"));
+    let kept: bool = c.query_one("SELECT v <=> embed('a vector of another text') < 1e-6 FROM dke_docs WHERE id = 1", &[]).unwrap().get(0);
+    assert!(kept, "keep_existing replaced a vector");
+    let filled: bool = c.query_one("SELECT v <=> embed(body) < 1e-6 FROM dke_docs WHERE id = 2", &[]).unwrap().get(0);
+    assert!(filled, "a row without a vector was not embedded");
+    // The worker settles the models of all targets in its first round without work: a witness
+    // target registered without keep_existing shows when that round has come.
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dke_witness;
+         CREATE TABLE dke_witness (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO dke_witness VALUES (1, 'a witness');
+         SELECT embeddinggemma_async('dke_witness', 'body', 'v');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dke_witness", "v"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while c.query_one("SELECT model IS NULL FROM embeddinggemma_async_status WHERE table_name = 'dke_witness'::regclass", &[]).unwrap().get::<_, bool>(0) {
+        assert!(std::time::Instant::now() < deadline, "the witness target's model was never settled");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let model: Option<String> = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'dke_docs'::regclass", &[]).unwrap().get(0);
+    assert!(model.is_none(), "a target that kept vectors it did not write claims a model: {model:?}");
+    c.batch_execute("SELECT embeddinggemma_async_reembed('dke_docs', 'v')").unwrap();
+    assert!(wait(&mut c, "dke_docs", "v"));
+    assert_eq!(wrong(&mut c, "dke_docs", "body", "v"), 0, "a re-embed left a kept vector");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dke_docs', 'v'); SELECT embeddinggemma_async_drop('dke_witness', 'v'); DROP TABLE dke_docs, dke_witness").unwrap();
+}
+
+/// A user's BEFORE trigger that fires after the target's (triggers fire in name order) and
+/// sets the text: the row is embedded from the text as stored.
+#[test]
+fn a_text_set_by_a_later_before_trigger_is_embedded_as_stored() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dz_docs;
+         CREATE TABLE dz_docs (id int PRIMARY KEY, title text, body text, v vector(768));
+         CREATE OR REPLACE FUNCTION dz_compose() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN NEW.body := 'about ' || NEW.title; RETURN NEW; END $$;
+         CREATE TRIGGER zz_compose BEFORE INSERT OR UPDATE ON dz_docs FOR EACH ROW EXECUTE FUNCTION dz_compose();
+         SELECT embeddinggemma_async('dz_docs', 'body', 'v');
+         INSERT INTO dz_docs (id, title) VALUES (1, 'whales'), (2, 'volcanoes');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "dz_docs", "v"));
+    c.batch_execute("UPDATE dz_docs SET title = 'deserts' WHERE id = 1").unwrap();
+    assert!(wait(&mut c, "dz_docs", "v"));
+    assert_eq!(wrong(&mut c, "dz_docs", "body", "v"), 0, "a text set by a later BEFORE trigger was not embedded");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dz_docs', 'v'); DROP TABLE dz_docs; DROP FUNCTION dz_compose()").unwrap();
+}
+
+/// A session that wrote through a target before DROP EXTENSION / CREATE EXTENSION, where the
+/// new target has the old one's id on other columns: it follows the new target.
+#[test]
+fn a_long_lived_session_follows_a_recreated_extension() {
+    use postgres::NoTls;
+    let mut admin = connect();
+    admin.batch_execute("DROP DATABASE IF EXISTS dx_db WITH (FORCE)").unwrap();
+    admin.batch_execute("CREATE DATABASE dx_db").unwrap();
+    let db_dsn = format!("{} dbname=dx_db", dsn());
+    let mut setup = Client::connect(&db_dsn, NoTls).unwrap();
+    let mut writer = Client::connect(&db_dsn, NoTls).unwrap();
+    setup
+        .batch_execute(
+            "CREATE EXTENSION embeddinggemma CASCADE;
+             CREATE TABLE docs (id int PRIMARY KEY, a text, b text, v vector(768));
+             SELECT embeddinggemma_async('docs', 'a', 'v');",
+        )
+        .unwrap();
+    writer.batch_execute("INSERT INTO docs VALUES (1, 'the first text', 'the second text')").unwrap();
+    setup
+        .batch_execute(
+            "DROP EXTENSION embeddinggemma CASCADE;
+             CREATE EXTENSION embeddinggemma;
+             SELECT embeddinggemma_async('docs', 'b', 'v');",
+        )
+        .unwrap();
+    let id: i32 = setup.query_one("SELECT id FROM embeddinggemma_async_targets", &[]).unwrap().get(0);
+    assert_eq!(id, 1, "the new target does not reuse the old id: the test proves nothing");
+    assert!(setup.query_one("SELECT embeddinggemma_async_wait('docs', 'v', '120 s')", &[]).unwrap().get::<_, bool>(0));
+    // Only b changes: the new target's source.
+    writer.batch_execute("UPDATE docs SET b = 'the second text, changed' WHERE id = 1").unwrap();
+    assert!(setup.query_one("SELECT embeddinggemma_async_wait('docs', 'v', '120 s')", &[]).unwrap().get::<_, bool>(0));
+    let right: bool = setup.query_one("SELECT v <=> embed(b) < 1e-6 FROM docs WHERE id = 1", &[]).unwrap().get(0);
+    assert!(right, "the long-lived session wrote through the dropped extension's target");
+    drop(setup);
+    drop(writer);
+    admin.batch_execute("DROP DATABASE dx_db WITH (FORCE)").unwrap();
 }
 
 #[test]

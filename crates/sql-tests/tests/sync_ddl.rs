@@ -1,0 +1,117 @@
+//! The synchronous triggers through DDL (issue 27): they name their columns and chunk table in
+//! their arguments, which the extension rewrites when those are renamed, so writes keep
+//! working with the right vectors and chunks; a retyped source gets a WARNING; a generated
+//! source is refused by the row trigger (it cannot see the text in time).
+
+use embeddinggemma_sql_tests::*;
+use postgres::Client;
+
+fn wrong(c: &mut Client, table: &str, text: &str, vector: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > 1e-6"), &[]).unwrap().get(0)
+}
+
+#[test]
+fn renamed_columns_and_chunk_tables_keep_the_sync_triggers_working() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sr_docs, sr_chunks, sr_pieces;
+         CREATE TABLE sr_docs (id int PRIMARY KEY, body text, v vector(768), w vector(768));
+         CREATE TABLE sr_chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                 PRIMARY KEY (doc_id, chunk));
+         CREATE TRIGGER sr_row BEFORE INSERT OR UPDATE ON sr_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');
+         CREATE TRIGGER sr_statement AFTER INSERT ON sr_docs REFERENCING NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'w');
+         CREATE TRIGGER sr_statement_update AFTER UPDATE ON sr_docs REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'w');
+         CREATE TRIGGER sr_chunk AFTER INSERT OR UPDATE OR DELETE ON sr_docs FOR EACH ROW
+             EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'sr_chunks', 'doc_id');
+         INSERT INTO sr_docs (id, body) VALUES (1, 'written before the renames');",
+    )
+    .unwrap();
+    c.batch_execute(
+        "ALTER TABLE sr_docs RENAME COLUMN body TO content;
+         ALTER TABLE sr_docs RENAME COLUMN v TO row_vector;
+         ALTER TABLE sr_docs RENAME COLUMN w TO statement_vector;
+         ALTER TABLE sr_docs RENAME COLUMN id TO doc;
+         ALTER TABLE sr_chunks RENAME TO sr_pieces;
+         ALTER TABLE sr_pieces RENAME COLUMN doc_id TO document;",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO sr_docs (doc, content) VALUES (2, 'written after the renames');
+         UPDATE sr_docs SET content = 'changed after the renames' WHERE doc = 1;",
+    )
+    .unwrap();
+    assert_eq!(wrong(&mut c, "sr_docs", "content", "row_vector"), 0, "the row trigger did not follow the renames");
+    assert_eq!(wrong(&mut c, "sr_docs", "content", "statement_vector"), 0, "the statement trigger did not follow the renames");
+    let pieces: i64 = c
+        .query_one("SELECT count(*) FROM sr_pieces p JOIN sr_docs d ON d.doc = p.document WHERE p.body = d.content AND p.embedding <=> embed(p.body) < 1e-6", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(pieces, 2, "the chunk trigger did not follow the renames");
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().filter(|n| n.contains("now calls")).count() >= 4, "{said:?}");
+    c.batch_execute("DROP TABLE sr_docs, sr_pieces").unwrap();
+}
+
+/// A rename by one role does not rewrite a trigger on another role's table (that would act
+/// with its owner's rights): a WARNING says what breaks, with the call that mends it.
+#[test]
+fn a_rename_leaves_other_roles_triggers_alone_with_a_warning() {
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS so_docs, so_chunks;
+             DROP ROLE IF EXISTS so_other;
+             DROP ROLE IF EXISTS so_renamer;
+             CREATE ROLE so_other;
+             CREATE ROLE so_renamer;
+             CREATE TABLE so_chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                     PRIMARY KEY (doc_id, chunk));
+             CREATE TABLE so_docs (id int PRIMARY KEY, body text);
+             CREATE TRIGGER so_chunk AFTER INSERT OR UPDATE OR DELETE ON so_docs FOR EACH ROW
+                 EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'so_chunks', 'doc_id');
+             ALTER TABLE so_docs OWNER TO so_other;
+             ALTER TABLE so_chunks OWNER TO so_renamer;",
+        )
+        .unwrap();
+    // so_renamer owns the chunk table, not the documents (whose trigger names its column).
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute("SET ROLE so_renamer; ALTER TABLE so_chunks RENAME COLUMN doc_id TO document; RESET ROLE").unwrap();
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.contains("owned by another role")), "{said:?}");
+    let args: String = admin.query_one("SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 'so_chunk'", &[]).unwrap().get(0);
+    assert!(args.contains("doc_id"), "another role's trigger was rewritten: {args}");
+    admin.batch_execute("DROP TABLE so_docs, so_chunks; DROP ROLE so_other; DROP ROLE so_renamer").unwrap();
+}
+
+#[test]
+fn retyping_a_sync_source_warns_that_vectors_may_be_stale() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS st_docs;
+         CREATE TABLE st_docs (id int PRIMARY KEY, body varchar(50), v vector(768));
+         CREATE TRIGGER st_row BEFORE INSERT OR UPDATE ON st_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');
+         INSERT INTO st_docs VALUES (1, 'quiet words');
+         ALTER TABLE st_docs ALTER COLUMN body TYPE text USING upper(body);",
+    )
+    .unwrap();
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.contains("retyped") && n.contains("st_docs")), "{said:?}");
+    c.batch_execute("DROP TABLE st_docs").unwrap();
+}
+
+#[test]
+fn the_row_trigger_refuses_a_generated_source() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sg_docs;
+         CREATE TABLE sg_docs (id int PRIMARY KEY, title text, body text GENERATED ALWAYS AS ('about ' || title) STORED, v vector(768));
+         CREATE TRIGGER sg_row BEFORE INSERT OR UPDATE ON sg_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');",
+    )
+    .unwrap();
+    let (code, message, hint) = expect_error(&mut c, "INSERT INTO sg_docs (id, title) VALUES (1, 'whales')");
+    assert_eq!(code, "0A000", "{message}");
+    assert!(hint.is_some_and(|h| h.contains("statement_trigger")), "{message}");
+    c.batch_execute("DROP TABLE sg_docs").unwrap();
+}

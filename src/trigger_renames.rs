@@ -1,0 +1,166 @@
+//! The synchronous triggers (`embeddinggemma_trigger`, `_statement_trigger`, `_chunk_trigger`)
+//! name their columns and chunk table in their arguments; PostgreSQL keeps trigger arguments
+//! as written. A rename of such a column or table (seen by the utility hook) rewrites the
+//! arguments with `CREATE OR REPLACE TRIGGER`, so the table's writes keep working instead of
+//! failing on a name that is gone.
+
+use pgrx::pg_sys;
+
+use crate::sql_text::{self, literal, text_param};
+
+/// One of our triggers: where it is and what it was given.
+struct OurTrigger {
+    oid: pg_sys::Oid,
+    table: pg_sys::Oid,
+    function: String,
+    args: Vec<String>,
+}
+
+/// Argument positions naming columns of the trigger's own table, per function.
+fn column_args(function: &str) -> &'static [usize] {
+    match function {
+        "embeddinggemma_trigger" => &[0, 1],
+        "embeddinggemma_statement_trigger" => &[0, 1, 2],
+        "embeddinggemma_chunk_trigger" => &[0, 1],
+        _ => &[],
+    }
+}
+
+/// Every trigger of this database that calls one of the extension's synchronous trigger
+/// functions (not the clones PostgreSQL keeps on partitions: replacing the parent's replaces
+/// them).
+fn our_triggers() -> Vec<OurTrigger> {
+    let Some(schema) = installed_schema() else { return Vec::new() };
+    let sql = "SELECT t.oid, t.tgrelid, p.proname::pg_catalog.text, t.tgargs
+                 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+                WHERE p.pronamespace OPERATOR(pg_catalog.=) $1 AND NOT t.tgisinternal
+                  AND t.tgconstraint OPERATOR(pg_catalog.=) 0 AND t.tgparentid OPERATOR(pg_catalog.=) 0
+                  AND p.proname OPERATOR(pg_catalog.=) ANY ('{embeddinggemma_trigger,embeddinggemma_statement_trigger,embeddinggemma_chunk_trigger}')";
+    pgrx::spi::Spi::connect(|c| {
+        let rows = c.select(sql, None, &[text_param(schema)])?;
+        rows.map(|r| {
+            let bytes: Vec<u8> = r.get(4)?.unwrap_or_default();
+            let mut args: Vec<String> = bytes.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            // tgargs ends each argument with a NUL: the split leaves one empty piece at the end.
+            args.pop();
+            Ok(OurTrigger { oid: r.get(1)?.unwrap_or_default(), table: r.get(2)?.unwrap_or_default(), function: r.get(3)?.unwrap_or_default(), args })
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .expect("SPI reports errors as ERRORs")
+}
+
+fn installed_schema() -> Option<pg_sys::Oid> {
+    // SAFETY: a catalog lookup, missing_ok.
+    let extension = unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) };
+    (extension != pg_sys::InvalidOid).then(|| sql_text::extension_schema(c"embeddinggemma"))
+}
+
+/// `relation` and every partition or inheritance child under it (a rename recurses to them).
+fn family(relation: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    let sql = "WITH RECURSIVE f(oid) AS (SELECT $1::pg_catalog.oid UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN f ON i.inhparent OPERATOR(pg_catalog.=) f.oid)
+               SELECT pg_catalog.array_agg(oid) FROM f";
+    sql_text::one::<Vec<pg_sys::Oid>>(sql, &[text_param(relation)]).unwrap_or_default()
+}
+
+/// A pending rewrite: the trigger and its new arguments.
+pub struct Rewrite {
+    trigger: pg_sys::Oid,
+    function: String,
+    args: Vec<String>,
+}
+
+/// Before `ALTER TABLE relation RENAME COLUMN old TO new`: the triggers to rewrite after it.
+pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrite> {
+    let family = family(relation);
+    let mut out = Vec::new();
+    for t in our_triggers() {
+        let mut args = t.args.clone();
+        if family.contains(&t.table) {
+            for &i in column_args(&t.function) {
+                if args.get(i).is_some_and(|a| a == old) {
+                    args[i] = new.to_string();
+                }
+            }
+        }
+        // A chunk trigger names its chunk table's key column.
+        if t.function == "embeddinggemma_chunk_trigger" && args.len() >= 4 && args[3] == old {
+            let chunk_table = crate::chunk_trigger::resolve_chunk_table(t.table, &args[2]);
+            if chunk_table.is_some_and(|c| family.contains(&c)) {
+                args[3] = new.to_string();
+            }
+        }
+        if args != t.args {
+            out.push(Rewrite { trigger: t.oid, function: t.function, args });
+        }
+    }
+    out
+}
+
+/// Before `ALTER TABLE relation RENAME TO new`: chunk triggers naming it as their chunk table.
+pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
+    let mut out = Vec::new();
+    for t in our_triggers().into_iter().filter(|t| t.function == "embeddinggemma_chunk_trigger" && t.args.len() >= 3) {
+        if crate::chunk_trigger::resolve_chunk_table(t.table, &t.args[2]) != Some(relation) {
+            continue;
+        }
+        let mut args = t.args.clone();
+        // Qualified as before: a bare name is looked up in the documents' schema.
+        args[2] = match crate::chunk_trigger::parse_ident(&args[2]).as_deref() {
+            Some([schema, _]) => format!("{}.{}", sql_text::ident(schema), sql_text::ident(new)),
+            _ => sql_text::ident(new),
+        };
+        out.push(Rewrite { trigger: t.oid, function: t.function, args });
+    }
+    out
+}
+
+/// Whether the current role may change triggers of `table` (it owns it, through membership).
+fn owns(table: pg_sys::Oid) -> bool {
+    let sql = "SELECT pg_catalog.pg_has_role(relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1";
+    sql_text::one::<bool>(sql, &[text_param(table)]) == Some(true)
+}
+
+/// After the rename: each trigger made again with its new arguments (same name, events,
+/// condition and table), and a NOTICE saying so. A trigger on a table of another role is not
+/// touched (that would act with its owner's rights): a WARNING says it now fails.
+pub fn apply(rewrites: Vec<Rewrite>) {
+    for r in rewrites {
+        let table = sql_text::one::<pg_sys::Oid>("SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1", &[text_param(r.trigger)]);
+        let Some(table) = table else { continue };
+        if !owns(table) {
+            crate::errors::warn(
+                format!("embeddinggemma: a trigger on {}, owned by another role, names what was renamed and will fail", sql_text::display(table)),
+                format!("Its owner can create it again calling {}({}).", r.function, r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ")),
+            );
+            continue;
+        }
+        let Some(definition) = sql_text::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)]) else { continue };
+        let marker = " EXECUTE FUNCTION ";
+        let (Some(head), Some(at)) = (definition.strip_prefix("CREATE TRIGGER "), definition.rfind(marker)) else { continue };
+        let call = &definition[at + marker.len()..];
+        let Some(open) = call.find('(') else { continue };
+        let head = &head[..at - "CREATE TRIGGER ".len()];
+        let args = r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
+        let sql = format!("CREATE OR REPLACE TRIGGER {head}{marker}{}({args})", &call[..open]);
+        sql_text::run(&sql, &[]);
+        pgrx::notice!("embeddinggemma: trigger {} now calls {}({args})", head.split(' ').next().unwrap_or_default(), r.function);
+    }
+}
+
+/// After `ALTER TABLE relation ALTER COLUMN column TYPE …`: `USING` may have rewritten the texts
+/// without firing any row trigger, so the vectors a synchronous trigger keeps from that column
+/// may be stale: a WARNING names the way to refill them.
+pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
+    let family = family(relation);
+    for t in our_triggers().into_iter().filter(|t| family.contains(&t.table)) {
+        let source = if t.function == "embeddinggemma_trigger" { 0 } else { 1 };
+        if t.args.get(source).is_some_and(|a| a == column) {
+            crate::errors::warn(
+                format!("embeddinggemma: column \"{column}\" of {} was retyped: vectors its {} kept may no longer match the texts", sql_text::display(t.table), t.function),
+                "UPDATE … SET the vector column to NULL, then CALL embeddinggemma_backfill(…) to embed them again.",
+            );
+        }
+    }
+}
