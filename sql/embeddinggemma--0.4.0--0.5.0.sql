@@ -80,7 +80,7 @@ CREATE FUNCTION @extschema@.embeddinggemma_async(tbl regclass, source text, targ
 RETURNS int
 VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
-LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_wrapper';
+LANGUAGE c AS 'MODULE_PATHNAME', 'embeddinggemma_async_register_wrapper';
 COMMENT ON FUNCTION @extschema@.embeddinggemma_async(regclass, text, text, text, int, text, boolean, boolean) IS
 'Registers an asynchronous target on a table or a partitioned table (its partitions, present and future): writes that change source (or the key) clear target (unless keep_stale) and queue the row; a background worker embeds queued rows in large batches, with the rights of the table''s owner. Rows already there are queued too, vectors or not, so every vector of the target is its own; keep_existing => true queues only rows without a vector (the status view then shows no model until embeddinggemma_async_reembed). key: a NOT NULL unique column, the primary key by default. Only the table''s owner may register. Returns the target''s id.';
 COMMENT ON FUNCTION @extschema@.embeddinggemma_async_chunks(regclass, regclass, text, text, text, int, int, text, int) IS

@@ -149,6 +149,26 @@ pub fn apply(rewrites: Vec<Rewrite>) {
     }
 }
 
+/// After `ALTER TABLE relation DROP COLUMN column`: a trigger naming it fails every later write
+/// (PostgreSQL does not track trigger arguments): a WARNING names the trigger to drop or make
+/// again.
+pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
+    let family = family(relation);
+    for t in our_triggers() {
+        let own = family.contains(&t.table) && column_args(&t.function).iter().any(|&i| t.args.get(i).is_some_and(|a| a == column));
+        let chunk_key = t.function == "embeddinggemma_chunk_trigger"
+            && t.args.get(3).is_some_and(|a| a == column)
+            && crate::chunk_trigger::resolve_chunk_table(t.table, &t.args[2]).is_some_and(|c| family.contains(&c));
+        if own || chunk_key {
+            let name = sql_text::one::<String>("SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1", &[text_param(t.oid)]).unwrap_or_default();
+            crate::errors::warn(
+                format!("embeddinggemma: trigger \"{name}\" on {} names the dropped column \"{column}\": every write of the table now fails", sql_text::display(t.table)),
+                "Drop the trigger, or create it again naming existing columns.",
+            );
+        }
+    }
+}
+
 /// After `ALTER TABLE relation ALTER COLUMN column TYPE …`: `USING` may have rewritten the texts
 /// without firing any row trigger, so the vectors a synchronous trigger keeps from that column
 /// may be stale: a WARNING names the way to refill them.

@@ -1,5 +1,6 @@
 //! The extension's utility hook (installed when the library loads): DDL the extension follows.
-//! - Renames of a column or a table that synchronous triggers name (`trigger_renames`).
+//! - Renames of a column or a table that synchronous triggers name (`trigger_renames`); a
+//!   dropped column they name gets a WARNING.
 //! - A source column retyped (its texts may be rewritten by `USING` without any row trigger):
 //!   asynchronous targets re-embed it, synchronous triggers get a WARNING.
 //! - While preloaded, DDL that needs every session out of a database finds its asynchronous
@@ -48,6 +49,7 @@ unsafe fn relation_of(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
 struct After {
     rewrites: Vec<trigger_renames::Rewrite>,
     retyped: Vec<(pg_sys::Oid, String)>,
+    dropped: Vec<(pg_sys::Oid, String)>,
 }
 
 /// # Safety
@@ -73,8 +75,10 @@ unsafe fn before(node: *mut pg_sys::Node) -> After {
                 let stmt = node as *mut pg_sys::AlterTableStmt;
                 let Some(relation) = relation_of((*stmt).relation) else { return after };
                 for cmd in pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
-                    if (*cmd).subtype == pg_sys::AlterTableType::AT_AlterColumnType {
-                        after.retyped.extend(text((*cmd).name).map(|c| (relation, c)));
+                    match (*cmd).subtype {
+                        pg_sys::AlterTableType::AT_AlterColumnType => after.retyped.extend(text((*cmd).name).map(|c| (relation, c))),
+                        pg_sys::AlterTableType::AT_DropColumn => after.dropped.extend(text((*cmd).name).map(|c| (relation, c))),
+                        _ => {}
                     }
                 }
             }
@@ -91,6 +95,9 @@ fn after(after: After) {
         if service_state::preloaded() {
             crate::asynchronous::targets::source_retyped(relation, &column);
         }
+    }
+    for (relation, column) in after.dropped {
+        trigger_renames::column_dropped(relation, &column);
     }
 }
 

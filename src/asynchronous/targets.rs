@@ -292,9 +292,16 @@ fn default_key(rel: &PgRelation) -> String {
     })
 }
 
+/// 0.4.0's entry point (its SQL calls it with seven arguments): with 0.4.0's SQL installed,
+/// registration is refused with the hint to update.
+#[pg_extern(sql = "")]
+fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>) -> i32 {
+    embeddinggemma_async_register(tbl, source, target, task, dim, key, keep_stale, None)
+}
+
 #[pg_extern(sql = "")]
 #[allow(clippy::too_many_arguments)]
-fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>, keep_existing: Option<bool>) -> i32 {
+fn embeddinggemma_async_register(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>, keep_existing: Option<bool>) -> i32 {
     require_service();
     let rel = open_checked(tbl);
     sql_text::require_owner(tbl, "embed it asynchronously");

@@ -102,6 +102,23 @@ fn retyping_a_sync_source_warns_that_vectors_may_be_stale() {
 }
 
 #[test]
+fn dropping_a_column_a_sync_trigger_names_warns() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sd_docs;
+         CREATE TABLE sd_docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TRIGGER sd_row BEFORE INSERT OR UPDATE ON sd_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');
+         ALTER TABLE sd_docs DROP COLUMN v;",
+    )
+    .unwrap();
+    let said = notices.lock().unwrap().clone();
+    assert!(said.iter().any(|n| n.contains("sd_row") && n.contains("dropped column")), "{said:?}");
+    let (_, message, _) = expect_error(&mut c, "INSERT INTO sd_docs VALUES (1, 'a row')");
+    assert!(message.contains("\"v\""), "{message}");
+    c.batch_execute("DROP TABLE sd_docs").unwrap();
+}
+
+#[test]
 fn the_row_trigger_refuses_a_generated_source() {
     let mut c = connect();
     c.batch_execute(
