@@ -25,6 +25,7 @@ mod statement_trigger;
 mod stats;
 mod supervisor;
 mod transaction_memory;
+mod trigger_order;
 mod trigger_renames;
 mod utility_hook;
 mod vector;

@@ -2,7 +2,7 @@
 //! before the row is stored.
 
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::columns::{check_columns, source_text};
 use crate::errors::raise;
@@ -45,6 +45,21 @@ fn embeddinggemma_trigger<'a>(
     }
 
     let data = trigger.trigger_data();
+    let events = if matches!(op, PgTriggerOperation::Update) { pg_sys::TRIGGER_TYPE_UPDATE } else { pg_sys::TRIGGER_TYPE_INSERT };
+    // SAFETY: the relation and trigger PostgreSQL fires.
+    if let Some(later) = unsafe { crate::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) } {
+        let ours = trigger.name()?;
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("embeddinggemma_trigger(): BEFORE trigger \"{later}\" fires after \"{ours}\" and may change the text it embedded"),
+            format!(
+                "Triggers fire in name order: rename the embedding trigger to fire last (ALTER TRIGGER {} ON {} RENAME TO {}), or embed from an AFTER trigger: embeddinggemma_statement_trigger, or an asynchronous target.",
+                crate::sql_text::ident(ours),
+                crate::sql_text::display(relation.oid()),
+                crate::sql_text::ident(&format!("zz_{ours}"))
+            ),
+        )
+    }
     let update = matches!(op, PgTriggerOperation::Update);
     // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
     // UPDATE), and `column` was checked against that relation above.

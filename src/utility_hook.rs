@@ -1,6 +1,7 @@
 //! The extension's utility hook (installed when the library loads): DDL the extension follows.
 //! - Renames of a column or a table that synchronous triggers name (`trigger_renames`); a
 //!   dropped column they name gets a WARNING.
+//! - A partition attached to a table with asynchronous targets: its rows are queued.
 //! - A source column retyped (its texts may be rewritten by `USING` without any row trigger):
 //!   asynchronous targets re-embed it, synchronous triggers get a WARNING.
 //! - While preloaded, DDL that needs every session out of a database finds its asynchronous
@@ -50,6 +51,7 @@ struct After {
     rewrites: Vec<trigger_renames::Rewrite>,
     retyped: Vec<(pg_sys::Oid, String)>,
     dropped: Vec<(pg_sys::Oid, String)>,
+    attached: Vec<pg_sys::Oid>,
 }
 
 /// # Safety
@@ -78,6 +80,9 @@ unsafe fn before(node: *mut pg_sys::Node) -> After {
                     match (*cmd).subtype {
                         pg_sys::AlterTableType::AT_AlterColumnType => after.retyped.extend(text((*cmd).name).map(|c| (relation, c))),
                         pg_sys::AlterTableType::AT_DropColumn => after.dropped.extend(text((*cmd).name).map(|c| (relation, c))),
+                        pg_sys::AlterTableType::AT_AttachPartition if !(*cmd).def.is_null() => {
+                            after.attached.extend(relation_of((*((*cmd).def as *mut pg_sys::PartitionCmd)).name))
+                        }
                         _ => {}
                     }
                 }
@@ -98,6 +103,9 @@ fn after(after: After) {
     }
     for (relation, column) in after.dropped {
         trigger_renames::column_dropped(relation, &column);
+    }
+    if service_state::preloaded() {
+        after.attached.into_iter().for_each(crate::asynchronous::targets::partition_attached);
     }
 }
 

@@ -174,26 +174,6 @@ fn check_plain_table(rel: &PgRelation) {
     }
 }
 
-/// Whether an enabled BEFORE ROW INSERT or UPDATE trigger of `rel` fires after `ours` (triggers
-/// of a relation are kept in firing order, by name).
-///
-/// # Safety
-/// `rel` is the open relation `ours` fires on.
-unsafe fn later_before_triggers(rel: pg_sys::Relation, ours: *const pg_sys::Trigger) -> bool {
-    const ROW_BEFORE: i16 = (pg_sys::TRIGGER_TYPE_ROW | pg_sys::TRIGGER_TYPE_BEFORE) as i16;
-    const WRITES: i16 = (pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE) as i16;
-    // SAFETY: per the contract; trigdesc lists numtriggers triggers.
-    unsafe {
-        let desc = (*rel).trigdesc;
-        if desc.is_null() {
-            return false;
-        }
-        let all = std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize);
-        let Some(at) = all.iter().position(|t| t.tgoid == (*ours).tgoid) else { return false };
-        all[at + 1..].iter().any(|t| t.tgtype & ROW_BEFORE == ROW_BEFORE && t.tgtype & WRITES != 0 && t.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char)
-    }
-}
-
 fn trigger_name(id: i32) -> String {
     format!("embeddinggemma_async_{id}")
 }
@@ -439,6 +419,47 @@ pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
     }
 }
 
+/// After `ALTER TABLE … ATTACH PARTITION partition`: its rows were written without the
+/// target's trigger, so each target covering it scans again for rows without a vector (or
+/// without chunks). Vectors the partition brought are kept, and the status view then names no
+/// model for the target, as with `keep_existing`.
+pub fn partition_attached(partition: pg_sys::Oid) {
+    // SAFETY: a catalog lookup, missing_ok.
+    if unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) } == pg_sys::InvalidOid {
+        return;
+    }
+    let (targets, owner) = targets_table();
+    let sql = format!(
+        "SELECT id, target FROM {targets}
+          WHERE relation::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (SELECT relid FROM pg_catalog.pg_partition_ancestors($1))"
+    );
+    let found: Vec<(i32, Option<String>)> = sql_text::as_role(owner, || {
+        pgrx::spi::Spi::connect(|c| {
+            let rows = c.select(&sql, None, &[param(partition, pg_sys::REGCLASSOID)])?;
+            rows.map(|r| Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<String>(2)?))).collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+        })
+        .expect("SPI reports errors as ERRORs")
+    });
+    for (id, target) in found {
+        // Read as the role attaching the partition (it owns the partition).
+        let brought = target.is_some_and(|v| {
+            let sql = format!("SELECT EXISTS (SELECT FROM {} d WHERE d.{} IS NOT NULL)", sql_text::table_rows(partition), ident(&v));
+            sql_text::one::<bool>(&sql, &[]) == Some(true)
+        });
+        sql_text::as_role(owner, || {
+            sql_text::run(
+                &format!(
+                    "UPDATE {targets} SET scanning = true, scan_after = NULL, model = CASE WHEN $2 THEN NULL ELSE model END, kept_existing = kept_existing OR $2
+                      WHERE id OPERATOR(pg_catalog.=) $1"
+                ),
+                &[text_param(id), text_param(brought)],
+            )
+        });
+        ensure_worker();
+        pgrx::notice!("embeddinggemma: partition {} attached: asynchronous target {id} queues its rows", sql_text::display(partition));
+    }
+}
+
 #[pg_extern(sql = "")]
 fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
     sql_text::require_owner(tbl, "drop its asynchronous target");
@@ -596,7 +617,7 @@ fn embeddinggemma_async_trigger<'a>(
     // SAFETY: the relation's descriptor; a column number checked above.
     let generated = unsafe { PgTupleDesc::from_pg_unchecked(desc) }.get(source.attno.get() - 1).is_some_and(|a| a.attgenerated != 0);
     // SAFETY: the relation and trigger PostgreSQL fires.
-    let unknown = generated || unsafe { later_before_triggers(rel, data.tg_trigger) };
+    let unknown = generated || unsafe { crate::trigger_order::later_before_trigger(rel, data.tg_trigger, pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE) }.is_some();
     let (text_changed, old_key) = match old {
         Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),

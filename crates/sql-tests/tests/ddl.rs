@@ -129,6 +129,38 @@ fn a_partitioned_table_is_served_through_its_parent() {
     c.batch_execute("SELECT embeddinggemma_async_drop('dp_docs', 'v'); DROP TABLE dp_docs").unwrap();
 }
 
+/// A table attached with `ATTACH PARTITION` after registration: its rows were written without
+/// the target's trigger; those without a vector are queued, the vectors it brought are kept,
+/// and the target then claims no model for them.
+#[test]
+fn rows_of_an_attached_partition_are_queued() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP TABLE IF EXISTS da_docs, da_old CASCADE;
+         CREATE TABLE da_docs (id int PRIMARY KEY, body text, v vector(768)) PARTITION BY RANGE (id);
+         CREATE TABLE da_new PARTITION OF da_docs FOR VALUES FROM (100) TO (200);
+         INSERT INTO da_docs VALUES (150, 'a row of the new partition', NULL);
+         SELECT embeddinggemma_async('da_docs', 'body', 'v');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "da_docs", "v"));
+    c.batch_execute(
+        "CREATE TABLE da_old (id int PRIMARY KEY, body text, v vector(768));
+         INSERT INTO da_old VALUES (1, 'an archived row', NULL), (2, 'another archived row', NULL), (3, 'an archived row with a vector', embed('its own text elsewhere'));
+         ALTER TABLE da_docs ATTACH PARTITION da_old FOR VALUES FROM (0) TO (100);",
+    )
+    .unwrap();
+    assert!(notices.lock().unwrap().iter().any(|n| n.contains("attached")), "{:?}", notices.lock().unwrap());
+    assert!(wait(&mut c, "da_docs", "v"));
+    let missing: i64 = c.query_one("SELECT count(*) FROM da_docs WHERE id < 3 AND (v IS NULL OR v <=> embed(body) > 1e-6)", &[]).unwrap().get(0);
+    assert_eq!(missing, 0, "rows of an attached partition were not embedded");
+    let kept: bool = c.query_one("SELECT v <=> embed('its own text elsewhere') < 1e-6 FROM da_docs WHERE id = 3", &[]).unwrap().get(0);
+    assert!(kept, "a vector the partition brought was replaced");
+    let model: Option<String> = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'da_docs'::regclass", &[]).unwrap().get(0);
+    assert!(model.is_none(), "the target claims a model for a vector it did not write: {model:?}");
+    c.batch_execute("SELECT embeddinggemma_async_drop('da_docs', 'v'); DROP TABLE da_docs").unwrap();
+}
+
 /// `ALTER COLUMN … TYPE … USING` rewrites texts without firing a row trigger: the target
 /// embeds every row again.
 #[test]
@@ -248,6 +280,34 @@ fn a_long_lived_session_follows_a_recreated_extension() {
     drop(setup);
     drop(writer);
     admin.batch_execute("DROP DATABASE dx_db WITH (FORCE)").unwrap();
+}
+
+/// `CREATE DATABASE … TEMPLATE` of a database with a target: the copy has a working target and
+/// a worker at once (rows queued in the source at copy time drain there too).
+#[test]
+fn a_database_copied_from_a_template_is_served() {
+    use postgres::NoTls;
+    let mut admin = connect();
+    for sql in ["DROP DATABASE IF EXISTS dt_copy WITH (FORCE)", "DROP DATABASE IF EXISTS dt_src WITH (FORCE)", "CREATE DATABASE dt_src"] {
+        admin.batch_execute(sql).unwrap();
+    }
+    let mut src = Client::connect(&format!("{} dbname=dt_src", dsn()), NoTls).unwrap();
+    src.batch_execute(
+        "CREATE EXTENSION embeddinggemma CASCADE;
+         CREATE TABLE docs (id int PRIMARY KEY, body text, v vector(768));
+         SELECT embeddinggemma_async('docs', 'body', 'v');
+         INSERT INTO docs SELECT i, 'row ' || i FROM generate_series(1, 40) i;",
+    )
+    .unwrap();
+    drop(src);
+    admin.batch_execute("CREATE DATABASE dt_copy TEMPLATE dt_src").unwrap();
+    let mut copy = Client::connect(&format!("{} dbname=dt_copy", dsn()), NoTls).unwrap();
+    copy.batch_execute("INSERT INTO docs VALUES (1000, 'written in the copy'); UPDATE docs SET body = 'changed in the copy' WHERE id = 1").unwrap();
+    assert!(wait(&mut copy, "docs", "v"), "the copy's target never drained");
+    assert_eq!(wrong(&mut copy, "docs", "body", "v"), 0, "rows of the copy were not embedded");
+    drop(copy);
+    admin.batch_execute("DROP DATABASE dt_copy WITH (FORCE)").unwrap();
+    admin.batch_execute("DROP DATABASE dt_src WITH (FORCE)").unwrap();
 }
 
 #[test]

@@ -132,3 +132,37 @@ fn the_row_trigger_refuses_a_generated_source() {
     assert!(hint.is_some_and(|h| h.contains("statement_trigger")), "{message}");
     c.batch_execute("DROP TABLE sg_docs").unwrap();
 }
+
+/// A BEFORE trigger that fires after the row trigger (triggers fire in name order) may change
+/// the text it embedded: the write is refused with a HINT to rename, not given a stale vector.
+/// Another target of the same text (the extension's own trigger) does not count.
+#[test]
+fn the_row_trigger_refuses_to_fire_before_a_trigger_that_may_change_the_text() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sz_docs;
+         CREATE TABLE sz_docs (id int PRIMARY KEY, title text, body text, v vector(768), w vector(256));
+         CREATE OR REPLACE FUNCTION sz_compose() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN NEW.body := 'about ' || NEW.title; RETURN NEW; END $$;
+         CREATE TRIGGER embed_v BEFORE INSERT OR UPDATE ON sz_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');
+         CREATE TRIGGER embed_w BEFORE INSERT OR UPDATE ON sz_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'w', 'document', '256');
+         INSERT INTO sz_docs (id, title, body) VALUES (1, 'whales', 'two targets of one text');",
+    )
+    .unwrap();
+    let ok: bool = c.query_one("SELECT v <=> embed(body) < 1e-6 AND w <=> embed(body, 'document', 256) < 1e-6 FROM sz_docs", &[]).unwrap().get(0);
+    assert!(ok, "two row triggers of one text");
+    c.batch_execute("CREATE TRIGGER set_body BEFORE INSERT OR UPDATE ON sz_docs FOR EACH ROW EXECUTE FUNCTION sz_compose()").unwrap();
+    let (code, message, hint) = expect_error(&mut c, "INSERT INTO sz_docs (id, title) VALUES (2, 'volcanoes')");
+    assert_eq!(code, "0A000", "{message}");
+    assert!(message.contains("set_body"), "{message}");
+    assert!(hint.as_deref().is_some_and(|h| h.contains("RENAME TO")), "{hint:?}");
+    c.batch_execute(
+        "ALTER TRIGGER embed_v ON sz_docs RENAME TO zz_embed_v;
+         ALTER TRIGGER embed_w ON sz_docs RENAME TO zz_embed_w;
+         INSERT INTO sz_docs (id, title) VALUES (2, 'volcanoes');
+         UPDATE sz_docs SET title = 'deserts' WHERE id = 1;",
+    )
+    .unwrap();
+    assert_eq!(wrong(&mut c, "sz_docs", "body", "v"), 0, "the text as stored was not embedded");
+    c.batch_execute("DROP TABLE sz_docs; DROP FUNCTION sz_compose()").unwrap();
+}
