@@ -65,15 +65,24 @@ fn family(relation: pg_sys::Oid) -> Vec<(pg_sys::Oid, String)> {
                    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.oid)
                SELECT c.oid, c.relkind::pg_catalog.text FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.oid";
     Spi::connect_mut(|client| {
-        let rows = client.update(sql, None, &[sql_text::param(relation, pg_sys::OIDOID)]).expect("SPI reports errors as ERRORs");
-        rows.map(|r| (r.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or_default(), r.get::<String>(2).ok().flatten().unwrap_or_default())).collect()
+        let rows = client
+            .update(sql, None, &[sql_text::param(relation, pg_sys::OIDOID)])
+            .expect("SPI reports errors as ERRORs");
+        rows.map(|r| {
+            (
+                r.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or_default(),
+                r.get::<String>(2).ok().flatten().unwrap_or_default(),
+            )
+        })
+        .collect()
     })
 }
 
 /// The relations of `relation` that hold rows: itself, or its partitions and children that
 /// are plain tables.
 fn leaves(relation: pg_sys::Oid) -> Vec<pg_sys::Oid> {
-    let mut plain: Vec<pg_sys::Oid> = family(relation).into_iter().filter(|(_, kind)| kind == "r").map(|(o, _)| o).collect();
+    let mut plain: Vec<pg_sys::Oid> =
+        family(relation).into_iter().filter(|(_, kind)| kind == "r").map(|(o, _)| o).collect();
     plain.sort_by_key(|o| o.to_u32());
     plain
 }
@@ -103,7 +112,11 @@ impl Run {
     fn todo(&self, what: &str, from: &str) -> String {
         match &self.kind {
             Kind::Vectors { source, target, .. } => {
-                format!("SELECT {what} FROM {from} d WHERE d.{} IS NULL AND d.{} IS NOT NULL", ident(target), ident(source))
+                format!(
+                    "SELECT {what} FROM {from} d WHERE d.{} IS NULL AND d.{} IS NOT NULL",
+                    ident(target),
+                    ident(source)
+                )
             }
             Kind::Chunks { chunk_table } => {
                 let s = self.chunk_settings(*chunk_table);
@@ -132,7 +145,8 @@ impl Run {
     /// the claim's columns) as text.
     fn claim(&self, columns: &str) -> Vec<Vec<Option<String>>> {
         let leaf = format!("ONLY {}", relation(self.leaves[self.leaf]));
-        let (limit, lock) = if self.waiting { (1, "FOR UPDATE OF d") } else { (self.batch_size, "FOR UPDATE OF d SKIP LOCKED") };
+        let (limit, lock) =
+            if self.waiting { (1, "FOR UPDATE OF d") } else { (self.batch_size, "FOR UPDATE OF d SKIP LOCKED") };
         let sql = format!(
             "{} AND d.ctid OPERATOR(pg_catalog.>=) $1 LIMIT {limit} {lock}",
             self.todo(&format!("d.ctid::pg_catalog.text, {columns}"), &leaf)
@@ -191,8 +205,11 @@ impl Run {
     /// `embeddinggemma_backfill_shards`), in one batch that ends when all have.
     fn dispatch(&mut self, command: &str) {
         let results = crate::citus::on_every_shard(self.key.relation, command);
-        let failed: Vec<String> =
-            results.iter().filter(|r| !r.1).map(|(shard, _, e)| format!("shard {shard}: {}", e.as_deref().unwrap_or("failed"))).collect();
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|r| !r.1)
+            .map(|(shard, _, e)| format!("shard {shard}: {}", e.as_deref().unwrap_or("failed")))
+            .collect();
         self.remaining = self.count_remaining();
         self.done = (self.initial - self.remaining).max(0);
         self.finished = true;
@@ -204,7 +221,11 @@ impl Run {
             );
         }
         if self.remaining > 0 {
-            self.note = Some(format!("{} left that the shards' runs could not claim, across {} shards", self.remaining, results.len()));
+            self.note = Some(format!(
+                "{} left that the shards' runs could not claim, across {} shards",
+                self.remaining,
+                results.len()
+            ));
         }
     }
 
@@ -217,7 +238,8 @@ impl Run {
 
     /// Notes where the claimed rows end, for the next batch's start.
     fn advance(&mut self, ctids: &[String]) {
-        let block = |t: &String| t.trim_matches(|c| c == '(' || c == ')').split(',').next().and_then(|b| b.parse::<u32>().ok());
+        let block =
+            |t: &String| t.trim_matches(|c| c == '(' || c == ')').split(',').next().and_then(|b| b.parse::<u32>().ok());
         self.block = ctids.iter().filter_map(block).max().unwrap_or(self.block);
     }
 
@@ -227,7 +249,12 @@ impl Run {
         let leaf = self.leaves[self.leaf];
         let rel = open_checked(leaf);
         check_columns(&rel, source, &target, dim);
-        let vector_type = rel.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == target.as_str()).map(|a| a.atttypid).expect("checked");
+        let vector_type = rel
+            .tuple_desc()
+            .iter()
+            .find(|a| !a.attisdropped && a.name() == target.as_str())
+            .map(|a| a.atttypid)
+            .expect("checked");
         let rows = self.claim(&format!("d.{}::pg_catalog.text", ident(source)));
         if rows.is_empty() {
             return 0;
@@ -248,7 +275,8 @@ impl Run {
 
     fn chunk_batch(&mut self, chunk_table: pg_sys::Oid) -> i64 {
         let s = self.chunk_settings(chunk_table);
-        let rows = self.claim(&format!("d.{}::pg_catalog.text, d.{}::pg_catalog.text", ident(&s.key.name), ident(&s.source)));
+        let rows =
+            self.claim(&format!("d.{}::pg_catalog.text, d.{}::pg_catalog.text", ident(&s.key.name), ident(&s.source)));
         if rows.is_empty() {
             return 0;
         }
@@ -299,7 +327,14 @@ impl Run {
             (true, _) => None,
             (false, left) => Some(left as f64 / rate.max(1e-9)),
         };
-        Standing { done: self.done, remaining: self.remaining, rows_per_second: rate, eta_seconds: eta, finished: self.finished, note: self.note.clone() }
+        Standing {
+            done: self.done,
+            remaining: self.remaining,
+            rows_per_second: rate,
+            eta_seconds: eta,
+            finished: self.finished,
+            note: self.note.clone(),
+        }
     }
 
     fn message(&self, s: &Standing) -> String {
@@ -320,7 +355,10 @@ impl Run {
             format!("{name} {table}: finished, {} {unit} {verb} by this run in {}, {left}", s.done, clock(elapsed))
         } else {
             let eta = s.eta_seconds.map_or("unknown".into(), |e| clock(e as u64));
-            format!("{name} {table}: {} {unit} done, {} remaining, {:.1} {unit}/s, ETA {eta}", s.done, s.remaining, s.rows_per_second)
+            format!(
+                "{name} {table}: {} {unit} done, {} remaining, {:.1} {unit}/s, ETA {eta}",
+                s.done, s.remaining, s.rows_per_second
+            )
         }
     }
 }
@@ -358,7 +396,14 @@ fn store(run: Run) -> i64 {
 }
 
 /// Starts a run: checks, counts, records it; the state it returns goes to the batches.
-fn begin(kind: Kind, relation_oid: pg_sys::Oid, source: String, target: String, batch_size: i64, on_shards: Option<String>) -> i64 {
+fn begin(
+    kind: Kind,
+    relation_oid: pg_sys::Oid,
+    source: String,
+    target: String,
+    batch_size: i64,
+    on_shards: Option<String>,
+) -> i64 {
     let leaves = if on_shards.is_some() { Vec::new() } else { leaves(relation_oid) };
     let key = RunKey {
         relation: relation_oid,
@@ -403,14 +448,22 @@ fn has_vector_trigger(relation: &PgRelation) -> bool {
         std::slice::from_raw_parts(desc.triggers, desc.numtriggers as usize).iter().any(|t| {
             let name = pg_sys::get_func_name(t.tgfoid);
             !name.is_null()
-                && [c"embeddinggemma_trigger", c"embeddinggemma_statement_trigger"].contains(&std::ffi::CStr::from_ptr(name))
+                && [c"embeddinggemma_trigger", c"embeddinggemma_statement_trigger"]
+                    .contains(&std::ffi::CStr::from_ptr(name))
                 && pg_sys::get_func_namespace(t.tgfoid) == schema
         })
     }
 }
 
 #[pg_extern(sql = "")]
-fn embeddinggemma_backfill_begin(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, batch_size: i32) -> i64 {
+fn embeddinggemma_backfill_begin(
+    tbl: pg_sys::Oid,
+    source: &str,
+    target: &str,
+    task: &str,
+    dim: i32,
+    batch_size: i32,
+) -> i64 {
     let batch_size = check_batch_size(batch_size, "256");
     let rel = open_checked(tbl);
     check_columns(&rel, source, target, dim);
@@ -454,7 +507,12 @@ fn shard_command(call: &str) -> String {
     // SAFETY: a catalog lookup of an existing schema's name.
     let schema = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(schema)) }.to_string_lossy().into_owned();
     let (before, after) = call.split_once("%L").expect("a shard placeholder");
-    format!("CALL {}.{}%L{}", crate::citus::escape_format(&ident(&schema)), crate::citus::escape_format(before), crate::citus::escape_format(after))
+    format!(
+        "CALL {}.{}%L{}",
+        crate::citus::escape_format(&ident(&schema)),
+        crate::citus::escape_format(before),
+        crate::citus::escape_format(after)
+    )
 }
 
 #[pg_extern(sql = "")]
@@ -464,16 +522,27 @@ fn embeddinggemma_chunk_backfill_begin(tbl: pg_sys::Oid, chunk_table: pg_sys::Oi
     // On a shard (a distributed run's part), the distributed chunk table means its shard here.
     let named = chunk_table;
     let chunk_table = match crate::citus::shard_of(tbl) {
-        Some((shard, _)) if crate::citus::is_distributed(chunk_table) => crate::citus::colocated_shard(shard, chunk_table)
-            .unwrap_or_else(|why| raise(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, format!("embeddinggemma_chunk_backfill: {why}"), "Distribute the chunk table by the document key, co-located with the documents.")),
+        Some((shard, _)) if crate::citus::is_distributed(chunk_table) => {
+            crate::citus::colocated_shard(shard, chunk_table).unwrap_or_else(|why| {
+                raise(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    format!("embeddinggemma_chunk_backfill: {why}"),
+                    "Distribute the chunk table by the document key, co-located with the documents.",
+                )
+            })
+        }
         _ => chunk_table,
     };
     let kind = Kind::Chunks { chunk_table };
     let s = chunk_settings(tbl, chunk_table);
     sql_text::require_privilege(chunk_table, pg_sys::ACL_INSERT, "chunk into");
     routing::check_request(&s.task, s.dim);
-    let on_shards = crate::citus::is_distributed(tbl)
-        .then(|| shard_command(&format!("embeddinggemma_chunk_backfill(%L, {}, {batch_size})", sql_text::literal(&relation(named)))));
+    let on_shards = crate::citus::is_distributed(tbl).then(|| {
+        shard_command(&format!(
+            "embeddinggemma_chunk_backfill(%L, {}, {batch_size})",
+            sql_text::literal(&relation(named))
+        ))
+    });
     begin(kind, tbl, s.source, sql_text::display(chunk_table), batch_size, on_shards)
 }
 

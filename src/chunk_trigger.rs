@@ -115,7 +115,15 @@ impl ChunkSettings {
         let number = |i: usize, default: i32| args.get(i).map_or(Some(default), |a| a.trim().parse::<i32>().ok());
         let (Some(max_tokens), Some(overlap), Some(dim)) = (number(4, 512), number(5, 64), number(7, 768)) else {
             let arg = |i: usize| args.get(i).map_or("NULL", String::as_str).to_string();
-            misuse(format!("embeddinggemma_chunk_trigger(): max_tokens, overlap and dim must be integers, not {}, {}, {}", arg(4), arg(5), arg(7)), USAGE)
+            misuse(
+                format!(
+                    "embeddinggemma_chunk_trigger(): max_tokens, overlap and dim must be integers, not {}, {}, {}",
+                    arg(4),
+                    arg(5),
+                    arg(7)
+                ),
+                USAGE,
+            )
         };
         let Some(chunk_table) = resolve_chunk_table(documents.oid(), &args[2]) else {
             raise(
@@ -153,7 +161,12 @@ impl ChunkSettings {
             }
         }
         let source_column = check_source(documents, source);
-        let vector_type = chunks.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == "embedding").map(|a| a.atttypid).expect("checked");
+        let vector_type = chunks
+            .tuple_desc()
+            .iter()
+            .find(|a| !a.attisdropped && a.name() == "embedding")
+            .map(|a| a.atttypid)
+            .expect("checked");
         ChunkSettings {
             key,
             source: source.to_string(),
@@ -210,7 +223,9 @@ impl ChunkSettings {
     pub fn embedded_chunks(&self, keys: &[String], texts: &[Option<String>]) -> ChunkBatch {
         let docs = Texts::collect(texts.iter().map(|t| t.as_deref()));
         let mut batch = ChunkBatch::default();
-        for (doc, chunk, start, end, body, vector) in ChunkRows::new(docs, Cut::new(self.max_tokens, self.overlap, &self.task), Some(self.dim)) {
+        for (doc, chunk, start, end, body, vector) in
+            ChunkRows::new(docs, Cut::new(self.max_tokens, self.overlap, &self.task), Some(self.dim))
+        {
             batch.keys.push(keys[doc as usize - 1].clone());
             batch.chunks.push(chunk);
             batch.starts.push(start);
@@ -279,7 +294,9 @@ pub fn triggers_writing(documents: &PgRelation, chunk_table: pg_sys::Oid) -> Vec
             .iter()
             .filter(|t| !t.tgisinternal && is_chunk_trigger(t.tgfoid))
             .map(|t| {
-                let args = (0..t.tgnargs as usize).map(|i| CStr::from_ptr(*t.tgargs.add(i)).to_string_lossy().into_owned()).collect();
+                let args = (0..t.tgnargs as usize)
+                    .map(|i| CStr::from_ptr(*t.tgargs.add(i)).to_string_lossy().into_owned())
+                    .collect();
                 (CStr::from_ptr(t.tgname).to_string_lossy().into_owned(), args)
             })
             .collect()
@@ -288,7 +305,9 @@ pub fn triggers_writing(documents: &PgRelation, chunk_table: pg_sys::Oid) -> Vec
     found
         .into_iter()
         .map(|(_, args)| args)
-        .filter(|args: &Vec<String>| args.len() >= 3 && resolve_chunk_table(documents.oid(), &args[2]) == Some(chunk_table))
+        .filter(|args: &Vec<String>| {
+            args.len() >= 3 && resolve_chunk_table(documents.oid(), &args[2]) == Some(chunk_table)
+        })
         .collect()
 }
 
@@ -307,7 +326,11 @@ fn is_chunk_trigger(function: pg_sys::Oid) -> bool {
 ///
 /// # Safety
 /// `tuple` must be a valid tuple of the relation with descriptor `desc`.
-unsafe fn key_param<'a>(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, key: &KeyColumn) -> pgrx::datum::DatumWithOid<'a> {
+unsafe fn key_param<'a>(
+    tuple: *mut pg_sys::HeapTupleData,
+    desc: pg_sys::TupleDesc,
+    key: &KeyColumn,
+) -> pgrx::datum::DatumWithOid<'a> {
     // SAFETY: per this function's contract.
     let datum = unsafe { pgrx::heap_getattr_raw(tuple, key.attno, desc) };
     match datum {

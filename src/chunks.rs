@@ -23,7 +23,11 @@ impl Cut {
         let non_negative = |name: &str, v: i32| {
             usize::try_from(v).unwrap_or_else(|_| raise_bad_cut(format!("{name} must not be negative, not {v}")))
         };
-        Cut { max_tokens: non_negative("max_tokens", max_tokens), overlap: non_negative("overlap", overlap), task: task.to_string() }
+        Cut {
+            max_tokens: non_negative("max_tokens", max_tokens),
+            overlap: non_negative("overlap", overlap),
+            task: task.to_string(),
+        }
     }
 
     fn apply(&self, text: &str) -> Vec<Chunk> {
@@ -119,7 +123,8 @@ fn embeddinggemma_chunks(
     max_tokens: i32,
     overlap: i32,
     task: &str,
-) -> TableIterator<'static, (name!(chunk, i32), name!(start_offset, i32), name!(end_offset, i32), name!(body, String))> {
+) -> TableIterator<'static, (name!(chunk, i32), name!(start_offset, i32), name!(end_offset, i32), name!(body, String))>
+{
     let rows = ChunkRows::new(Texts::one(input), Cut::new(max_tokens, overlap, task), None);
     TableIterator::new(rows.map(|(_, n, start, end, body, _)| (n, start, end, body)))
 }
@@ -133,7 +138,13 @@ fn embeddinggemma_embed_chunks(
     dim: i32,
 ) -> TableIterator<
     'static,
-    (name!(chunk, i32), name!(start_offset, i32), name!(end_offset, i32), name!(body, String), name!(embedding, Option<PgVector>)),
+    (
+        name!(chunk, i32),
+        name!(start_offset, i32),
+        name!(end_offset, i32),
+        name!(body, String),
+        name!(embedding, Option<PgVector>),
+    ),
 > {
     let rows = ChunkRows::new(Texts::one(input), Cut::new(max_tokens, overlap, task), Some(dim));
     TableIterator::new(rows.map(returned).map(|(_, n, start, end, body, v)| (n, start, end, body, v)))

@@ -67,7 +67,8 @@ pub fn colocated_shard(shard: i64, table: pg_sys::Oid) -> Result<pg_sys::Oid, St
         &[param(shard, pg_sys::INT8OID), param(table, pg_sys::REGCLASSOID)],
     )
     .ok_or_else(|| format!("{} is not co-located with the documents' table", sql_text::display(table)))?;
-    shard_relation(table, peer).ok_or_else(|| format!("shard {peer} of {} is not on this node", sql_text::display(table)))
+    shard_relation(table, peer)
+        .ok_or_else(|| format!("shard {peer} of {} is not on this node", sql_text::display(table)))
 }
 
 /// Runs `f` with `search_path = pg_catalog, pg_temp`, restored after, as a function's SET

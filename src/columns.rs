@@ -50,7 +50,11 @@ pub fn check_source(relation: &PgRelation, source: &str) -> SourceColumn {
     if !TEXT_TYPES.contains(&base) {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("embeddinggemma: source column \"{source}\" of \"{}\" is {}, not text", relation.name(), type_name(src.atttypid, src.atttypmod)),
+            format!(
+                "embeddinggemma: source column \"{source}\" of \"{}\" is {}, not text",
+                relation.name(),
+                type_name(src.atttypid, src.atttypmod)
+            ),
             "The source column must be text, varchar, char or a domain over one of them.",
         )
     }
@@ -76,7 +80,10 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
     if dst.atttypmod > 0 && dst.atttypmod != dim {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("embeddinggemma: target column \"{target}\" of \"{table}\" is vector({}), but dim is {dim}", dst.atttypmod),
+            format!(
+                "embeddinggemma: target column \"{target}\" of \"{table}\" is vector({}), but dim is {dim}",
+                dst.atttypmod
+            ),
             "Pass the column's dimension as the trigger's dim argument, or change the column type.",
         )
     }
@@ -88,7 +95,11 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
 /// # Safety
 /// `tuple` must be a valid tuple of a relation whose descriptor is `desc`, and `column` must
 /// come from `check_columns` on that relation.
-pub unsafe fn source_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, column: &SourceColumn) -> Option<String> {
+pub unsafe fn source_text(
+    tuple: *mut pg_sys::HeapTupleData,
+    desc: pg_sys::TupleDesc,
+    column: &SourceColumn,
+) -> Option<String> {
     // SAFETY: per this function's contract; the datum is a varlena of a text-like type.
     let text = unsafe {
         let datum = pgrx::heap_getattr_raw(tuple, column.attno, desc)?;
@@ -115,7 +126,6 @@ fn embeddinggemma_check_source(tbl: pg_sys::Oid, source: &str) {
     check_source(&open_checked(tbl), source);
 }
 
-
 /// The key column as the check found it: rows are written back, or their chunks found, by it.
 #[derive(Clone)]
 pub struct KeyColumn {
@@ -139,7 +149,8 @@ impl KeyColumn {
 pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
     let table = sql_text::display(relation.oid());
     let found = key_column(relation, key);
-    let column = relation.tuple_desc().iter().find(|a| a.attnum as usize == found.attno.get()).copied().expect("found above");
+    let column =
+        relation.tuple_desc().iter().find(|a| a.attnum as usize == found.attno.get()).copied().expect("found above");
     let unique = "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i
                    WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid
                      AND i.indnkeyatts OPERATOR(pg_catalog.=) 1 AND i.indpred IS NULL
@@ -156,7 +167,10 @@ pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
             format!("embeddinggemma: key column \"{key}\" of table {table} allows NULL"),
-            format!("Rows with a NULL key could not be told apart: ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL;", sql_text::ident(key)),
+            format!(
+                "Rows with a NULL key could not be told apart: ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL;",
+                sql_text::ident(key)
+            ),
         )
     }
     found
@@ -168,7 +182,10 @@ pub fn key_column(relation: &PgRelation, key: &str) -> KeyColumn {
     let Some(column) = lookup_column(relation, key) else {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-            format!("embeddinggemma: key column \"{key}\" does not exist in table {}", sql_text::display(relation.oid())),
+            format!(
+                "embeddinggemma: key column \"{key}\" does not exist in table {}",
+                sql_text::display(relation.oid())
+            ),
             "The first argument names a unique key of the table, e.g. its primary key.",
         )
     };
@@ -191,7 +208,11 @@ fn embeddinggemma_check_key(tbl: pg_sys::Oid, key_col: &str) {
 ///
 /// # Safety
 /// As `key_text`.
-pub unsafe fn key_binary(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc, key: &KeyColumn) -> Option<Vec<u8>> {
+pub unsafe fn key_binary(
+    tuple: *mut pg_sys::HeapTupleData,
+    desc: pg_sys::TupleDesc,
+    key: &KeyColumn,
+) -> Option<Vec<u8>> {
     // SAFETY: per this function's contract; the send function of the key's own type returns a
     // palloc'd bytea.
     unsafe {
@@ -234,4 +255,3 @@ pub unsafe fn key_text(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDes
         Some(CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, datum)).to_string_lossy().into_owned())
     }
 }
-

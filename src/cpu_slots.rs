@@ -69,19 +69,13 @@ impl Drop for Slots {
 }
 
 fn open() -> File {
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(LOCK_FILE)
-        .unwrap_or_else(|e| {
-            raise(
-                pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
-                format!("embeddinggemma: cannot open {LOCK_FILE} in the data directory: {e}"),
-                "The thread limit needs a writable pg_stat_tmp directory.",
-            )
-        })
+    File::options().read(true).write(true).create(true).truncate(false).open(LOCK_FILE).unwrap_or_else(|e| {
+        raise(
+            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("embeddinggemma: cannot open {LOCK_FILE} in the data directory: {e}"),
+            "The thread limit needs a writable pg_stat_tmp directory.",
+        )
+    })
 }
 
 /// This backend's waiting mark; dropped when it gets its slots or an ERROR unwinds the wait.

@@ -9,15 +9,15 @@ const SETUP_HINT: &str = "A superuser can SET embeddinggemma.model_path to a mod
 
 /// Raises `message` as an ERROR with `hint`.
 pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: impl Into<String>) -> ! {
-    ErrorReport::new(code, message.into(), function_name!())
-        .set_hint(hint.into())
-        .report(PgLogLevel::ERROR);
+    ErrorReport::new(code, message.into(), function_name!()).set_hint(hint.into()).report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
 }
 
 /// Reports `message` as a WARNING with `hint`.
 pub fn warn(message: impl Into<String>, hint: impl Into<String>) {
-    ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message.into(), function_name!()).set_hint(hint.into()).report(PgLogLevel::WARNING);
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_WARNING, message.into(), function_name!())
+        .set_hint(hint.into())
+        .report(PgLogLevel::WARNING);
 }
 
 /// Raises the engine error `e` as an ERROR.

@@ -83,7 +83,8 @@ impl Chunked {
         }
         let chunk: Vec<Option<&str>> = (start..self.next).map(|i| self.texts.get(i)).collect();
         let texts: Vec<&str> = chunk.iter().flatten().copied().collect();
-        let mut vectors = if texts.is_empty() { Vec::new() } else { routing::embed(&texts, &self.task, self.dim) }.into_iter();
+        let mut vectors =
+            if texts.is_empty() { Vec::new() } else { routing::embed(&texts, &self.task, self.dim) }.into_iter();
         self.ready.extend(chunk.iter().map(|t| t.and_then(|_| vectors.next())));
     }
 }

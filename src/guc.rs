@@ -57,7 +57,11 @@ pub static MAX_CALL_MEMORY: GucSetting<i32> = GucSetting::<i32>::new((DEFAULT_MA
 
 /// Rejects a device name at SET time rather than at the next embed().
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_device(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_device(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to a NUL-terminated string (or NULL).
     let value = unsafe { newval.as_ref().and_then(|p| p.as_ref()).map(|p| CStr::from_ptr(p)) };
     match value.map(|v| v.to_string_lossy().parse::<DeviceChoice>()) {

@@ -4,8 +4,8 @@
 use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::Instant;
 
 use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request};
@@ -29,10 +29,9 @@ impl LoadSettings {
         let Some(model_path) = guc::string(&guc::MODEL_PATH) else {
             raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, "embeddinggemma.model_path is not set", setup_hint())
         };
-        let device = guc::string(&guc::DEVICE)
-            .unwrap_or_else(|| "auto".into())
-            .parse()
-            .unwrap_or_else(|e: String| raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e, "SET embeddinggemma.device = 'cpu'."));
+        let device = guc::string(&guc::DEVICE).unwrap_or_else(|| "auto".into()).parse().unwrap_or_else(|e: String| {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e, "SET embeddinggemma.device = 'cpu'.")
+        });
         LoadSettings {
             model_path,
             checksums: guc::string(&guc::MODEL_CHECKSUMS),
@@ -46,12 +45,8 @@ impl LoadSettings {
             Some(path) => Manifest::from_file(Path::new(path))?,
             None => Manifest::embeddinggemma_300m(),
         };
-        let options = EngineOptions {
-            device: self.device,
-            precision: self.precision,
-            checksums,
-            ..EngineOptions::default()
-        };
+        let options =
+            EngineOptions { device: self.device, precision: self.precision, checksums, ..EngineOptions::default() };
         Engine::load(Path::new(&self.model_path), &options)
     }
 }
@@ -149,7 +144,8 @@ pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<C
     with_engine(|engine| {
         let slots = cpu_slots::acquire(1, total_threads());
         let (engine, task, text) = (engine.clone(), task.to_string(), text.to_string());
-        let result = worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
+        let result =
+            worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
         drop(slots);
         result.unwrap_or_else(|e| match e {
             Error::InvalidOption(_) => raise_bad_cut(e),
@@ -182,7 +178,8 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         let wait_time = waiting.elapsed();
         transaction_memory::hold_until_transaction_end();
         let threads = slots.count();
-        let (engine, task, texts) = (engine.clone(), task.to_string(), texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        let (engine, task, texts) =
+            (engine.clone(), task.to_string(), texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
         let result = worker::run(move |stop| {
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let request = Request { task: &task, dim, truncate };

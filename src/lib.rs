@@ -37,7 +37,8 @@ mod worker;
 /// activations reuse freed blocks while a call or its transaction lasts (see `ReusingAllocator`
 /// and `transaction_memory`).
 #[global_allocator]
-static ALLOCATOR: embeddinggemma_engine::reuse_alloc::ReusingAllocator = embeddinggemma_engine::reuse_alloc::ReusingAllocator;
+static ALLOCATOR: embeddinggemma_engine::reuse_alloc::ReusingAllocator =
+    embeddinggemma_engine::reuse_alloc::ReusingAllocator;
 
 pgrx::extension_sql_file!("../sql/embeddinggemma.sql", name = "embeddinggemma", finalize);
 

@@ -2,8 +2,8 @@
 //! rights of the table's owner (the extension's owner) after checking that the caller may
 //! write the table being backfilled, so no role can forge or alter another's progress.
 
-use pgrx::prelude::*;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use crate::sql_text::{self, param, text_param};
 
@@ -103,7 +103,9 @@ fn embeddinggemma_backend_alive(pid: i32, since: pgrx::datum::TimestampWithTimeZ
         let n = pg_sys::pgstat_fetch_stat_numbackends();
         (1..=n).any(|i| {
             let local = local_backend_status(i);
-            !local.is_null() && (*local).backendStatus.st_procpid == pid && (*local).backendStatus.st_proc_start_timestamp <= since
+            !local.is_null()
+                && (*local).backendStatus.st_procpid == pid
+                && (*local).backendStatus.st_proc_start_timestamp <= since
         })
     }
 }

@@ -100,7 +100,16 @@ pub fn to_service() -> bool {
 
 /// Embeds `texts` (all non-NULL) with the session's model; raises an ERROR on failure.
 pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
-    let served = service_key().and_then(|key| or_in_process(service_client::embed(texts, task, dim.max(0) as usize, guc::TRUNCATE.get(), &key, BACKGROUND.get())));
+    let served = service_key().and_then(|key| {
+        or_in_process(service_client::embed(
+            texts,
+            task,
+            dim.max(0) as usize,
+            guc::TRUNCATE.get(),
+            &key,
+            BACKGROUND.get(),
+        ))
+    });
     let Some((vectors, s)) = served else { return in_process::embed(texts, task, dim) };
     counters::update(|st| {
         st.calls += 1;
@@ -116,7 +125,8 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
 
 /// Cuts `text` into chunks for `task` (tokenizing only); raises an ERROR on failure.
 pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
-    let served = service_key().and_then(|key| or_in_process(service_client::chunk(text, task, max_tokens, overlap, &key)));
+    let served =
+        service_key().and_then(|key| or_in_process(service_client::chunk(text, task, max_tokens, overlap, &key)));
     served.unwrap_or_else(|| in_process::chunk(text, task, max_tokens, overlap))
 }
 

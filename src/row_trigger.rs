@@ -15,7 +15,9 @@ const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH
 fn embeddinggemma_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
-    let misuse = |what: &str| -> ! { raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_trigger(): {what}"), USAGE) };
+    let misuse = |what: &str| -> ! {
+        raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_trigger(): {what}"), USAGE)
+    };
     let op = trigger.op()?;
     let row_level = matches!(trigger.level(), PgTriggerLevel::Row);
     let before = matches!(trigger.when()?, PgTriggerWhen::Before);
@@ -45,9 +47,15 @@ fn embeddinggemma_trigger<'a>(
     }
 
     let data = trigger.trigger_data();
-    let events = if matches!(op, PgTriggerOperation::Update) { pg_sys::TRIGGER_TYPE_UPDATE } else { pg_sys::TRIGGER_TYPE_INSERT };
+    let events = if matches!(op, PgTriggerOperation::Update) {
+        pg_sys::TRIGGER_TYPE_UPDATE
+    } else {
+        pg_sys::TRIGGER_TYPE_INSERT
+    };
     // SAFETY: the relation and trigger PostgreSQL fires.
-    if let Some(later) = unsafe { crate::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) } {
+    if let Some(later) =
+        unsafe { crate::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) }
+    {
         let ours = trigger.name()?;
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

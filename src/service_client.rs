@@ -101,7 +101,10 @@ fn request<R>(
             return reply;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(ServiceError { kind: ErrorKind::Unavailable, message: format!("embedding service: no answer within {timeout:?}") });
+            return Err(ServiceError {
+                kind: ErrorKind::Unavailable,
+                message: format!("embedding service: no answer within {timeout:?}"),
+            });
         }
         worker::serve_interrupts();
     }
@@ -135,7 +138,14 @@ fn call<R>(
 
 /// Embeds `texts` through the service, as the settings `model` name; None when the service
 /// runs other ones. Raises an ERROR on any other failure.
-pub fn embed(texts: &[&str], task: &str, dim: usize, truncate: bool, model: &str, background: bool) -> Option<(Vec<Vec<f32>>, CallStats)> {
+pub fn embed(
+    texts: &[&str],
+    task: &str,
+    dim: usize,
+    truncate: bool,
+    model: &str,
+    background: bool,
+) -> Option<(Vec<Vec<f32>>, CallStats)> {
     match call(&|c| c.send_embed(task, dim, truncate, model, background, texts), &|c, t| c.poll_reply(t)) {
         Ok(e) => Some(((0..e.len()).map(|i| e.vector(i).to_vec()).collect(), e.stats)),
         Err(e) if e.kind == ErrorKind::ModelMismatch => None,
@@ -173,12 +183,20 @@ pub fn stats() -> Result<String, String> {
 /// `embeddinggemma_info()` of the model the service holds, from its statistics.
 pub fn info() -> ModelInfo {
     let stats = stats().unwrap_or_else(|e| {
-        raise(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, format!("embeddinggemma: {e}"), "The embedding service is starting or restarting; SELECT * FROM embeddinggemma_service shows its state.")
+        raise(
+            PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            format!("embeddinggemma: {e}"),
+            "The embedding service is starting or restarting; SELECT * FROM embeddinggemma_service shows its state.",
+        )
     });
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap_or_default();
     let Some(m) = stats.get("model").filter(|m| m.is_object()) else {
         let why = stats.get("load_error").and_then(|e| e.as_str()).unwrap_or("the model is not loaded yet");
-        raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("embeddinggemma: the service has no model: {why}"), "SELECT * FROM embeddinggemma_service shows the service's state and error.")
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("embeddinggemma: the service has no model: {why}"),
+            "SELECT * FROM embeddinggemma_service shows the service's state and error.",
+        )
     };
     let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let number = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or_default();

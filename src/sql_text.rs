@@ -29,7 +29,11 @@ fn owned(p: *const std::ffi::c_char) -> Option<String> {
 pub fn relation_name(oid: pg_sys::Oid) -> String {
     // SAFETY: a catalog lookup; NULL when no such relation.
     owned(unsafe { pg_sys::get_rel_name(oid) }).unwrap_or_else(|| {
-        raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, format!("embeddinggemma: no relation with OID {}", oid.to_u32()), "Pass a table name, e.g. 'docs'::regclass.")
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("embeddinggemma: no relation with OID {}", oid.to_u32()),
+            "Pass a table name, e.g. 'docs'::regclass.",
+        )
     })
 }
 
@@ -161,7 +165,8 @@ pub fn current_role() -> pg_sys::Oid {
 /// Raises an ERROR unless the current role has `mode` (ACL_UPDATE, …) on `relation`.
 pub fn require_privilege(relation: pg_sys::Oid, mode: u32, what: &str) {
     // SAFETY: a privilege check of an existing relation.
-    let ok = unsafe { pg_sys::pg_class_aclcheck(relation, current_role(), mode as pg_sys::AclMode) } == pg_sys::AclResult::ACLCHECK_OK;
+    let ok = unsafe { pg_sys::pg_class_aclcheck(relation, current_role(), mode as pg_sys::AclMode) }
+        == pg_sys::AclResult::ACLCHECK_OK;
     if !ok {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -195,7 +200,11 @@ pub fn extension_table(name: &str) -> (String, pg_sys::Oid) {
 pub fn table_rows(oid: pg_sys::Oid) -> String {
     // SAFETY: a syscache lookup of an existing relation's kind.
     let partitioned = unsafe { pg_sys::get_rel_relkind(oid) } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-    if partitioned { relation(oid) } else { format!("ONLY {}", relation(oid)) }
+    if partitioned {
+        relation(oid)
+    } else {
+        format!("ONLY {}", relation(oid))
+    }
 }
 
 /// The OID of the extension's own relation (table, sequence) `name`; raises when it is missing.

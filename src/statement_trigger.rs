@@ -61,7 +61,13 @@ pub fn write_back_sql(table: &str, target: &str, key: &str, key_type: &str) -> S
 fn embeddinggemma_statement_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByRust>>, pgrx::PgTriggerError> {
-    let misuse = |what: &str| -> ! { raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_statement_trigger(): {what}"), USAGE) };
+    let misuse = |what: &str| -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            format!("embeddinggemma_statement_trigger(): {what}"),
+            USAGE,
+        )
+    };
     let op = trigger.op()?;
     let statement = matches!(trigger.level(), PgTriggerLevel::Statement);
     let after = matches!(trigger.when()?, PgTriggerWhen::After);
@@ -119,14 +125,23 @@ fn embeddinggemma_statement_trigger<'a>(
             format!(" AND NOT EXISTS (SELECT FROM {old_rows} o WHERE o.{s} OPERATOR(pg_catalog.=) n.{s}{same_vector})")
         }
     };
-    let changed = format!("SELECT n.{k}::pg_catalog.text, n.{s}::pg_catalog.text FROM {new_rows} n WHERE n.{s} IS NOT NULL{unchanged}");
+    let changed = format!(
+        "SELECT n.{k}::pg_catalog.text, n.{s}::pg_catalog.text FROM {new_rows} n WHERE n.{s} IS NOT NULL{unchanged}"
+    );
     // Statements fire statement triggers even when they change no row: the writes below run
     // only when there is something to write, so the trigger does not fire itself forever.
     let text_gone = format!("n.{s} IS NULL AND n.{t} IS NOT NULL");
     let any_cleared = format!("SELECT EXISTS (SELECT FROM {new_rows} n WHERE {text_gone})");
-    let cleared = format!("UPDATE {table} t SET {t} = NULL FROM {new_rows} n WHERE t.{k} OPERATOR(pg_catalog.=) n.{k} AND {text_gone}");
+    let cleared = format!(
+        "UPDATE {table} t SET {t} = NULL FROM {new_rows} n WHERE t.{k} OPERATOR(pg_catalog.=) n.{k} AND {text_gone}"
+    );
     let write = write_back_sql(&table, target, key, &key_column.sql_type());
-    let vector_type = rel.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == target.as_str()).map(|a| a.atttypid).expect("checked");
+    let vector_type = rel
+        .tuple_desc()
+        .iter()
+        .find(|a| !a.attisdropped && a.name() == target.as_str())
+        .map(|a| a.atttypid)
+        .expect("checked");
 
     Spi::connect_mut(|client| {
         // SAFETY: the trigger's own TriggerData, so that its transition tables can be queried.

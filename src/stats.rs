@@ -107,5 +107,13 @@ fn embeddinggemma_service_status() -> TableIterator<
         (Ok(_), None) => ("running", None),
     };
     let up = stats.as_ref().and_then(|s| s.get("uptime_s")?.as_f64());
-    TableIterator::once((state.into(), (pid != 0).then_some(pid), restarts, last_exit, up, error, stats.map(pgrx::JsonB)))
+    TableIterator::once((
+        state.into(),
+        (pid != 0).then_some(pid),
+        restarts,
+        last_exit,
+        up,
+        error,
+        stats.map(pgrx::JsonB),
+    ))
 }

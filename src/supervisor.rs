@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::prelude::*;
 use pgrx::pg_shmem_init;
+use pgrx::prelude::*;
 
 use crate::guc;
 use crate::service_state::{self, STATUS};

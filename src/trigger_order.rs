@@ -23,7 +23,11 @@ pub unsafe fn later_before_trigger(rel: pg_sys::Relation, ours: *const pg_sys::T
         let at = all.iter().position(|t| t.tgoid == (*ours).tgoid)?;
         all[at + 1..]
             .iter()
-            .filter(|t| t.tgtype & ROW_BEFORE == ROW_BEFORE && t.tgtype & events as i16 != 0 && t.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char)
+            .filter(|t| {
+                t.tgtype & ROW_BEFORE == ROW_BEFORE
+                    && t.tgtype & events as i16 != 0
+                    && t.tgenabled != pg_sys::TRIGGER_DISABLED as std::ffi::c_char
+            })
             .find(|t| !same_library(t.tgfoid, (*ours).tgfoid))
             .map(|t| CStr::from_ptr(t.tgname).to_string_lossy().into_owned())
     }
@@ -34,5 +38,8 @@ pub unsafe fn later_before_trigger(rel: pg_sys::Relation, ours: *const pg_sys::T
 fn same_library(a: pg_sys::Oid, b: pg_sys::Oid) -> bool {
     let sql = "SELECT a.prolang OPERATOR(pg_catalog.=) b.prolang AND a.probin OPERATOR(pg_catalog.=) b.probin
                  FROM pg_catalog.pg_proc a, pg_catalog.pg_proc b WHERE a.oid OPERATOR(pg_catalog.=) $1 AND b.oid OPERATOR(pg_catalog.=) $2";
-    crate::sql_text::one::<bool>(sql, &[crate::sql_text::param(a, pg_sys::OIDOID), crate::sql_text::param(b, pg_sys::OIDOID)]) == Some(true)
+    crate::sql_text::one::<bool>(
+        sql,
+        &[crate::sql_text::param(a, pg_sys::OIDOID), crate::sql_text::param(b, pg_sys::OIDOID)],
+    ) == Some(true)
 }

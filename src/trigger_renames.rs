@@ -40,10 +40,16 @@ fn our_triggers() -> Vec<OurTrigger> {
         let rows = c.select(sql, None, &[text_param(schema)])?;
         rows.map(|r| {
             let bytes: Vec<u8> = r.get(4)?.unwrap_or_default();
-            let mut args: Vec<String> = bytes.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let mut args: Vec<String> =
+                bytes.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
             // tgargs ends each argument with a NUL: the split leaves one empty piece at the end.
             args.pop();
-            Ok(OurTrigger { oid: r.get(1)?.unwrap_or_default(), table: r.get(2)?.unwrap_or_default(), function: r.get(3)?.unwrap_or_default(), args })
+            Ok(OurTrigger {
+                oid: r.get(1)?.unwrap_or_default(),
+                table: r.get(2)?.unwrap_or_default(),
+                function: r.get(3)?.unwrap_or_default(),
+                args,
+            })
         })
         .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
     })
@@ -118,7 +124,8 @@ pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
 
 /// Whether the current role may change triggers of `table` (it owns it, through membership).
 fn owns(table: pg_sys::Oid) -> bool {
-    let sql = "SELECT pg_catalog.pg_has_role(relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1";
+    let sql =
+        "SELECT pg_catalog.pg_has_role(relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1";
     sql_text::one::<bool>(sql, &[text_param(table)]) == Some(true)
 }
 
@@ -127,25 +134,45 @@ fn owns(table: pg_sys::Oid) -> bool {
 /// touched (that would act with its owner's rights): a WARNING says it now fails.
 pub fn apply(rewrites: Vec<Rewrite>) {
     for r in rewrites {
-        let table = sql_text::one::<pg_sys::Oid>("SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1", &[text_param(r.trigger)]);
+        let table = sql_text::one::<pg_sys::Oid>(
+            "SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
+            &[text_param(r.trigger)],
+        );
         let Some(table) = table else { continue };
         if !owns(table) {
             crate::errors::warn(
-                format!("embeddinggemma: a trigger on {}, owned by another role, names what was renamed and will fail", sql_text::display(table)),
-                format!("Its owner can create it again calling {}({}).", r.function, r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "embeddinggemma: a trigger on {}, owned by another role, names what was renamed and will fail",
+                    sql_text::display(table)
+                ),
+                format!(
+                    "Its owner can create it again calling {}({}).",
+                    r.function,
+                    r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ")
+                ),
             );
             continue;
         }
-        let Some(definition) = sql_text::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)]) else { continue };
+        let Some(definition) =
+            sql_text::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)])
+        else {
+            continue;
+        };
         let marker = " EXECUTE FUNCTION ";
-        let (Some(head), Some(at)) = (definition.strip_prefix("CREATE TRIGGER "), definition.rfind(marker)) else { continue };
+        let (Some(head), Some(at)) = (definition.strip_prefix("CREATE TRIGGER "), definition.rfind(marker)) else {
+            continue;
+        };
         let call = &definition[at + marker.len()..];
         let Some(open) = call.find('(') else { continue };
         let head = &head[..at - "CREATE TRIGGER ".len()];
         let args = r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
         let sql = format!("CREATE OR REPLACE TRIGGER {head}{marker}{}({args})", &call[..open]);
         sql_text::run(&sql, &[]);
-        pgrx::notice!("embeddinggemma: trigger {} now calls {}({args})", head.split(' ').next().unwrap_or_default(), r.function);
+        pgrx::notice!(
+            "embeddinggemma: trigger {} now calls {}({args})",
+            head.split(' ').next().unwrap_or_default(),
+            r.function
+        );
     }
 }
 
@@ -155,12 +182,17 @@ pub fn apply(rewrites: Vec<Rewrite>) {
 pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
     let family = family(relation);
     for t in our_triggers() {
-        let own = family.contains(&t.table) && column_args(&t.function).iter().any(|&i| t.args.get(i).is_some_and(|a| a == column));
+        let own = family.contains(&t.table)
+            && column_args(&t.function).iter().any(|&i| t.args.get(i).is_some_and(|a| a == column));
         let chunk_key = t.function == "embeddinggemma_chunk_trigger"
             && t.args.get(3).is_some_and(|a| a == column)
             && crate::chunk_trigger::resolve_chunk_table(t.table, &t.args[2]).is_some_and(|c| family.contains(&c));
         if own || chunk_key {
-            let name = sql_text::one::<String>("SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1", &[text_param(t.oid)]).unwrap_or_default();
+            let name = sql_text::one::<String>(
+                "SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
+                &[text_param(t.oid)],
+            )
+            .unwrap_or_default();
             crate::errors::warn(
                 format!("embeddinggemma: trigger \"{name}\" on {} names the dropped column \"{column}\": every write of the table now fails", sql_text::display(t.table)),
                 "Drop the trigger, or create it again naming existing columns.",

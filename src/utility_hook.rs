@@ -41,7 +41,15 @@ unsafe fn relation_of(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
         return None;
     }
     // SAFETY: per the contract; missing_ok.
-    let oid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as pg_sys::LOCKMODE, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+    let oid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
@@ -63,7 +71,9 @@ unsafe fn before(node: *mut pg_sys::Node) -> After {
         match (*node).type_ {
             pg_sys::NodeTag::T_RenameStmt => {
                 let stmt = node as *mut pg_sys::RenameStmt;
-                let (Some(relation), Some(new)) = (relation_of((*stmt).relation), text((*stmt).newname)) else { return after };
+                let (Some(relation), Some(new)) = (relation_of((*stmt).relation), text((*stmt).newname)) else {
+                    return after;
+                };
                 after.rewrites = match (*stmt).renameType {
                     pg_sys::ObjectType::OBJECT_COLUMN => match text((*stmt).subname) {
                         Some(old) => trigger_renames::column_renamed(relation, &old, &new),
@@ -78,8 +88,12 @@ unsafe fn before(node: *mut pg_sys::Node) -> After {
                 let Some(relation) = relation_of((*stmt).relation) else { return after };
                 for cmd in pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds).iter_ptr() {
                     match (*cmd).subtype {
-                        pg_sys::AlterTableType::AT_AlterColumnType => after.retyped.extend(text((*cmd).name).map(|c| (relation, c))),
-                        pg_sys::AlterTableType::AT_DropColumn => after.dropped.extend(text((*cmd).name).map(|c| (relation, c))),
+                        pg_sys::AlterTableType::AT_AlterColumnType => {
+                            after.retyped.extend(text((*cmd).name).map(|c| (relation, c)))
+                        }
+                        pg_sys::AlterTableType::AT_DropColumn => {
+                            after.dropped.extend(text((*cmd).name).map(|c| (relation, c)))
+                        }
                         pg_sys::AlterTableType::AT_AttachPartition if !(*cmd).def.is_null() => {
                             after.attached.extend(relation_of((*((*cmd).def as *mut pg_sys::PartitionCmd)).name))
                         }
@@ -139,7 +153,9 @@ unsafe extern "C-unwind" fn process_utility(
     let held = if service_state::preloaded() { unsafe { database_ddl::hold_for(node) } } else { None };
     match held {
         None => run(),
-        Some(db) => PgTryBuilder::new(std::panic::AssertUnwindSafe(run)).finally(|| database_ddl::release(db)).execute(),
+        Some(db) => {
+            PgTryBuilder::new(std::panic::AssertUnwindSafe(run)).finally(|| database_ddl::release(db)).execute()
+        }
     }
     after(follow);
     if service_state::preloaded() {

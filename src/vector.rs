@@ -73,13 +73,15 @@ impl_sql_translatable!(PgVector, "vector");
 /// `vectors` as a `vector[]` SQL parameter (`element` is the vector type's OID), palloc'd in
 /// the current memory context.
 pub fn array_param<'a>(vectors: &[Vec<f32>], element: pg_sys::Oid) -> pgrx::datum::DatumWithOid<'a> {
-    let mut datums: Vec<pg_sys::Datum> = vectors.iter().map(|v| pg_sys::Datum::from(PgVector::from_slice(v).0.as_ptr())).collect();
+    let mut datums: Vec<pg_sys::Datum> =
+        vectors.iter().map(|v| pg_sys::Datum::from(PgVector::from_slice(v).0.as_ptr())).collect();
     // SAFETY: `datums` are valid vector varlenas of type `element`, whose storage properties
     // come from its catalog entry; construct_array copies them into a new array.
     unsafe {
         let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         pg_sys::get_typlenbyvalalign(element, &mut len, &mut byval, &mut align);
-        let array = pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, element, len as i32, byval, align);
+        let array =
+            pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, element, len as i32, byval, align);
         pgrx::datum::DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(element))
     }
 }

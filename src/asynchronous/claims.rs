@@ -37,7 +37,11 @@ pub struct Claimed {
 fn claimed(r: &pgrx::spi::SpiHeapTupleData, first: usize) -> Result<Claimed, pgrx::spi::SpiError> {
     let bytes: Option<Vec<u8>> = r.get(first + 2)?;
     let key_type: Option<pg_sys::Oid> = r.get(first + 3)?;
-    Ok(Claimed { id: r.get(first)?.unwrap_or_default(), key: r.get(first + 1)?.unwrap_or_default(), bytes: bytes.zip(key_type) })
+    Ok(Claimed {
+        id: r.get(first)?.unwrap_or_default(),
+        key: r.get(first + 1)?.unwrap_or_default(),
+        bytes: bytes.zip(key_type),
+    })
 }
 
 fn leased(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<Claimed> {
@@ -94,7 +98,10 @@ pub fn claim_interrupted(ids: &[i32]) -> Option<(i32, Claimed)> {
 /// Gives leases back untouched (no attempt counted): entries a batch left for later.
 pub fn give_back(ids: &[i64]) {
     if !ids.is_empty() {
-        sql_text::run(&format!("UPDATE {} SET leased = false WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()), &[text_param(ids.to_vec())]);
+        sql_text::run(
+            &format!("UPDATE {} SET leased = false WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()),
+            &[text_param(ids.to_vec())],
+        );
     }
 }
 
@@ -104,7 +111,10 @@ pub fn give_back_all() {
 }
 
 pub fn remove(ids: &[i64]) {
-    sql_text::run(&format!("DELETE FROM {} WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()), &[text_param(ids.to_vec())]);
+    sql_text::run(
+        &format!("DELETE FROM {} WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()),
+        &[text_param(ids.to_vec())],
+    );
 }
 
 /// A failed attempt: tried again after 1, 2, 4, … seconds, until the target's limit.

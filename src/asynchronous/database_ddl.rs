@@ -23,7 +23,8 @@ const LEAVE_WAIT: Duration = Duration::from_secs(20);
 /// `options` is a List of DefElem (or NULL).
 unsafe fn option_name(options: *mut pg_sys::List, name: &CStr) -> Option<String> {
     // SAFETY: per the contract.
-    let options: Vec<*mut pg_sys::DefElem> = unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(options) }.iter_ptr().collect();
+    let options: Vec<*mut pg_sys::DefElem> =
+        unsafe { pgrx::PgList::<pg_sys::DefElem>::from_pg(options) }.iter_ptr().collect();
     options.into_iter().find_map(|d| {
         // SAFETY: a DefElem of the statement; defGetString reads its argument as PostgreSQL does.
         unsafe {
@@ -67,7 +68,8 @@ pub unsafe fn hold_for(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
     let name = unsafe { emptied_database(node) };
     let cname = name.and_then(|n| std::ffi::CString::new(n).ok());
     // SAFETY: a catalog lookup by name; missing_ok.
-    let db = cname.map(|n| unsafe { pg_sys::get_database_oid(n.as_ptr(), true) }).filter(|db| *db != pg_sys::InvalidOid);
+    let db =
+        cname.map(|n| unsafe { pg_sys::get_database_oid(n.as_ptr(), true) }).filter(|db| *db != pg_sys::InvalidOid);
     // Only a role the command may succeed for (the database's owner, a superuser) moves the
     // worker: anyone else's attempt fails in PostgreSQL's own check, and must not disturb it.
     let db = db.filter(|db| may_empty(*db))?;

@@ -85,7 +85,9 @@ impl From<String> for Failure {
 /// row's; anything else is the service's.
 fn embedding_failure(e: pg_sys::panic::CaughtError) -> Failure {
     let code = match &e {
-        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => Some(r.sql_error_code()),
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+            Some(r.sql_error_code())
+        }
         pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Some(ereport.sql_error_code()),
     };
     let class = code.map(|c| {
@@ -102,7 +104,9 @@ fn embedding_failure(e: pg_sys::panic::CaughtError) -> Failure {
 
 /// Runs the embedding step `f` (no transaction of its own is needed for a vector target).
 fn embedding<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
-    PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(f)))).catch_others(|e| Err(embedding_failure(e))).execute()
+    PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(f))))
+        .catch_others(|e| Err(embedding_failure(e)))
+        .execute()
 }
 
 /// What a batch wrote: rows, and the entries it is done with (not those it gave back for a
@@ -259,7 +263,11 @@ impl Worker {
                 Ok(())
             }
             Err(Failure::Rows(e)) => {
-                pgrx::log!("embeddinggemma async: a batch of {} rows of target {} failed ({e}); writing them one by one", batch.keys.len(), t.id);
+                pgrx::log!(
+                    "embeddinggemma async: a batch of {} rows of target {} failed ({e}); writing them one by one",
+                    batch.keys.len(),
+                    t.id
+                );
                 self.one_by_one(t, batch)
             }
         }
@@ -327,8 +335,12 @@ impl Worker {
             }
             found
         })?;
-        let done: Vec<i64> =
-            found.iter().zip(&batch.ids).filter(|(f, _)| matches!(f, Found::Text(..) | Found::Nothing)).flat_map(|(_, ids)| ids.iter().copied()).collect();
+        let done: Vec<i64> = found
+            .iter()
+            .zip(&batch.ids)
+            .filter(|(f, _)| matches!(f, Found::Text(..) | Found::Nothing))
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
         let rows = match &t.column {
             Some(column) => self.write_vectors(t, column, &batch.keys, found)?,
             None => {
@@ -346,7 +358,8 @@ impl Worker {
                 if keys.is_empty() {
                     0
                 } else {
-                    let chunks = txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
+                    let chunks =
+                        txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
                     txn(|| rows::write_chunks(t, &keys, chunks))?
                 }
             }
@@ -401,11 +414,15 @@ fn leave(slot: usize, db: pg_sys::Oid, why: Leave) -> ! {
     match why {
         Leave::Held => {}
         Leave::Again => registry::want(db, registry::now_ms()),
-        Leave::Idle => match txn(|| super::target::installed().then(|| (claims::work_due(), claims::next_retry_in()))) {
-            Ok(Some((true, _))) => registry::want(db, registry::now_ms()),
-            Ok(Some((false, Some(secs)))) => registry::want(db, registry::now_ms() + (secs.max(0.0) * 1000.0) as u64),
-            _ => {}
-        },
+        Leave::Idle => {
+            match txn(|| super::target::installed().then(|| (claims::work_due(), claims::next_retry_in()))) {
+                Ok(Some((true, _))) => registry::want(db, registry::now_ms()),
+                Ok(Some((false, Some(secs)))) => {
+                    registry::want(db, registry::now_ms() + (secs.max(0.0) * 1000.0) as u64)
+                }
+                _ => {}
+            }
+        }
     }
     registry::notify_launcher();
     // SAFETY: ends this worker process normally (it is never restarted by the postmaster).
@@ -429,7 +446,12 @@ pub extern "C-unwind" fn embeddinggemma_async_worker_main(arg: pg_sys::Datum) {
     // Names in the SQL it runs never resolve through a user's objects.
     // SAFETY: sets this worker's own setting, as SET would.
     unsafe {
-        pg_sys::SetConfigOption(c"search_path".as_ptr(), c"pg_catalog, pg_temp".as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_SESSION);
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
     }
     if let Err(e) = txn(|| {
         if super::target::installed() {

@@ -34,11 +34,19 @@ fn targets_on(relations: &[pg_sys::Oid]) -> Vec<Followed> {
             let rows = c.update(sql.as_str(), None, &[text_param(relations.to_vec())])?;
             rows.map(|r| {
                 let chunk_table: Option<pg_sys::Oid> = r.get(3)?;
-                let mut columns = vec![(r.get::<String>(4)?.unwrap_or_default(), r.get::<i16>(5)?, "key"), (r.get::<String>(6)?.unwrap_or_default(), r.get::<i16>(7)?, "source")];
+                let mut columns = vec![
+                    (r.get::<String>(4)?.unwrap_or_default(), r.get::<i16>(5)?, "key"),
+                    (r.get::<String>(6)?.unwrap_or_default(), r.get::<i16>(7)?, "source"),
+                ];
                 if chunk_table.is_none() {
                     columns.push((r.get::<String>(8)?.unwrap_or_default(), r.get::<i16>(9)?, "target"));
                 }
-                Ok(Followed { id: r.get(1)?.unwrap_or_default(), relation: r.get(2)?.unwrap_or_default(), chunk_table, columns })
+                Ok(Followed {
+                    id: r.get(1)?.unwrap_or_default(),
+                    relation: r.get(2)?.unwrap_or_default(),
+                    chunk_table,
+                    columns,
+                })
             })
             .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
         })
@@ -49,7 +57,14 @@ fn targets_on(relations: &[pg_sys::Oid]) -> Vec<Followed> {
 /// Removes target `id`: its trigger (if its table is still there), its row and its queue.
 fn remove(t: &Followed, why: &str) {
     if exists(t.relation) {
-        sql_text::run(&format!("DROP TRIGGER IF EXISTS {} ON {}", ident(&format!("embeddinggemma_async_{}", t.id)), relation(t.relation)), &[]);
+        sql_text::run(
+            &format!(
+                "DROP TRIGGER IF EXISTS {} ON {}",
+                ident(&format!("embeddinggemma_async_{}", t.id)),
+                relation(t.relation)
+            ),
+            &[],
+        );
     }
     let (targets, owner) = sql_text::extension_table("embeddinggemma_async_targets");
     let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
@@ -80,7 +95,9 @@ fn embeddinggemma_async_follow(relations: Vec<pg_sys::Oid>) {
         let mut gone = None;
         for (name, attnum, what) in &t.columns {
             let current = match attnum {
-                Some(n) if *n >= 1 => desc.get(*n as usize - 1).filter(|a| !a.attisdropped).map(|a| a.name().to_string()),
+                Some(n) if *n >= 1 => {
+                    desc.get(*n as usize - 1).filter(|a| !a.attisdropped).map(|a| a.name().to_string())
+                }
                 // A target of 0.4.0 not yet numbered: by name.
                 _ => crate::columns::lookup_column(&rel, name).map(|a| a.name().to_string()),
             };
@@ -104,7 +121,10 @@ fn embeddinggemma_async_follow(relations: Vec<pg_sys::Oid>) {
                 _ => "target",
             };
             sql_text::as_role(owner, || {
-                sql_text::run(&format!("UPDATE {targets} SET {column} = $2 WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(t.id), text_param(now)])
+                sql_text::run(
+                    &format!("UPDATE {targets} SET {column} = $2 WHERE id OPERATOR(pg_catalog.=) $1"),
+                    &[text_param(t.id), text_param(now)],
+                )
             });
         }
     }

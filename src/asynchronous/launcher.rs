@@ -47,7 +47,10 @@ fn start(db: pg_sys::Oid) -> bool {
         .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
         .load_dynamic();
     if let Err(e) = &started {
-        pgrx::log!("embeddinggemma async: no background worker slot for database {} ({e:?}); trying again", db.to_u32());
+        pgrx::log!(
+            "embeddinggemma async: no background worker slot for database {} ({e:?}); trying again",
+            db.to_u32()
+        );
     }
     started.is_ok()
 }

@@ -37,7 +37,10 @@ pub struct Bounds {
 impl Bounds {
     /// The superuser settings `embeddinggemma.async_statement_timeout` and `…_lock_timeout`.
     pub fn configured() -> Self {
-        Bounds { statement_ms: crate::guc::ASYNC_STATEMENT_TIMEOUT.get(), lock_ms: crate::guc::ASYNC_LOCK_TIMEOUT.get() }
+        Bounds {
+            statement_ms: crate::guc::ASYNC_STATEMENT_TIMEOUT.get(),
+            lock_ms: crate::guc::ASYNC_LOCK_TIMEOUT.get(),
+        }
     }
 }
 

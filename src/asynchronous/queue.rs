@@ -93,7 +93,16 @@ pub fn insert(target_id: i32, key_type: pg_sys::Oid, keys: &[(String, Vec<u8>)])
                 } else {
                     pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
                 };
-                pg_sys::index_insert(index, values.as_mut_ptr(), nulls.as_mut_ptr(), &mut (*tuple).t_self, rel, unique, false, info);
+                pg_sys::index_insert(
+                    index,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                    &mut (*tuple).t_self,
+                    rel,
+                    unique,
+                    false,
+                    info,
+                );
             }
             pg_sys::ExecClearTuple(slot);
             pg_sys::heap_freetuple(tuple);
@@ -121,7 +130,10 @@ unsafe fn open_indexes(rel: pg_sys::Relation) -> Vec<(pg_sys::Relation, *mut pg_
                 if !(*info).ii_Expressions.is_null() || !(*info).ii_Predicate.is_null() {
                     raise(
                         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        format!("embeddinggemma: an index on {} has expressions or a predicate", sql_text::display((*rel).rd_id)),
+                        format!(
+                            "embeddinggemma: an index on {} has expressions or a predicate",
+                            sql_text::display((*rel).rd_id)
+                        ),
                         "The extension's queue has plain indexes; drop the one added to it.",
                     )
                 }

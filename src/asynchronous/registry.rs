@@ -98,12 +98,14 @@ pub fn claim(db: pg_sys::Oid) -> Option<usize> {
     let r = get();
     for i in 0..SLOTS {
         let pid = r.pid[i].load(Ordering::Acquire);
-        if (pid == 0 || !alive(pid)) && r.pid[i].compare_exchange(pid, me, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if (pid == 0 || !alive(pid)) && r.pid[i].compare_exchange(pid, me, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
             r.leave[i].store(false, Ordering::Release);
             r.sleeping[i].store(false, Ordering::Release);
             r.db[i].store(db.to_u32(), Ordering::Release);
             // Two workers may have raced for the same database: the lower slot stays.
-            if (0..i).any(|j| r.db[j].load(Ordering::Acquire) == db.to_u32() && alive(r.pid[j].load(Ordering::Acquire))) {
+            if (0..i).any(|j| r.db[j].load(Ordering::Acquire) == db.to_u32() && alive(r.pid[j].load(Ordering::Acquire)))
+            {
                 release(i);
                 return None;
             }
@@ -160,7 +162,9 @@ pub fn want(db: pg_sys::Oid, due_ms: u64) {
     let db = db.to_u32();
     if let Some(i) = (0..WANTED).find(|&i| r.wanted[i].load(Ordering::Acquire) == db) {
         r.due[i].fetch_min(due_ms, Ordering::AcqRel);
-    } else if let Some(i) = (0..WANTED).find(|&i| r.wanted[i].compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire).is_ok()) {
+    } else if let Some(i) =
+        (0..WANTED).find(|&i| r.wanted[i].compare_exchange(0, db, Ordering::AcqRel, Ordering::Acquire).is_ok())
+    {
         r.due[i].store(due_ms, Ordering::Release);
     } else {
         r.overflow.store(true, Ordering::Release);
@@ -249,7 +253,8 @@ pub fn hold_and_empty(db: pg_sys::Oid, time: Duration, wait: Duration) -> bool {
         (0..HELD).find(|&i| {
             let other = r.held[i].load(Ordering::Acquire);
             let expired = r.held_until[i].load(Ordering::Acquire) <= now_ms();
-            (other == 0 || expired) && r.held[i].compare_exchange(other, db.to_u32(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+            (other == 0 || expired)
+                && r.held[i].compare_exchange(other, db.to_u32(), Ordering::AcqRel, Ordering::Acquire).is_ok()
         })
     });
     if let Some(i) = slot {

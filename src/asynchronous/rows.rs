@@ -4,7 +4,6 @@
 //! a text (the engine embeds at most 2,048 tokens, which lie well inside them), and a chunk
 //! document over `CHUNK_DOCUMENT_BYTES` is refused, not read.
 
-
 use super::owner::{as_owner, Bounds};
 use super::target::Target;
 use crate::chunk_trigger::ChunkBatch;
@@ -46,7 +45,9 @@ pub fn keys_in_worker_terms(t: &Target, claimed: &mut [super::claims::Claimed]) 
     as_owner(t.owner(), Bounds::configured(), || {
         for c in claimed.iter_mut() {
             match c.bytes.take() {
-                Some((bytes, sent_as)) if sent_as == key.type_oid => c.key = crate::columns::key_from_binary(&key, &bytes),
+                Some((bytes, sent_as)) if sent_as == key.type_oid => {
+                    c.key = crate::columns::key_from_binary(&key, &bytes)
+                }
                 // The key column was retyped since: the text the writer queued.
                 _ => {}
             }
@@ -103,11 +104,23 @@ pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
 
 /// Writes `vectors` of `keys` whose text still starts with `texts` and has the same length (a
 /// row changed since has a newer queue entry), as the table's owner; the rows written.
-pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String], lens: &[i64], vectors: &[Vec<f32>]) -> usize {
+pub fn write_vectors(
+    t: &Target,
+    column: &str,
+    keys: &[String],
+    texts: &[String],
+    lens: &[i64],
+    vectors: &[Vec<f32>],
+) -> usize {
     let documents = crate::columns::open_checked(t.relation);
     check_columns(&documents, &t.source, column, t.dim);
     let key = key_column(&documents, &t.key);
-    let vector_type = documents.tuple_desc().iter().find(|a| !a.attisdropped && a.name() == column).map(|a| a.atttypid).expect("checked");
+    let vector_type = documents
+        .tuple_desc()
+        .iter()
+        .find(|a| !a.attisdropped && a.name() == column)
+        .map(|a| a.atttypid)
+        .expect("checked");
     let sql = format!(
         "UPDATE {tbl} d SET {v} = u.v
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]),
@@ -123,7 +136,12 @@ pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String]
     );
     let _writing = Writing::start(t.relation);
     as_owner(t.owner(), Bounds::configured(), || {
-        let args = [text_param(keys.to_vec()), text_param(texts.to_vec()), text_param(lens.to_vec()), vector::array_param(vectors, vector_type)];
+        let args = [
+            text_param(keys.to_vec()),
+            text_param(texts.to_vec()),
+            text_param(lens.to_vec()),
+            vector::array_param(vectors, vector_type),
+        ];
         sql_text::run(&sql, &args)
     })
 }
@@ -132,8 +150,12 @@ pub fn write_vectors(t: &Target, column: &str, keys: &[String], texts: &[String]
 pub fn embed_chunks(t: &Target, keys: &[String], texts: &[Option<String>]) -> ChunkBatch {
     let documents = crate::columns::open_checked(t.relation);
     let settings = t.chunk_settings(&documents);
-    let (live_keys, live_texts): (Vec<String>, Vec<Option<String>>) =
-        keys.iter().cloned().zip(texts.iter().cloned()).filter(|(_, text)| text.as_deref().is_some_and(|s| !s.is_empty())).unzip();
+    let (live_keys, live_texts): (Vec<String>, Vec<Option<String>>) = keys
+        .iter()
+        .cloned()
+        .zip(texts.iter().cloned())
+        .filter(|(_, text)| text.as_deref().is_some_and(|s| !s.is_empty()))
+        .unzip();
     settings.embedded_chunks(&live_keys, &live_texts)
 }
 

@@ -94,7 +94,16 @@ impl Target {
     pub fn chunk_settings(&self, documents: &PgRelation) -> ChunkSettings {
         let chunk_table = self.chunk_table.expect("a chunk target");
         let chunk_key = self.chunk_key.as_deref().unwrap_or("doc_id");
-        ChunkSettings::check(documents, &self.key, &self.source, chunk_table, chunk_key, (self.max_tokens, self.overlap), &self.task, self.dim)
+        ChunkSettings::check(
+            documents,
+            &self.key,
+            &self.source,
+            chunk_table,
+            chunk_key,
+            (self.max_tokens, self.overlap),
+            &self.task,
+            self.dim,
+        )
     }
 
     pub fn owner(&self) -> pg_sys::Oid {
@@ -145,7 +154,9 @@ impl Target {
         let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
         let (targets, _) = sql_text::extension_table("embeddinggemma_async_targets");
         sql_text::run(
-            &format!("INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k"),
+            &format!(
+                "INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k"
+            ),
             &[text_param(self.id), text_param(keys.clone())],
         );
         let done = (keys.len() as i64) < SCAN_ROWS;

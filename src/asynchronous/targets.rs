@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode, PgTupleDesc};
 
+use super::registry;
 use crate::chunk_trigger::{resolve_chunk_table, ChunkSettings};
-use crate::columns::{check_columns, check_key, key_binary, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn};
+use crate::columns::{
+    check_columns, check_key, key_binary, key_column, key_text, open_checked, source_text, KeyColumn, SourceColumn,
+};
 use crate::errors::raise;
 use crate::sql_text::{self, ident, param, relation, text_param};
-use super::registry;
 use crate::{routing, service_state, worker};
 
 /// What the trigger needs of a target, cached per backend (a rename is followed by the names
@@ -69,7 +71,9 @@ fn require_service() {
 
 /// The targets table's statement trigger: a registration or a restore wakes the worker.
 #[pg_trigger(sql = "")]
-fn embeddinggemma_async_wake<'a>(_trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::PgTriggerError> {
+fn embeddinggemma_async_wake<'a>(
+    _trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::PgTriggerError> {
     if service_state::preloaded() {
         ensure_worker();
     }
@@ -128,7 +132,10 @@ fn require_current_sql() {
     if version != env!("CARGO_PKG_VERSION") {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("embeddinggemma: the extension is at version {version}, its library at {}", env!("CARGO_PKG_VERSION")),
+            format!(
+                "embeddinggemma: the extension is at version {version}, its library at {}",
+                env!("CARGO_PKG_VERSION")
+            ),
             "ALTER EXTENSION embeddinggemma UPDATE first.",
         )
     }
@@ -145,7 +152,8 @@ fn covers(relation: pg_sys::Oid, relid: pg_sys::Oid) -> bool {
     if relation == relid {
         return true;
     }
-    let sql = "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a WHERE a.relid OPERATOR(pg_catalog.=) $2)";
+    let sql =
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a WHERE a.relid OPERATOR(pg_catalog.=) $2)";
     sql_text::one::<bool>(sql, &[param(relid, pg_sys::REGCLASSOID), param(relation, pg_sys::REGCLASSOID)]) == Some(true)
 }
 
@@ -168,7 +176,10 @@ fn check_plain_table(rel: &PgRelation) {
         let (what, hint) = why.split_once("; ").expect("two parts");
         raise(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            format!("embeddinggemma: {} is {what}: asynchronous targets are for plain and partitioned tables", sql_text::display(rel.oid())),
+            format!(
+                "embeddinggemma: {} is {what}: asynchronous targets are for plain and partitioned tables",
+                sql_text::display(rel.oid())
+            ),
             format!("{}{}.", hint[..1].to_uppercase(), &hint[1..]),
         )
     }
@@ -180,7 +191,17 @@ fn trigger_name(id: i32) -> String {
 
 /// Records a target, installs its trigger, starts the worker.
 #[allow(clippy::too_many_arguments)]
-fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunks: Option<&ChunkSettings>, task: &str, dim: i32, keep_stale: bool, keep_existing: bool) -> i32 {
+fn register(
+    rel: &PgRelation,
+    key: &KeyColumn,
+    source: &str,
+    target: &str,
+    chunks: Option<&ChunkSettings>,
+    task: &str,
+    dim: i32,
+    keep_stale: bool,
+    keep_existing: bool,
+) -> i32 {
     check_plain_table(rel);
     require_current_sql();
     // The queue and the targets live in each node's own tables; a distributed table's rows are
@@ -220,7 +241,11 @@ fn register(rel: &PgRelation, key: &KeyColumn, source: &str, target: &str, chunk
         raise(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             format!("embeddinggemma: {} already has an asynchronous target {target}", sql_text::display(rel.oid())),
-            format!("SELECT embeddinggemma_async_drop({}, {}) first to register it anew.", sql_text::literal(&sql_text::display(rel.oid())), sql_text::literal(target)),
+            format!(
+                "SELECT embeddinggemma_async_drop({}, {}) first to register it anew.",
+                sql_text::literal(&sql_text::display(rel.oid())),
+                sql_text::literal(target)
+            ),
         )
     }
     let id = sql_text::as_role(owner, || sql_text::one::<i32>(&sql, &args)).expect("INSERT … RETURNING gives the id");
@@ -275,13 +300,30 @@ fn default_key(rel: &PgRelation) -> String {
 /// 0.4.0's entry point (its SQL calls it with seven arguments): with 0.4.0's SQL installed,
 /// registration is refused with the hint to update.
 #[pg_extern(sql = "")]
-fn embeddinggemma_async(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>) -> i32 {
+fn embeddinggemma_async(
+    tbl: pg_sys::Oid,
+    source: &str,
+    target: &str,
+    task: &str,
+    dim: i32,
+    key: Option<&str>,
+    keep_stale: Option<bool>,
+) -> i32 {
     embeddinggemma_async_register(tbl, source, target, task, dim, key, keep_stale, None)
 }
 
 #[pg_extern(sql = "")]
 #[allow(clippy::too_many_arguments)]
-fn embeddinggemma_async_register(tbl: pg_sys::Oid, source: &str, target: &str, task: &str, dim: i32, key: Option<&str>, keep_stale: Option<bool>, keep_existing: Option<bool>) -> i32 {
+fn embeddinggemma_async_register(
+    tbl: pg_sys::Oid,
+    source: &str,
+    target: &str,
+    task: &str,
+    dim: i32,
+    key: Option<&str>,
+    keep_stale: Option<bool>,
+    keep_existing: Option<bool>,
+) -> i32 {
     require_service();
     let rel = open_checked(tbl);
     sql_text::require_owner(tbl, "embed it asynchronously");
@@ -312,11 +354,30 @@ fn embeddinggemma_async_chunks(
     let key = key.map(str::to_string).unwrap_or_else(|| default_key(&rel));
     let (task, dim) = (task.unwrap_or("document"), dim.unwrap_or(768));
     let cut = (max_tokens.unwrap_or(512), overlap.unwrap_or(64));
-    let settings = ChunkSettings::check(&rel, &key, source.unwrap_or("body"), chunk_table, chunk_key.unwrap_or("doc_id"), cut, task, dim);
+    let settings = ChunkSettings::check(
+        &rel,
+        &key,
+        source.unwrap_or("body"),
+        chunk_table,
+        chunk_key.unwrap_or("doc_id"),
+        cut,
+        task,
+        dim,
+    );
     check_task_and_dim(task, dim);
     // The chunk settings are checked as the chunk trigger checks them, cutting included.
     crate::chunks::Cut::new(cut.0, cut.1, task);
-    register(&rel, &settings.key, &settings.source, &sql_text::display(chunk_table), Some(&settings), task, dim, true, false)
+    register(
+        &rel,
+        &settings.key,
+        &settings.source,
+        &sql_text::display(chunk_table),
+        Some(&settings),
+        task,
+        dim,
+        true,
+        false,
+    )
 }
 
 /// The target `name` (a vector column, or a chunk table) of `tbl`: its id and trigger.
@@ -415,7 +476,10 @@ pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
     let ids = sql_text::as_role(owner, || sql_text::one::<Vec<i32>>(&sql, &args)).unwrap_or_default();
     for id in ids {
         requeue(id);
-        pgrx::notice!("embeddinggemma: column \"{column}\" of {} was retyped: asynchronous target {id} embeds its rows again", sql_text::display(relation));
+        pgrx::notice!(
+            "embeddinggemma: column \"{column}\" of {} was retyped: asynchronous target {id} embeds its rows again",
+            sql_text::display(relation)
+        );
     }
 }
 
@@ -436,14 +500,19 @@ pub fn partition_attached(partition: pg_sys::Oid) {
     let found: Vec<(i32, Option<String>)> = sql_text::as_role(owner, || {
         pgrx::spi::Spi::connect(|c| {
             let rows = c.select(&sql, None, &[param(partition, pg_sys::REGCLASSOID)])?;
-            rows.map(|r| Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<String>(2)?))).collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+            rows.map(|r| Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<String>(2)?)))
+                .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
         })
         .expect("SPI reports errors as ERRORs")
     });
     for (id, target) in found {
         // Read as the role attaching the partition (it owns the partition).
         let brought = target.is_some_and(|v| {
-            let sql = format!("SELECT EXISTS (SELECT FROM {} d WHERE d.{} IS NOT NULL)", sql_text::table_rows(partition), ident(&v));
+            let sql = format!(
+                "SELECT EXISTS (SELECT FROM {} d WHERE d.{} IS NOT NULL)",
+                sql_text::table_rows(partition),
+                ident(&v)
+            );
             sql_text::one::<bool>(&sql, &[]) == Some(true)
         });
         sql_text::as_role(owner, || {
@@ -456,7 +525,10 @@ pub fn partition_attached(partition: pg_sys::Oid) {
             )
         });
         ensure_worker();
-        pgrx::notice!("embeddinggemma: partition {} attached: asynchronous target {id} queues its rows", sql_text::display(partition));
+        pgrx::notice!(
+            "embeddinggemma: partition {} attached: asynchronous target {id} queues its rows",
+            sql_text::display(partition)
+        );
     }
 }
 
@@ -476,7 +548,9 @@ fn embeddinggemma_async_drop(tbl: pg_sys::Oid, target: &str) {
 
 fn trigger_target(id: i32, relid: pg_sys::Oid) -> TriggerTarget {
     let registry = sql_text::extension_relation("embeddinggemma_async_targets");
-    if let Some(t) = TARGETS.with(|t| t.borrow().get(&id).filter(|t| t.registry == registry && covers(t.relation, relid)).cloned()) {
+    if let Some(t) =
+        TARGETS.with(|t| t.borrow().get(&id).filter(|t| t.registry == registry && covers(t.relation, relid)).cloned())
+    {
         return t;
     }
     let (targets, owner) = targets_table();
@@ -536,7 +610,11 @@ fn trigger_columns(id: i32, t: &TriggerTarget, rel: pg_sys::Relation) -> Columns
     let source = crate::columns::check_source(&relation, &t.source);
     let key = key_column(&relation, &t.key);
     let attr = |attno: usize| *desc.get(attno - 1).expect("a column found above");
-    let target = t.target.as_deref().and_then(|name| crate::columns::lookup_column(&relation, name)).map(|a| (a.attnum as usize, a.atttypid));
+    let target = t
+        .target
+        .as_deref()
+        .and_then(|name| crate::columns::lookup_column(&relation, name))
+        .map(|a| (a.attnum as usize, a.atttypid));
     let columns = Columns { source_type: attr(source.attno.get()).atttypid, source, key, target };
     TARGETS.with(|all| {
         if let Some(cached) = all.borrow_mut().get_mut(&id) {
@@ -557,7 +635,11 @@ fn embeddinggemma_async_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
     let misuse = |what: &str| -> ! {
-        raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, format!("embeddinggemma_async_trigger(): {what}"), "embeddinggemma_async() installs this trigger.")
+        raise(
+            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            format!("embeddinggemma_async_trigger(): {what}"),
+            "embeddinggemma_async() installs this trigger.",
+        )
     };
     let op = trigger.op()?;
     if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::Before) {
@@ -591,7 +673,8 @@ fn embeddinggemma_async_trigger<'a>(
     // the worker reads back, whatever this session's settings).
     let key_of = |tuple| unsafe { key_text(tuple, desc, key).zip(key_binary(tuple, desc, key)) };
     // SAFETY: the descriptor of the tuple returned (NEW, OLD, or NEW with its vector cleared).
-    let returned = |tuple| Ok(Some(unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(desc), tuple) }));
+    let returned =
+        |tuple| Ok(Some(unsafe { PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(desc), tuple) }));
     if matches!(op, PgTriggerOperation::Delete) {
         // A deleted document's chunks go (a chunk table needs no foreign key for that).
         let old = data.tg_trigtuple;
@@ -615,9 +698,19 @@ fn embeddinggemma_async_trigger<'a>(
     // fires after this one (triggers fire in name order) may still change the text: the text
     // as stored is not known here, so every write queues the row and the worker reads it.
     // SAFETY: the relation's descriptor; a column number checked above.
-    let generated = unsafe { PgTupleDesc::from_pg_unchecked(desc) }.get(source.attno.get() - 1).is_some_and(|a| a.attgenerated != 0);
+    let generated = unsafe { PgTupleDesc::from_pg_unchecked(desc) }
+        .get(source.attno.get() - 1)
+        .is_some_and(|a| a.attgenerated != 0);
     // SAFETY: the relation and trigger PostgreSQL fires.
-    let unknown = generated || unsafe { crate::trigger_order::later_before_trigger(rel, data.tg_trigger, pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE) }.is_some();
+    let unknown = generated
+        || unsafe {
+            crate::trigger_order::later_before_trigger(
+                rel,
+                data.tg_trigger,
+                pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE,
+            )
+        }
+        .is_some();
     let (text_changed, old_key) = match old {
         Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),

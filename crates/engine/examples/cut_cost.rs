@@ -24,7 +24,11 @@ fn main() {
         let mid = (lo + hi + 1) / 2;
         let end = (0..=mid).rev().find(|&i| long.is_char_boundary(i)).unwrap();
         let t = &engine.tokenize(&[&long[..end]], "document").unwrap()[0];
-        if t.full_len <= 2048 { lo = mid } else { hi = mid - 1 }
+        if t.full_len <= 2048 {
+            lo = mid
+        } else {
+            hi = mid - 1
+        }
     }
     let end = (0..=lo).rev().find(|&i| long.is_char_boundary(i)).unwrap();
     let exact = &long[..end];
@@ -40,7 +44,13 @@ fn main() {
         let seconds = started.elapsed().as_secs_f64();
         println!(
             "{label:>12}: {} bytes, {:.2} s (tokenize {:.3} s), peak +{} MB over {} MB RSS, truncated={}, dims={}",
-            text.len(), seconds, stats.tokenize_time.as_secs_f64(), (status_kb("VmHWM:") - rss) / 1024, rss / 1024, stats.truncated, v[0].len()
+            text.len(),
+            seconds,
+            stats.tokenize_time.as_secs_f64(),
+            (status_kb("VmHWM:") - rss) / 1024,
+            rss / 1024,
+            stats.truncated,
+            v[0].len()
         );
     }
 }

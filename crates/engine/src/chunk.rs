@@ -80,7 +80,13 @@ impl CharCursor {
 impl<'a> Chunker<'a> {
     /// `max_tokens` must leave room for one token of text beside the prompt, `<bos>` and
     /// `<eos>`, and be at most the model's limit; `overlap` at most half the text's budget.
-    pub fn new(tokenizer: &'a TextTokenizer, task: &str, prompt: &'a str, max_tokens: usize, overlap: usize) -> Result<Chunker<'a>> {
+    pub fn new(
+        tokenizer: &'a TextTokenizer,
+        task: &str,
+        prompt: &'a str,
+        max_tokens: usize,
+        overlap: usize,
+    ) -> Result<Chunker<'a>> {
         let prompt_tokens = tokenizer.encode_uncut(prompt)?.full_len - 2;
         let (least, most) = (prompt_tokens + 3, tokenizer.max_len());
         if max_tokens < least {
@@ -89,7 +95,9 @@ impl<'a> Chunker<'a> {
             )));
         }
         if max_tokens > most {
-            return Err(Error::InvalidOption(format!("max_tokens {max_tokens} is over the model's limit of {most} tokens: use {least} to {most}")));
+            return Err(Error::InvalidOption(format!(
+                "max_tokens {max_tokens} is over the model's limit of {most} tokens: use {least} to {most}"
+            )));
         }
         let budget = max_tokens - prompt_tokens - 2;
         if overlap > budget / 2 {
@@ -154,7 +162,12 @@ impl<'a> Chunker<'a> {
         let wanted = self.budget + WINDOW_MARGIN;
         loop {
             let end = breaks::ceil_char(text, start.saturating_add(*bytes).min(text.len()).max(start + 1));
-            let spans: Vec<(usize, usize)> = self.tokenizer.token_spans(&text[start..end])?.into_iter().map(|(a, b)| (start + a, start + b)).collect();
+            let spans: Vec<(usize, usize)> = self
+                .tokenizer
+                .token_spans(&text[start..end])?
+                .into_iter()
+                .map(|(a, b)| (start + a, start + b))
+                .collect();
             if spans.len() > wanted {
                 // The next chunk's first try: about the bytes this one's tokens took.
                 *bytes = ((spans[wanted].1 - start) * 5 / 4).max(MIN_WINDOW_BYTES);
@@ -227,7 +240,9 @@ impl<'a> Chunker<'a> {
         let first = inside.saturating_sub(self.overlap).max(1);
         let target = w.spans.get(first..inside).and_then(|s| s.iter().map(|s| s.0).find(|&p| p > start && p < end));
         match target {
-            Some(target) => breaks::word_start(text, target, end).unwrap_or_else(|| breaks::settle(text, target, start)),
+            Some(target) => {
+                breaks::word_start(text, target, end).unwrap_or_else(|| breaks::settle(text, target, start))
+            }
             None => end,
         }
     }

@@ -117,10 +117,7 @@ struct RawGemma {
 }
 
 fn rope_theta(raw: &RawGemma, kind: &str, legacy: Option<f64>) -> Option<f64> {
-    raw.rope_parameters
-        .as_ref()
-        .and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64())
-        .or(legacy)
+    raw.rope_parameters.as_ref().and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64()).or(legacy)
 }
 
 impl GemmaConfig {
@@ -268,7 +265,10 @@ impl ModelConfig {
         for (module, kind) in modules.iter().zip(&kinds) {
             let relative = Path::new(&module.path);
             if relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                return Err(Error::file(&modules_path, format!("module path {:?} leaves the model directory", module.path)));
+                return Err(Error::file(
+                    &modules_path,
+                    format!("module path {:?} leaves the model directory", module.path),
+                ));
             }
             let mdir = dir.join(relative);
             match *kind {
@@ -280,18 +280,21 @@ impl ModelConfig {
                 "Dense" => {
                     let cfg_path = mdir.join("config.json");
                     let raw: RawDense = parse(&cfg_path, read_json(read, &cfg_path)?)?;
-                    let identity = raw
-                        .activation_function
-                        .as_deref()
-                        .is_none_or(|a| a.ends_with("Identity"));
+                    let identity = raw.activation_function.as_deref().is_none_or(|a| a.ends_with("Identity"));
                     if raw.bias || !identity {
-                        return Err(Error::file(cfg_path, "only bias-free Dense layers with identity activation are supported"));
+                        return Err(Error::file(
+                            cfg_path,
+                            "only bias-free Dense layers with identity activation are supported",
+                        ));
                     }
                     dense.push(DenseConfig { dir: mdir, in_features: raw.in_features, out_features: raw.out_features });
                 }
                 "Normalize" => normalize = true,
                 other => {
-                    return Err(Error::file(&modules_path, format!("unsupported module {other:?} at {:?}", module.path)))
+                    return Err(Error::file(
+                        &modules_path,
+                        format!("unsupported module {other:?} at {:?}", module.path),
+                    ))
                 }
             }
         }
@@ -301,7 +304,10 @@ impl ModelConfig {
         let mut width = encoder.hidden_size;
         for d in &dense {
             if d.in_features != width {
-                return Err(Error::file(d.dir.join("config.json"), format!("in_features {} does not follow width {width}", d.in_features)));
+                return Err(Error::file(
+                    d.dir.join("config.json"),
+                    format!("in_features {} does not follow width {width}", d.in_features),
+                ));
             }
             width = d.out_features;
         }

@@ -83,7 +83,8 @@ fn loaded_files(config: &ModelConfig, dir: &Path) -> Vec<String> {
 
 fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     let cuda = |n: usize| {
-        Device::new_cuda(n).map_err(|e| Error::Device { device: format!("cuda:{n}"), reason: crate::error::candle_message(e) })
+        Device::new_cuda(n)
+            .map_err(|e| Error::Device { device: format!("cuda:{n}"), reason: crate::error::candle_message(e) })
     };
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -180,7 +181,12 @@ impl Engine {
         let at = Placement { device: device.clone(), weights, activations, portable: options.portable_kernels };
 
         let enc = &config.encoder;
-        let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), enc.bos_token_id, enc.eos_token_id, config.max_seq_length)?;
+        let tokenizer = TextTokenizer::load(
+            &dir.join("tokenizer.json"),
+            enc.bos_token_id,
+            enc.eos_token_id,
+            config.max_seq_length,
+        )?;
         let file = crate::weights::SafeTensorsFile::open(&dir.join("model.safetensors"))?;
         let encoder = Encoder::load(&file, enc, &at)?;
         let head = SentenceHead::load(&config.dense, &at)?;
@@ -215,7 +221,18 @@ impl Engine {
             weight_bytes: encoder.bytes() + head.bytes(),
             version: env!("CARGO_PKG_VERSION"),
         };
-        Ok(Engine { config, tokenizer, encoder, head, pool, background_pool: Default::default(), background_softened: AtomicBool::new(false), memory, max_memory: options.max_memory, info })
+        Ok(Engine {
+            config,
+            tokenizer,
+            encoder,
+            head,
+            pool,
+            background_pool: Default::default(),
+            background_softened: AtomicBool::new(false),
+            memory,
+            max_memory: options.max_memory,
+            info,
+        })
     }
 
     /// Runs `f` on the engine's own pool, or on one started for this call and joined after.
@@ -243,10 +260,11 @@ impl Engine {
         if task == "none" {
             return Ok("");
         }
-        self.config.prompts.get(task).map(String::as_str).ok_or_else(|| Error::UnknownTask {
-            name: task.to_string(),
-            valid: self.tasks().join(", "),
-        })
+        self.config
+            .prompts
+            .get(task)
+            .map(String::as_str)
+            .ok_or_else(|| Error::UnknownTask { name: task.to_string(), valid: self.tasks().join(", ") })
     }
 
     pub fn check_dim(&self, dim: i64) -> Result<usize> {
@@ -274,7 +292,14 @@ impl Engine {
     /// Cuts `text` into chunks that each embed for `task` within `max_tokens` tokens (prompt,
     /// `<bos>` and `<eos>` included), the next starting about `overlap` tokens before the
     /// previous one's end. Tokenizes only; `cancel` is polled between chunks.
-    pub fn chunk(&self, text: &str, task: &str, max_tokens: usize, overlap: usize, cancel: Cancel) -> Result<Vec<Chunk>> {
+    pub fn chunk(
+        &self,
+        text: &str,
+        task: &str,
+        max_tokens: usize,
+        overlap: usize,
+        cancel: Cancel,
+    ) -> Result<Vec<Chunk>> {
         catch_panic(|| self.chunker(task, max_tokens, overlap)?.chunks(text, cancel))
     }
 
@@ -299,7 +324,11 @@ impl Engine {
     /// Token positions a pass computes for `real` tokens planned as `padded`: the CPU kernels
     /// run a bucket packed (no padding rows), other devices padded.
     pub fn computed_tokens(&self, real: usize, padded: usize) -> usize {
-        if self.memory.portable { padded } else { real }
+        if self.memory.portable {
+            padded
+        } else {
+            real
+        }
     }
 
     /// Estimated peak bytes of one call's forward pass over `size` texts padded to `len`
@@ -374,7 +403,12 @@ impl Engine {
         }
     }
 
-    fn forward_ids_in(&self, pool: &rayon::ThreadPool, seqs: &[&[u32]], cancel: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Vec<f32>>> {
+    fn forward_ids_in(
+        &self,
+        pool: &rayon::ThreadPool,
+        seqs: &[&[u32]],
+        cancel: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Vec<Vec<f32>>> {
         let padded_len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         catch_panic(|| {
@@ -388,7 +422,12 @@ impl Engine {
     /// Embeds `texts`, returning unit vectors of `request.dim` values in input order.
     /// `cancel` is polled per text while tokenizing, between forward passes and between
     /// layers; when it returns true the call stops with `Error::Cancelled`.
-    pub fn embed(&self, texts: &[&str], request: &Request, cancel: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Vec<f32>>, Stats)> {
+    pub fn embed(
+        &self,
+        texts: &[&str],
+        request: &Request,
+        cancel: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(Vec<Vec<f32>>, Stats)> {
         self.on_pool(|pool| self.embed_in(pool, texts, request, cancel))
     }
 
@@ -401,7 +440,9 @@ impl Engine {
         cancel: &(dyn Fn() -> bool + Sync),
     ) -> Result<(Vec<Vec<f32>>, Stats)> {
         let mut vectors = Vec::new();
-        vectors.try_reserve_exact(texts.len()).map_err(|e| Error::out_of_memory(format!("{} vectors: {e}", texts.len())))?;
+        vectors
+            .try_reserve_exact(texts.len())
+            .map_err(|e| Error::out_of_memory(format!("{} vectors: {e}", texts.len())))?;
         let stats = self.embed_stream_in(pool, texts, request, cancel, &mut |_, chunk| {
             vectors.extend(chunk);
             Ok(())
@@ -432,8 +473,9 @@ impl Engine {
                     return Err(Error::Cancelled);
                 }
                 let first = n * WINDOW_TEXTS;
-                let (vectors, window_stats) =
-                    catch_panic(|| pool.install(|| self.embed_window(first, window, prompt, dim, request.truncate, cancel)))?;
+                let (vectors, window_stats) = catch_panic(|| {
+                    pool.install(|| self.embed_window(first, window, prompt, dim, request.truncate, cancel))
+                })?;
                 stats += window_stats;
                 sink(first, vectors)?;
             }
@@ -457,7 +499,11 @@ impl Engine {
         stats.tokenize_time = started.elapsed();
         if let Some((index, t)) = tokenized.iter().enumerate().find(|(_, t)| t.truncated()) {
             if !truncate {
-                return Err(Error::TooLong { index: first + index, tokens: t.full_len, limit: self.tokenizer.max_len() });
+                return Err(Error::TooLong {
+                    index: first + index,
+                    tokens: t.full_len,
+                    limit: self.tokenizer.max_len(),
+                });
             }
         }
         stats.truncated = tokenized.iter().filter(|t| t.truncated()).count() as u64;

@@ -8,11 +8,7 @@ pub enum Error {
     ModelFile { path: PathBuf, reason: String },
 
     #[error("checksum mismatch for {path}: expected sha256 {expected}, found {actual}")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    Checksum { path: PathBuf, expected: String, actual: String },
 
     #[error("unknown task {name:?}; valid tasks: {valid}")]
     UnknownTask { name: String, valid: String },
@@ -22,11 +18,7 @@ pub enum Error {
 
     /// `tokens` counts the whole text, or for a text cut before tokenizing a lower bound.
     #[error("text {index} has at least {tokens} tokens, more than the model's limit of {limit}")]
-    TooLong {
-        index: usize,
-        tokens: usize,
-        limit: usize,
-    },
+    TooLong { index: usize, tokens: usize, limit: usize },
 
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -64,10 +56,7 @@ impl Error {
     }
 
     pub(crate) fn file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
-        Error::ModelFile {
-            path: path.into(),
-            reason: reason.to_string(),
-        }
+        Error::ModelFile { path: path.into(), reason: reason.to_string() }
     }
 }
 

@@ -32,15 +32,15 @@ pub fn manifest(bytes: &[u8]) {
 
 /// The JSON files `model_config` reads, in the order of the input's NUL-separated parts.
 pub const CONFIG_FILES: [&str; 8] = [
-        "config.json",
-        "modules.json",
-        "sentence_bert_config.json",
-        "config_sentence_transformers.json",
-        "1_Pooling/config.json",
-        "2_Dense/config.json",
-        "3_Dense/config.json",
-        "tokenizer_config.json",
-    ];
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "2_Dense/config.json",
+    "3_Dense/config.json",
+    "tokenizer_config.json",
+];
 
 /// The model directory's JSON files, split from one input at NUL bytes (`CONFIG_FILES`),
 /// read from memory.

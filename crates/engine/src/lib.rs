@@ -23,7 +23,8 @@ pub use engine::{confine_candle_threads, Engine, EngineInfo, CANDLE_THREADS, WIN
 pub use error::{Error, Result};
 pub use manifest::{sha256_file, Manifest};
 pub use options::{
-    DeviceChoice, EngineOptions, Precision, Request, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MEMORY,
+    DeviceChoice, EngineOptions, Precision, Request, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_MEMORY,
 };
 pub use planner::{Bucket, MemoryModel, Plan};
 pub use stats::Stats;

@@ -80,11 +80,7 @@ impl Manifest {
             let path = dir.join(relative);
             let actual = sha256_file(&path)?;
             if &actual != expected {
-                return Err(Error::Checksum {
-                    path,
-                    expected: expected.clone(),
-                    actual,
-                });
+                return Err(Error::Checksum { path, expected: expected.clone(), actual });
             }
         }
         Ok(())

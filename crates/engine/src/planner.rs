@@ -126,7 +126,8 @@ impl MemoryModel {
         let mut floats = tokens.saturating_mul(per_token);
         let square = len.saturating_mul(len);
         if self.portable {
-            let chunk = (PORTABLE_SCORES_PER_CHUNK / self.heads.max(1).saturating_mul(square).max(1)).clamp(1, size.max(1));
+            let chunk =
+                (PORTABLE_SCORES_PER_CHUNK / self.heads.max(1).saturating_mul(square).max(1)).clamp(1, size.max(1));
             // scores, masked scores, probabilities and their cast; the sliding mask [B, 1, T, T].
             floats = floats.saturating_add(4 * chunk * self.heads * square);
             if len > self.window {
@@ -191,7 +192,16 @@ mod tests {
 
     #[test]
     fn memory_estimates_grow_with_the_bucket() {
-        let m = MemoryModel { hidden: 768, intermediate: 1152, heads: 3, kv_heads: 1, head_dim: 256, window: 257, portable: false, threads: 2 };
+        let m = MemoryModel {
+            hidden: 768,
+            intermediate: 1152,
+            heads: 3,
+            kv_heads: 1,
+            head_dim: 256,
+            window: 257,
+            portable: false,
+            threads: 2,
+        };
         assert!(m.pass_bytes(1, 2048) < m.pass_bytes(2, 2048));
         assert!(m.pass_bytes(4, 2048) >= 4 * 2048 * (8 * 768 + 3 * 1152) * 4);
         let portable = MemoryModel { portable: true, ..m };

@@ -309,7 +309,9 @@ mod tests {
     #[test]
     fn classes_round_up_by_at_most_an_eighth_and_invert() {
         let mut last = 0;
-        for size in [1 << 20, (1 << 20) + 1, 3 << 20, 5_000_000, 37 << 20, (1 << 30) - 1, 1 << 40, isize::MAX as usize / 2] {
+        for size in
+            [1 << 20, (1 << 20) + 1, 3 << 20, 5_000_000, 37 << 20, (1 << 30) - 1, 1 << 40, isize::MAX as usize / 2]
+        {
             let class = class_of(size);
             let bytes = class_bytes(class);
             assert!(bytes >= size && bytes - size <= size / 8, "{size} -> {bytes}");

@@ -209,7 +209,8 @@ impl BoundaryProof {
             merges.push((a as u64) << 32 | b as u64);
         }
         merges.sort_unstable();
-        let contents: Vec<&str> = raw.added_tokens.iter().map(|a| a.content.as_str()).filter(|c| !c.is_empty()).collect();
+        let contents: Vec<&str> =
+            raw.added_tokens.iter().map(|a| a.content.as_str()).filter(|c| !c.is_empty()).collect();
         let added = if contents.is_empty() { None } else { Some(AhoCorasick::new(&contents).ok()?) };
         Some(BoundaryProof {
             merges,
@@ -297,9 +298,10 @@ impl TextTokenizer {
         let tokenizer = TextTokenizer { inner, eos, max_len, proof, token_bytes };
         let empty = tokenizer.encode_uncut("")?;
         if empty.ids != [bos, eos] {
-            return Err(Error::file(path, format!(
-                "the tokenizer turns \"\" into {:?}, expected [<bos> {bos}, <eos> {eos}]", empty.ids
-            )));
+            return Err(Error::file(
+                path,
+                format!("the tokenizer turns \"\" into {:?}, expected [<bos> {bos}, <eos> {eos}]", empty.ids),
+            ));
         }
         Ok(tokenizer)
     }
@@ -381,7 +383,8 @@ impl TextTokenizer {
         let join = |text_bytes: usize| -> Result<String> {
             let end = floor_char_boundary(text, text_bytes);
             let mut s = String::new();
-            s.try_reserve_exact(prompt.len() + end).map_err(|e| Error::out_of_memory(format!("a text of {end} bytes: {e}")))?;
+            s.try_reserve_exact(prompt.len() + end)
+                .map_err(|e| Error::out_of_memory(format!("a text of {end} bytes: {e}")))?;
             s.push_str(prompt);
             s.push_str(&text[..end]);
             Ok(s)

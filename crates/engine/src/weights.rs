@@ -84,9 +84,7 @@ impl SafeTensorsFile {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| Error::file(&self.path, format!("tensor {name} is missing")))
+        self.entries.get(name).ok_or_else(|| Error::file(&self.path, format!("tensor {name} is missing")))
     }
 
     fn bytes(&self, entry: &Entry) -> &[u8] {
@@ -97,13 +95,20 @@ impl SafeTensorsFile {
     pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let entry = self.entry(name)?;
         if entry.shape != shape {
-            return Err(Error::file(&self.path, format!("tensor {name} has shape {:?}, expected {shape:?}", entry.shape)));
+            return Err(Error::file(
+                &self.path,
+                format!("tensor {name} has shape {:?}, expected {shape:?}", entry.shape),
+            ));
         }
         let bytes = self.bytes(entry);
         let tensor = match entry.dtype.as_str() {
             "F32" => Tensor::from_vec(decode_f32(bytes), shape, &Device::Cpu)?,
-            "BF16" => Tensor::from_vec(decode_u16(bytes).map(half::bf16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?,
-            "F16" => Tensor::from_vec(decode_u16(bytes).map(half::f16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?,
+            "BF16" => {
+                Tensor::from_vec(decode_u16(bytes).map(half::bf16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?
+            }
+            "F16" => {
+                Tensor::from_vec(decode_u16(bytes).map(half::f16::from_bits).collect::<Vec<_>>(), shape, &Device::Cpu)?
+            }
             other => return Err(Error::file(&self.path, format!("tensor {name} has unsupported dtype {other}"))),
         };
         let tensor = tensor.to_dtype(dtype)?.to_device(device)?;
@@ -128,9 +133,10 @@ impl SafeTensorsFile {
     pub fn embedding_table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable> {
         let entry = self.entry(name)?;
         if entry.shape != [rows, cols] || entry.dtype != "F32" {
-            return Err(Error::file(&self.path, format!(
-                "tensor {name} is {} {:?}, expected F32 [{rows}, {cols}]", entry.dtype, entry.shape
-            )));
+            return Err(Error::file(
+                &self.path,
+                format!("tensor {name} is {} {:?}, expected F32 [{rows}, {cols}]", entry.dtype, entry.shape),
+            ));
         }
         let offset = self.data_start + entry.data_offsets.0;
         // Each token reads one row: read-ahead would only pull in rows nobody asked for.

@@ -33,13 +33,17 @@ fn bf16_with_and_without_the_kernel_is_close_to_the_reference() {
     let kernel = tiny_run("default");
     std::env::set_var(SWITCH, "off");
     let widened = tiny_run("widened");
-    let reference: Vec<Case> = cases("embeddinggemma-300m.json").into_iter().filter(|c| c.input_ids.len() <= 512).collect();
+    let reference: Vec<Case> =
+        cases("embeddinggemma-300m.json").into_iter().filter(|c| c.input_ids.len() <= 512).collect();
     let options = EngineOptions { device: DeviceChoice::Cpu, precision: Precision::Bf16, ..EngineOptions::default() };
     let engine = Engine::load(&real_model_dir(), &options).unwrap();
     std::env::remove_var(SWITCH);
     let got = embed_batched(&engine, &reference, 768);
     for (dim, worst, label) in worst_distances(&reference, &got) {
-        eprintln!("bf16 (widened): worst cosine distance to reference at {dim}: {worst:e} ({label}, {} cases)", reference.len());
+        eprintln!(
+            "bf16 (widened): worst cosine distance to reference at {dim}: {worst:e} ({label}, {} cases)",
+            reference.len()
+        );
         assert!(worst <= BF16_TOLERANCE, "bf16 (widened) {label} at {dim}: {worst:e}");
     }
 
@@ -56,7 +60,8 @@ fn bf16_with_and_without_the_kernel_is_close_to_the_reference() {
     let engine = tiny_bf16();
     let request = Request { task: "none", dim: 48, truncate: true };
     let (one, _) = engine.embed(&["a single text"], &request, &never).unwrap();
-    let (two, _) = engine.embed(&["a single text", "and a second, longer one, to pad the first"], &request, &never).unwrap();
+    let (two, _) =
+        engine.embed(&["a single text", "and a second, longer one, to pad the first"], &request, &never).unwrap();
     let d = cosine_distance(&one[0], &two[0]);
     assert!(d <= 1e-6, "alone vs batched: {d:e}");
 }

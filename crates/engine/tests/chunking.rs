@@ -56,7 +56,10 @@ fn checked(tok: &TextTokenizer, task: &str, text: &str, max_tokens: usize, overl
         match prev {
             None => rebuilt.push_str(body),
             Some(p) => {
-                assert!(c.start_byte > p.start_byte && c.start_byte <= p.end_byte && c.end_byte > p.end_byte, "{label}: {p:?} then {c:?}");
+                assert!(
+                    c.start_byte > p.start_byte && c.start_byte <= p.end_byte && c.end_byte > p.end_byte,
+                    "{label}: {p:?} then {c:?}"
+                );
                 if overlap == 0 {
                     assert_eq!(c.start_byte, p.end_byte, "{label}");
                 }
@@ -70,7 +73,8 @@ fn checked(tok: &TextTokenizer, task: &str, text: &str, max_tokens: usize, overl
     chunks
 }
 
-const COMBOS: [(&str, usize, usize); 5] = [("document", 512, 64), ("query", 64, 0), ("none", 128, 32), ("document", 2048, 200), ("document", 12, 0)];
+const COMBOS: [(&str, usize, usize); 5] =
+    [("document", 512, 64), ("query", 64, 0), ("none", 128, 32), ("document", 2048, 200), ("document", 12, 0)];
 
 #[test]
 fn docstrings_fit_their_budget_and_give_the_text_back() {
@@ -91,7 +95,9 @@ fn hard_texts_keep_every_rule() {
     all.push(("one huge word", "x".repeat(30_000)));
     all.push(("ZWJ emoji", "👩\u{200d}👩\u{200d}👧\u{200d}👦🏽".repeat(800)));
     for (label, text) in &all {
-        for (task, max_tokens, overlap) in [("document", 64, 16), ("query", 300, 0), ("none", 2048, 500), ("none", 6, 0)] {
+        for (task, max_tokens, overlap) in
+            [("document", 64, 16), ("query", 300, 0), ("none", 2048, 500), ("none", 6, 0)]
+        {
             let chunks = checked(real(), task, text, max_tokens, overlap);
             assert!(chunks.len() > 1 || max_tokens == 2048, "{label}: {} chunks", chunks.len());
         }
@@ -120,7 +126,10 @@ fn empty_and_short_texts() {
 
 /// The text just before each cut but the last.
 fn ends<'t>(text: &'t str, chunks: &[Chunk]) -> Vec<&'t str> {
-    chunks[..chunks.len() - 1].iter().map(|c| &text[c.start_byte.max(c.end_byte.saturating_sub(6))..c.end_byte]).collect()
+    chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| &text[c.start_byte.max(c.end_byte.saturating_sub(6))..c.end_byte])
+        .collect()
 }
 
 #[test]
@@ -161,7 +170,10 @@ fn cuts_keep_combining_marks_with_their_letter() {
     for (max_tokens, overlap) in [(40, 0), (64, 16)] {
         for c in checked(real(), "none", &text, max_tokens, overlap) {
             for p in [c.start_byte, c.end_byte] {
-                assert!(!matches!(text[p..].chars().next(), Some('\u{301}' | '\u{308}')), "a cut at {p} parts a mark from its letter");
+                assert!(
+                    !matches!(text[p..].chars().next(), Some('\u{301}' | '\u{308}')),
+                    "a cut at {p} parts a mark from its letter"
+                );
             }
         }
     }
@@ -175,7 +187,10 @@ fn overlap_is_about_as_asked() {
         for pair in chunks.windows(2) {
             let shared = &text[pair[1].start_byte..pair[0].end_byte];
             let n = tokens(real(), "", shared) - 2;
-            assert!(n + 4 + overlap / 4 >= overlap && n <= overlap + 3, "asked {overlap} tokens of overlap, got {n}: {shared:?}");
+            assert!(
+                n + 4 + overlap / 4 >= overlap && n <= overlap + 3,
+                "asked {overlap} tokens of overlap, got {n}: {shared:?}"
+            );
         }
     }
 }

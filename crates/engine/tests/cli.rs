@@ -39,7 +39,8 @@ fn embed_writes_one_vector_per_input_line_in_order() {
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Vec<f32>> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Vec<f32>> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), query.len());
     for (case, v) in query.iter().zip(&lines) {
         assert!(max_abs_diff(v, &case.embedding) <= 1e-5, "{}", case.label());
@@ -62,7 +63,8 @@ fn chunk_writes_the_chunks_of_each_line() {
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     let chunks = lines[0].as_array().unwrap();
     assert!(chunks.len() > 2, "{chunks:?}");
@@ -78,7 +80,8 @@ fn chunk_writes_the_chunks_of_each_line() {
 #[test]
 fn bench_ends_with_the_figures_line() {
     let corpus = tempfile::NamedTempFile::new().unwrap();
-    let texts: String = (0..30).map(|i| serde_json::to_string(&format!("passage {i} {}", "word ".repeat(i))).unwrap() + "\n").collect();
+    let texts: String =
+        (0..30).map(|i| serde_json::to_string(&format!("passage {i} {}", "word ".repeat(i))).unwrap() + "\n").collect();
     std::fs::write(corpus.path(), texts).unwrap();
     let out = cli()
         .arg("bench")
@@ -90,7 +93,11 @@ fn bench_ends_with_the_figures_line() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let last = stdout.lines().last().unwrap();
     let keys: Vec<&str> = last.split(' ').map(|kv| kv.split('=').next().unwrap()).collect();
-    assert_eq!(keys, ["passages", "tokens", "seconds", "passages_per_s", "tokens_per_s", "fill", "peak_rss_mb", "anon_mb"], "{last}");
+    assert_eq!(
+        keys,
+        ["passages", "tokens", "seconds", "passages_per_s", "tokens_per_s", "fill", "peak_rss_mb", "anon_mb"],
+        "{last}"
+    );
     assert!(last.starts_with("passages=25 "), "{last}");
 }
 
@@ -103,7 +110,14 @@ fn bad_arguments_and_input_fail_with_a_message() {
     let out = cli().args(["embed", "--dtype", "f16"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("valid dtypes: auto, f32, bf16"));
 
-    let mut child = cli().arg("embed").args(model_args()).stdin(Stdio::piped()).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = cli()
+        .arg("embed")
+        .args(model_args())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(b"not json\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());

@@ -63,7 +63,10 @@ fn unknown_task_lists_the_valid_ones() {
     let err = tiny_engine().embed(&["x"], &request("Querry", 48), &never).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::UnknownTask { .. }), "{msg}");
-    assert!(msg.contains("\"Querry\"") && msg.contains("query") && msg.contains("document") && msg.contains("none"), "{msg}");
+    assert!(
+        msg.contains("\"Querry\"") && msg.contains("query") && msg.contains("document") && msg.contains("none"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -142,7 +145,11 @@ fn the_real_model_checksums_refuse_other_weights() {
 
 #[test]
 fn a_manifest_must_cover_every_loaded_file() {
-    let partial = Manifest::parse(&format!("{}  model.safetensors\n", sha256_file(&data("tiny/model/model.safetensors")).unwrap())).unwrap();
+    let partial = Manifest::parse(&format!(
+        "{}  model.safetensors\n",
+        sha256_file(&data("tiny/model/model.safetensors")).unwrap()
+    ))
+    .unwrap();
     let options = embeddinggemma_engine::EngineOptions { checksums: partial, ..tiny_options() };
     let err = Engine::load(&data("tiny/model"), &options).unwrap_err();
     assert!(err.to_string().contains("no sha256 is known"), "{err}");
@@ -175,13 +182,22 @@ fn a_changed_prompt_is_refused_by_the_checksum() {
 #[test]
 fn every_config_file_read_must_be_covered() {
     let dir = tiny_copy();
-    for file in ["config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json", "3_Dense/config.json", "tokenizer_config.json"] {
+    for file in [
+        "config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "1_Pooling/config.json",
+        "3_Dense/config.json",
+        "tokenizer_config.json",
+    ] {
         let text: String = MODEL_FILES
             .iter()
             .filter(|f| **f != file)
             .map(|f| format!("{}  {f}\n", sha256_file(&dir.path().join(f)).unwrap()))
             .collect();
-        let options = embeddinggemma_engine::EngineOptions { checksums: Manifest::parse(&text).unwrap(), ..tiny_options() };
+        let options =
+            embeddinggemma_engine::EngineOptions { checksums: Manifest::parse(&text).unwrap(), ..tiny_options() };
         let err = Engine::load(dir.path(), &options).unwrap_err();
         assert!(err.to_string().contains("no sha256 is known") && err.to_string().contains(file), "{file}: {err}");
     }
@@ -207,23 +223,41 @@ fn load_corrupted(file: &str, corrupt: impl FnOnce(&Path)) -> Error {
 #[test]
 fn corrupt_model_files_are_errors_naming_them() {
     let cases: Vec<(&str, Box<dyn FnOnce(&Path)>)> = vec![
-        ("model.safetensors", Box::new(|p: &Path| {
-            let bytes = std::fs::read(p).unwrap();
-            std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
-        })),
-        ("model.safetensors", Box::new(|p: &Path| std::fs::write(p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap())),
+        (
+            "model.safetensors",
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p).unwrap();
+                std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+        ),
+        (
+            "model.safetensors",
+            Box::new(|p: &Path| std::fs::write(p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap()),
+        ),
         ("2_Dense/model.safetensors", Box::new(|p: &Path| std::fs::write(p, b"").unwrap())),
         ("tokenizer.json", Box::new(|p: &Path| std::fs::write(p, b"{not json").unwrap())),
         ("config.json", Box::new(|p: &Path| std::fs::write(p, b"{\"hidden_size\": 48}").unwrap())),
-        ("config.json", Box::new(|p: &Path| {
-            let text = std::fs::read_to_string(p).unwrap().replace("\"use_bidirectional_attention\": true", "\"use_bidirectional_attention\": false");
-            std::fs::write(p, text).unwrap();
-        })),
+        (
+            "config.json",
+            Box::new(|p: &Path| {
+                let text = std::fs::read_to_string(p)
+                    .unwrap()
+                    .replace("\"use_bidirectional_attention\": true", "\"use_bidirectional_attention\": false");
+                std::fs::write(p, text).unwrap();
+            }),
+        ),
         ("modules.json", Box::new(|p: &Path| std::fs::write(p, b"[]").unwrap())),
-        ("config.json", Box::new(|p: &Path| {
-            let text = std::fs::read_to_string(p).unwrap().replacen("\"rope_type\": \"default\"", "\"rope_type\": \"linear\", \"factor\": 2.0", 1);
-            std::fs::write(p, text).unwrap();
-        })),
+        (
+            "config.json",
+            Box::new(|p: &Path| {
+                let text = std::fs::read_to_string(p).unwrap().replacen(
+                    "\"rope_type\": \"default\"",
+                    "\"rope_type\": \"linear\", \"factor\": 2.0",
+                    1,
+                );
+                std::fs::write(p, text).unwrap();
+            }),
+        ),
     ];
     for (file, corrupt) in cases {
         let err = load_corrupted(file, corrupt);
@@ -236,7 +270,8 @@ fn corrupt_model_files_are_errors_naming_them() {
 fn wrong_tensor_shape_is_named() {
     // The same weights under a config that declares another width.
     let err = load_corrupted("config.json", |p| {
-        let text = std::fs::read_to_string(p).unwrap().replace("\"intermediate_size\": 96", "\"intermediate_size\": 97");
+        let text =
+            std::fs::read_to_string(p).unwrap().replace("\"intermediate_size\": 96", "\"intermediate_size\": 97");
         std::fs::write(p, text).unwrap();
     });
     let msg = err.to_string();

@@ -22,7 +22,18 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             }
             3 => v.truncate(at),
             4 => {
-                let piece = *rng.pick(&["18446744073709551615", "-1", "1e309", "null", "[]", "{}", "\"\"", "0", "\"../x\"", "\"/etc\""]);
+                let piece = *rng.pick(&[
+                    "18446744073709551615",
+                    "-1",
+                    "1e309",
+                    "null",
+                    "[]",
+                    "{}",
+                    "\"\"",
+                    "0",
+                    "\"../x\"",
+                    "\"/etc\"",
+                ]);
                 v.splice(at..at, piece.bytes());
             }
             5 if v.len() > 2 => {

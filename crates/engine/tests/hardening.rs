@@ -93,9 +93,7 @@ fn streaming_hands_over_each_window_in_order() {
         assert!(max_abs_diff(&one[0], &all[i]) < 1e-5, "text {i}");
     }
     // An error from the sink stops the call.
-    let err = engine
-        .embed_stream_in(&pool, &texts, &request(), &never, &mut |_, _| Err(Error::Cancelled))
-        .unwrap_err();
+    let err = engine.embed_stream_in(&pool, &texts, &request(), &never, &mut |_, _| Err(Error::Cancelled)).unwrap_err();
     assert!(matches!(err, Error::Cancelled));
 }
 

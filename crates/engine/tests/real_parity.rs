@@ -44,7 +44,8 @@ fn f32_alone_and_batched_match_the_reference_and_each_other() {
     let batched = embed_batched(engine, 768);
     let mut worst = (0.0f64, 0.0f64);
     for (case, b) in reference().iter().zip(&batched) {
-        let (alone, _) = engine.embed(&[&case.text], &Request { task: case.task(), dim: 768, truncate: true }, &never).unwrap();
+        let (alone, _) =
+            engine.embed(&[&case.text], &Request { task: case.task(), dim: 768, truncate: true }, &never).unwrap();
         let d_alone = cosine_distance(&alone[0], &case.embedding);
         let d_batched = cosine_distance(b, &case.embedding);
         let d_between = cosine_distance(&alone[0], b);
@@ -107,7 +108,8 @@ fn bf16_keeps_the_model_card_ranking() {
     ];
     let rank = |engine: &Engine| {
         let (q, _) = engine.embed(&[QUERY], &Request { task: "query", dim: 768, truncate: true }, &never).unwrap();
-        let (docs, _) = engine.embed(&PLANETS, &Request { task: "document", dim: 768, truncate: true }, &never).unwrap();
+        let (docs, _) =
+            engine.embed(&PLANETS, &Request { task: "document", dim: 768, truncate: true }, &never).unwrap();
         ranking(&q[0], &docs)
     };
     let (f32_order, bf16_order) = (rank(engine()), rank(bf16_engine()));

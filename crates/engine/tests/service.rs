@@ -197,7 +197,8 @@ fn a_full_queue_holds_new_requests_back_while_stats_get_through() {
             small_done = small.poll_reply(Duration::from_millis(5)).map(|r| (r.unwrap(), Instant::now()));
             if small_done.is_some() && big_done.is_none() {
                 // The big reply, sent first, may have come while this loop waited for the small one.
-                big_done = big.poll_reply(Duration::from_millis(100)).map(|r| (r.unwrap(), small_done.as_ref().unwrap().1));
+                big_done =
+                    big.poll_reply(Duration::from_millis(100)).map(|r| (r.unwrap(), small_done.as_ref().unwrap().1));
             }
         }
     }
@@ -253,10 +254,18 @@ fn chunk_requests_get_the_engine_s_chunks() {
     let path = start(ServeOptions::default(), engine_options());
     let engine = Engine::load(&data("tiny/model"), &engine_options()).unwrap();
     let mut client = connect(&path);
-    let long = format!("{}\n\nA second paragraph: ünïcode, 漢字 and 👩\u{200d}👧. ", "Sentences of a text. ".repeat(30)).repeat(4);
-    for (text, task, max_tokens, overlap) in [(long.as_str(), "query", 48, 8), (&long, "none", 30, 0), ("", "query", 48, 8), ("short", "document", 64, 8)] {
+    let long =
+        format!("{}\n\nA second paragraph: ünïcode, 漢字 and 👩\u{200d}👧. ", "Sentences of a text. ".repeat(30))
+            .repeat(4);
+    for (text, task, max_tokens, overlap) in
+        [(long.as_str(), "query", 48, 8), (&long, "none", 30, 0), ("", "query", 48, 8), ("short", "document", 64, 8)]
+    {
         let expected = engine.chunk(text, task, max_tokens, overlap, &never).unwrap();
-        assert_eq!(client.chunk(text, task, max_tokens, overlap, T).unwrap(), expected, "{task} {max_tokens} {overlap}");
+        assert_eq!(
+            client.chunk(text, task, max_tokens, overlap, T).unwrap(),
+            expected,
+            "{task} {max_tokens} {overlap}"
+        );
     }
     let e = client.chunk(&long, "query", 4, 0, T).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidOption, "{e}");
@@ -273,7 +282,10 @@ fn a_service_without_chunking_is_named_as_such() {
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        for reply in [protocol::Response::Pong("0.2.0".into()), protocol::Response::error(ErrorKind::Protocol, "malformed request: unknown request tag 4")] {
+        for reply in [
+            protocol::Response::Pong("0.2.0".into()),
+            protocol::Response::error(ErrorKind::Protocol, "malformed request: unknown request tag 4"),
+        ] {
             let len = protocol::read_len(&mut s).unwrap().unwrap();
             protocol::read_payload(&mut s, len).unwrap();
             s.write_all(&reply.encode().unwrap()).unwrap();
@@ -400,10 +412,16 @@ fn the_binary_reports_a_model_it_cannot_verify() {
 }
 
 /// A load that fails until `available` is set, then loads the tiny model.
-fn load_when(available: &Arc<std::sync::atomic::AtomicBool>) -> impl Fn() -> embeddinggemma_engine::Result<Engine> + Send + 'static {
+fn load_when(
+    available: &Arc<std::sync::atomic::AtomicBool>,
+) -> impl Fn() -> embeddinggemma_engine::Result<Engine> + Send + 'static {
     let available = available.clone();
     move || {
-        let dir = if available.load(std::sync::atomic::Ordering::SeqCst) { data("tiny/model") } else { PathBuf::from("/nonexistent/model") };
+        let dir = if available.load(std::sync::atomic::Ordering::SeqCst) {
+            data("tiny/model")
+        } else {
+            PathBuf::from("/nonexistent/model")
+        };
         Engine::load(&dir, &engine_options())
     }
 }
@@ -413,11 +431,14 @@ fn a_failed_load_is_tried_again_with_backoff_and_at_once_when_asked() {
     for asked in [true, false] {
         let available = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let path = socket_path();
-        let service = service::start(service::bind(&path).unwrap(), load_when(&available), ServeOptions::default()).unwrap();
+        let service =
+            service::start(service::bind(&path).unwrap(), load_when(&available), ServeOptions::default()).unwrap();
         let e = connect(&path).embed("query", 48, true, &["x".to_string()], T).unwrap_err();
         assert_eq!(e.kind, ErrorKind::ModelFile, "{e}");
         assert!(e.message.contains("tries again within"), "{e}");
-        let s = wait_for(&path, "a failed load", |s| s["load_attempts"].as_u64() >= Some(1) && s["next_attempt_s"].is_number());
+        let s = wait_for(&path, "a failed load", |s| {
+            s["load_attempts"].as_u64() >= Some(1) && s["next_attempt_s"].is_number()
+        });
         assert_eq!(s["ready"], false);
         available.store(true, std::sync::atomic::Ordering::SeqCst);
         let fixed = Instant::now();
@@ -443,7 +464,12 @@ fn in_progress(path: &Path, busy: &mut Client) {
 fn draining_finishes_the_requests_in_hand_and_refuses_new_ones() {
     let path = socket_path();
     let engine = engine_options();
-    let service = service::start(service::bind(&path).unwrap(), move || Engine::load(&data("tiny/model"), &engine), ServeOptions::default()).unwrap();
+    let service = service::start(
+        service::bind(&path).unwrap(),
+        move || Engine::load(&data("tiny/model"), &engine),
+        ServeOptions::default(),
+    )
+    .unwrap();
     let mut busy = connect(&path);
     let bulk = texts("bulk", 3000);
     busy.send_embed("document", 48, true, "", false, &bulk).unwrap();
@@ -551,7 +577,10 @@ fn the_binary_loads_again_on_sighup_and_drains_then_exits_on_sigusr1() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
     wait_for(&path, "draining", |s| s["draining"] == true);
-    assert_eq!(connect(&path).embed("query", 48, true, &["late".to_string()], T).unwrap_err().kind, ErrorKind::Unavailable);
+    assert_eq!(
+        connect(&path).embed("query", 48, true, &["late".to_string()], T).unwrap_err().kind,
+        ErrorKind::Unavailable
+    );
     assert_eq!(busy.poll_reply(T * 4).expect("answered while draining").unwrap().len(), 3000);
     let deadline = Instant::now() + T;
     let status = loop {
@@ -577,7 +606,11 @@ fn interactive_requests_overtake_a_background_backlog() {
         let started = Instant::now();
         let got = query.embed("query", 48, true, &[format!("query {i}")], T).unwrap();
         assert_eq!(got.len(), 1);
-        assert!(backlog.poll_reply(Duration::ZERO).is_none(), "query {i} waited for the whole backlog ({:?})", started.elapsed());
+        assert!(
+            backlog.poll_reply(Duration::ZERO).is_none(),
+            "query {i} waited for the whole backlog ({:?})",
+            started.elapsed()
+        );
     }
     let done = backlog.poll_reply(T * 4).expect("the backlog is answered").unwrap();
     assert_eq!(done.len(), bulk.len());

@@ -57,7 +57,18 @@ fn no_idle_threads_and_signals_blocked_from_birth() {
     assert_eq!(thread_count(), before + 3);
     let masks: Vec<u64> = pool.install(|| rayon::broadcast(|_| blocked_signals()));
     // Every signal PostgreSQL handles (SIGURG wakes its latches).
-    let signals = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2, libc::SIGALRM, libc::SIGPIPE, libc::SIGCHLD, libc::SIGURG];
+    let signals = [
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGTERM,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGPIPE,
+        libc::SIGCHLD,
+        libc::SIGURG,
+    ];
     for mask in masks {
         for sig in signals {
             assert!(mask & (1 << (sig - 1)) != 0, "signal {sig} not blocked: {mask:x}");
@@ -70,7 +81,11 @@ fn no_idle_threads_and_signals_blocked_from_birth() {
     // The caller's own mask is as it was.
     assert_eq!(blocked_signals() & (1 << (libc::SIGINT - 1)), 0);
 
-    let own = Engine::load(&data("tiny/model"), &embeddinggemma_engine::EngineOptions { own_thread_pool: true, threads: 2, ..tiny_options() }).unwrap();
+    let own = Engine::load(
+        &data("tiny/model"),
+        &embeddinggemma_engine::EngineOptions { own_thread_pool: true, threads: 2, ..tiny_options() },
+    )
+    .unwrap();
     assert_eq!(thread_count(), before + 2, "own_thread_pool keeps its threads");
     own.embed(&refs, &request, &never).unwrap();
     drop(own);

@@ -87,7 +87,8 @@ fn long_text_is_truncated_with_eos_last_and_counted() {
     assert_eq!(ids.ids.len(), 64);
     assert_eq!(*ids.ids.last().unwrap(), 1);
     assert!(ids.full_len > 64);
-    let (_, stats) = engine.embed(&[&long, "short"], &Request { task: "none", dim: 48, truncate: true }, &never).unwrap();
+    let (_, stats) =
+        engine.embed(&[&long, "short"], &Request { task: "none", dim: 48, truncate: true }, &never).unwrap();
     assert_eq!(stats.truncated, 1);
     let short = engine.tokenize(&["short"], "none").unwrap()[0].ids.len() as u64;
     assert_eq!(stats.real_tokens, 64 + short);

@@ -17,7 +17,8 @@ fn connect(dsn: &str) -> Result<Client> {
 }
 
 fn sql(c: &mut Client, what: &str, query: &str) -> Result<()> {
-    c.batch_execute(query).map_err(|e| format!("{what}: {}", e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())))
+    c.batch_execute(query)
+        .map_err(|e| format!("{what}: {}", e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())))
 }
 
 /// What the insert load writes into.
@@ -76,7 +77,8 @@ pub fn inserts(dsn: &str, kind: Kind, clients: usize, duration: Duration, keep: 
                     while !stop.load(Ordering::Relaxed) {
                         seed += 1;
                         let t0 = Instant::now();
-                        c.execute(insert.as_str(), &[&format!("Note: {}", short_text(seed))]).map_err(|e| format!("insert: {e}"))?;
+                        c.execute(insert.as_str(), &[&format!("Note: {}", short_text(seed))])
+                            .map_err(|e| format!("insert: {e}"))?;
                         latencies.push(t0.elapsed());
                         n += 1;
                     }
@@ -103,7 +105,10 @@ pub fn inserts(dsn: &str, kind: Kind, clients: usize, duration: Duration, keep: 
     r.put_f("rows_per_s", rows as f64 / seconds, 1).put_f("p50_ms", p50, 2);
     if kind == Kind::Async {
         let backlog: i64 = admin
-            .query_one(&format!("SELECT pending FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"), &[])
+            .query_one(
+                &format!("SELECT pending FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"),
+                &[],
+            )
             .map_err(|e| format!("status: {e}"))?
             .get(0);
         let deleted = admin
@@ -183,7 +188,8 @@ fn query_latencies(c: &mut Client, n: usize) -> Result<Vec<f64>> {
     let mut ms = Vec::new();
     for i in 0..n {
         let t0 = Instant::now();
-        c.query_one("SELECT vector_dims(embed($1, 'query'))", &[&format!("which planet is red? {i}")]).map_err(|e| format!("query: {e}"))?;
+        c.query_one("SELECT vector_dims(embed($1, 'query'))", &[&format!("which planet is red? {i}")])
+            .map_err(|e| format!("query: {e}"))?;
         ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     eprintln!("latencies in order (ms): {}", ms.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" "));
@@ -220,7 +226,9 @@ pub fn queries_during_drain(dsn: &str, backlog: &str, texts: &[String], n: usize
     // Wait until the worker is writing, so the queries meet a draining backlog (at once: back
     // to back from registration, so that they also meet the worker's first, full-sized passes).
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !at_once && !c.query_one(&format!("SELECT count(v) > 0 FROM {table}"), &[]).map_err(|e| e.to_string())?.get::<_, bool>(0) {
+    while !at_once
+        && !c.query_one(&format!("SELECT count(v) > 0 FROM {table}"), &[]).map_err(|e| e.to_string())?.get::<_, bool>(0)
+    {
         if Instant::now() > deadline {
             return Err("the backlog never started draining".into());
         }
@@ -230,7 +238,11 @@ pub fn queries_during_drain(dsn: &str, backlog: &str, texts: &[String], n: usize
     let written: i64 = c.query_one(&format!("SELECT count(v) FROM {table}"), &[]).map_err(|e| e.to_string())?.get(0);
     let mut r = Report::new("queries_during_drain");
     let p50 = |v: &[f64]| v[v.len() / 2];
-    r.put("backlog", backlog).put("queries", n).put_f("idle_p50_ms", p50(&idle), 1).put_f("draining_p50_ms", p50(&busy), 1);
+    r.put("backlog", backlog).put("queries", n).put_f("idle_p50_ms", p50(&idle), 1).put_f(
+        "draining_p50_ms",
+        p50(&busy),
+        1,
+    );
     r.put_f("ratio", p50(&busy) / p50(&idle), 2).put_f("draining_max_ms", busy[busy.len() - 1], 1);
     r.put("rows", texts.len()).put("written_after", written);
     sql(&mut c, "drop", &format!("SELECT embeddinggemma_async_drop('{table}', 'v'); DROP TABLE {table}"))?;

@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 /// libpq connection string of the test server (`scripts/test` sets it).
 pub fn dsn() -> String {
-    std::env::var("EMBEDDINGGEMMA_TEST_DSN").expect("EMBEDDINGGEMMA_TEST_DSN is not set: run the SQL tests through scripts/test")
+    std::env::var("EMBEDDINGGEMMA_TEST_DSN")
+        .expect("EMBEDDINGGEMMA_TEST_DSN is not set: run the SQL tests through scripts/test")
 }
 
 /// A superuser session in the test database, the extension created. The server runs the
@@ -47,7 +48,9 @@ pub fn connect_as_ordinary_user() -> Client {
 }
 
 fn env_path(var: &str) -> PathBuf {
-    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the SQL tests through scripts/test")))
+    PathBuf::from(
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the SQL tests through scripts/test")),
+    )
 }
 
 /// The tiny fixture model, copied where the server user can read it.
@@ -211,7 +214,8 @@ pub fn tiny_model_role(role: &str) {
 
 /// A session as `role` (see [`tiny_model_role`]).
 pub fn connect_as(role: &str) -> Client {
-    Client::connect(&format!("{} user={role}", dsn()), NoTls).unwrap_or_else(|e| panic!("cannot connect as {role}: {e}"))
+    Client::connect(&format!("{} user={role}", dsn()), NoTls)
+        .unwrap_or_else(|e| panic!("cannot connect as {role}: {e}"))
 }
 
 /// The test server's log file, where `scripts/test` says it is (`EMBEDDINGGEMMA_TEST_SERVER_LOG`)

@@ -116,7 +116,10 @@ pub fn wait_for_service(dsn: &str, within: Duration) -> Result<()> {
 fn service_counters(c: &mut Client) -> Option<(i64, i64)> {
     service(c)?;
     let r = c
-        .query_one("SELECT coalesce(forward_passes, 0)::bigint, coalesce(texts, 0)::bigint FROM embeddinggemma_service", &[])
+        .query_one(
+            "SELECT coalesce(forward_passes, 0)::bigint, coalesce(texts, 0)::bigint FROM embeddinggemma_service",
+            &[],
+        )
         .ok()?;
     Some((r.get(0), r.get(1)))
 }
@@ -190,21 +193,58 @@ impl Draw {
 }
 
 const WHO: [&str; 12] = [
-    "The customer", "Our support team", "A new user", "The billing service", "The night shift", "My manager",
-    "The delivery driver", "A reviewer", "The database", "Her assistant", "The mobile app", "The warehouse",
+    "The customer",
+    "Our support team",
+    "A new user",
+    "The billing service",
+    "The night shift",
+    "My manager",
+    "The delivery driver",
+    "A reviewer",
+    "The database",
+    "Her assistant",
+    "The mobile app",
+    "The warehouse",
 ];
 const DID: [&str; 12] = [
-    "reported", "fixed", "asked about", "cancelled", "confirmed", "could not find", "updated", "rejected",
-    "approved", "forgot", "scheduled", "complained about",
+    "reported",
+    "fixed",
+    "asked about",
+    "cancelled",
+    "confirmed",
+    "could not find",
+    "updated",
+    "rejected",
+    "approved",
+    "forgot",
+    "scheduled",
+    "complained about",
 ];
 const WHAT: [&str; 12] = [
-    "the late invoice", "a broken login page", "two missing parcels", "the refund request", "an expired password",
-    "the weekly report", "a duplicate order", "the shipping address", "a slow search query", "the meeting room",
-    "an unpaid subscription", "the product manual",
+    "the late invoice",
+    "a broken login page",
+    "two missing parcels",
+    "the refund request",
+    "an expired password",
+    "the weekly report",
+    "a duplicate order",
+    "the shipping address",
+    "a slow search query",
+    "the meeting room",
+    "an unpaid subscription",
+    "the product manual",
 ];
 const WHEN: [&str; 10] = [
-    "this morning", "yesterday afternoon", "last Tuesday", "before lunch", "after the outage", "on Friday",
-    "during the demo", "late at night", "twice this week", "an hour ago",
+    "this morning",
+    "yesterday afternoon",
+    "last Tuesday",
+    "before lunch",
+    "after the outage",
+    "on Friday",
+    "during the demo",
+    "late at night",
+    "twice this week",
+    "an hour ago",
 ];
 
 /// A short sentence (about 10–15 tokens with the prompt's tokens left out), varied by `seed`.
@@ -252,7 +292,9 @@ fn run_sessions<D>(
             let ready = ready_tx.clone();
             handles.push(scope.spawn(move || -> Worker {
                 let mut result = Worker::default();
-                let mut c = match connect(dsn).and_then(|mut c| warm_up(&mut c).map(|_| c).map_err(|e| sql_err("warm-up", e))) {
+                let mut c = match connect(dsn)
+                    .and_then(|mut c| warm_up(&mut c).map(|_| c).map_err(|e| sql_err("warm-up", e)))
+                {
                     Ok(c) => {
                         let _ = ready.send(Ok(()));
                         c
@@ -470,8 +512,10 @@ pub fn row_trigger_inserts(dsn: &str, clients: usize, duration: Duration) -> Res
         let (passes, texts) = (p1 - p0, t1 - t0);
         r.put("service_passes", passes).put("service_texts", texts);
         r.put_f("texts_per_pass", if passes > 0 { texts as f64 / passes as f64 } else { 0.0 }, 2);
-        let sessions: Option<f64> =
-            admin.query_one("SELECT sessions_per_pass FROM embeddinggemma_service", &[]).ok().and_then(|row| row.get(0));
+        let sessions: Option<f64> = admin
+            .query_one("SELECT sessions_per_pass FROM embeddinggemma_service", &[])
+            .ok()
+            .and_then(|row| row.get(0));
         if let Some(s) = sessions {
             r.put_f("sessions_per_pass_recent", s, 2);
         }
@@ -502,8 +546,13 @@ pub fn document_tokens(dir: &Path, texts: &[String]) -> Result<usize> {
         .as_str()
         .ok_or("no document prompt")?
         .to_string();
-    let tokenizer = embeddinggemma_engine::TextTokenizer::load(&dir.join("tokenizer.json"), id("bos_token_id")?, id("eos_token_id")?, max_len)
-        .map_err(|e| e.to_string())?;
+    let tokenizer = embeddinggemma_engine::TextTokenizer::load(
+        &dir.join("tokenizer.json"),
+        id("bos_token_id")?,
+        id("eos_token_id")?,
+        max_len,
+    )
+    .map_err(|e| e.to_string())?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = tokenizer.encode_all(&prompt, &refs, &|| false).map_err(|e| e.to_string())?;
     Ok(encoded.iter().map(|t| t.ids.len()).sum())
@@ -530,11 +579,11 @@ pub fn one_batch(dsn: &str, n_docstrings: usize) -> Result<Report> {
     let seconds = t0.elapsed().as_secs_f64();
     let tokens_after = backend_tokens(&mut c);
     let mut r = Report::new("one_batch");
-    r.put("mode", mode)
-        .put("texts", texts.len())
-        .put("embedded", embedded)
-        .put_f("seconds", seconds, 2)
-        .put_f("texts_per_s", texts.len() as f64 / seconds, 2);
+    r.put("mode", mode).put("texts", texts.len()).put("embedded", embedded).put_f("seconds", seconds, 2).put_f(
+        "texts_per_s",
+        texts.len() as f64 / seconds,
+        2,
+    );
     match document_tokens(&model_dir(&mut c), &texts) {
         Ok(tokens) => {
             r.put("tokens", tokens).put_f("tokens_per_s", tokens as f64 / seconds, 1);

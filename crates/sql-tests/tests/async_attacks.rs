@@ -31,7 +31,9 @@ fn wait(c: &mut Client, table: &str, within: &str) -> bool {
 }
 
 fn wrong(c: &mut Client, table: &str) -> i64 {
-    c.query_one(&format!("SELECT count(*) FROM {table} WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}"), &[]).unwrap().get(0)
+    c.query_one(&format!("SELECT count(*) FROM {table} WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}"), &[])
+        .unwrap()
+        .get(0)
 }
 
 fn log_len() -> u64 {
@@ -88,11 +90,14 @@ fn a_domain_keys_check_never_runs_as_the_superuser() {
         )
         .unwrap();
     assert!(wait(&mut mallory, "public.atk_domain_docs", "120 s"));
-    let rights: bool = admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'atk_domain'", &[]).unwrap().get(0);
+    let rights: bool =
+        admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'atk_domain'", &[]).unwrap().get(0);
     admin.batch_execute("ALTER ROLE atk_domain NOSUPERUSER").unwrap();
     assert!(!rights, "the domain's CHECK ran as the superuser");
     assert_eq!(wrong(&mut admin, "atk_domain_docs"), 0);
-    admin.batch_execute("DROP TABLE atk_domain_docs; DROP DOMAIN atk_evil_key; DROP FUNCTION atk_escalate(int)").unwrap();
+    admin
+        .batch_execute("DROP TABLE atk_domain_docs; DROP DOMAIN atk_evil_key; DROP FUNCTION atk_escalate(int)")
+        .unwrap();
 }
 
 #[test]
@@ -131,12 +136,19 @@ fn owner_code_that_swallows_its_timeout_ends_and_holds_back_no_one() {
     // The stubborn row: the worker ended twice in its trigger, then it is kept apart.
     assert!(wait(&mut admin, "atk_stubborn", "120 s"), "the stubborn row was never kept apart");
     let error: String = admin
-        .query_one("SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'atk_stubborn'::regclass LIMIT 1", &[])
+        .query_one(
+            "SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'atk_stubborn'::regclass LIMIT 1",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(error.contains("stopped twice"), "{error}");
     let log = log_since(from);
-    assert!(crash_lines(&log).iter().all(|l| l.contains("exited with exit code 1")), "a crash: {:?}", crash_lines(&log));
+    assert!(
+        crash_lines(&log).iter().all(|l| l.contains("exited with exit code 1")),
+        "a crash: {:?}",
+        crash_lines(&log)
+    );
     admin.batch_execute("SELECT embeddinggemma_async_drop('atk_stubborn', 'v'); SELECT embeddinggemma_async_drop('atk_bystander', 'v'); DROP TABLE atk_stubborn, atk_bystander").unwrap();
 }
 
@@ -161,10 +173,13 @@ fn database_ddl_by_a_role_that_may_not_run_it_leaves_the_worker_alone() {
         .unwrap();
     let mut nobody = connect_as("atk_nobody");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && !victim.query_one("SELECT embeddinggemma_async_wait('docs', 'v', '0 s')", &[]).unwrap().get::<_, bool>(0) {
+    while Instant::now() < deadline
+        && !victim.query_one("SELECT embeddinggemma_async_wait('docs', 'v', '0 s')", &[]).unwrap().get::<_, bool>(0)
+    {
         let (code, _, _) = expect_error(&mut nobody, "DROP DATABASE atk_victim");
         assert_eq!(code, "42501");
-        let _ = nobody.batch_execute("SET statement_timeout = '3ms'; DROP DATABASE atk_victim; RESET statement_timeout");
+        let _ =
+            nobody.batch_execute("SET statement_timeout = '3ms'; DROP DATABASE atk_victim; RESET statement_timeout");
         let _ = nobody.batch_execute("RESET statement_timeout");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -179,7 +194,8 @@ fn database_ddl_by_a_role_that_may_not_run_it_leaves_the_worker_alone() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let log = log_since(from);
-    let restarted: Vec<&str> = log.lines().filter(|l| l.contains("FATAL") && l.contains("database") && l.contains("does not exist")).collect();
+    let restarted: Vec<&str> =
+        log.lines().filter(|l| l.contains("FATAL") && l.contains("database") && l.contains("does not exist")).collect();
     assert!(restarted.is_empty(), "a worker was started for the dropped database: {restarted:?}");
 }
 
@@ -200,10 +216,14 @@ fn rows_past_a_batchs_text_budget_and_refused_documents_are_not_lost() {
     assert!(wait(&mut c, "atk_big", "300 s"));
     let embedded: i64 = c.query_one("SELECT count(v) FROM atk_big", &[]).unwrap().get(0);
     assert_eq!(embedded, 5, "rows past the first batch's budget were dropped");
-    let drained: bool = c.query_one("SELECT embeddinggemma_async_wait('atk_big_docs', 'atk_big_chunks', '120 s')", &[]).unwrap().get(0);
+    let drained: bool =
+        c.query_one("SELECT embeddinggemma_async_wait('atk_big_docs', 'atk_big_chunks', '120 s')", &[]).unwrap().get(0);
     assert!(drained);
     let error: String = c
-        .query_one("SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'atk_big_docs'::regclass LIMIT 1", &[])
+        .query_one(
+            "SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'atk_big_docs'::regclass LIMIT 1",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(error.contains("bytes"), "{error}");
@@ -225,7 +245,10 @@ fn a_key_column_retyped_while_rows_are_queued_keeps_their_vectors_right() {
     )
     .unwrap();
     assert!(wait(&mut c, "atk_retype", "120 s"));
-    c.batch_execute("BEGIN; UPDATE atk_retype SET body = body || ' changed'; ALTER TABLE atk_retype ALTER k TYPE float8; COMMIT;").unwrap();
+    c.batch_execute(
+        "BEGIN; UPDATE atk_retype SET body = body || ' changed'; ALTER TABLE atk_retype ALTER k TYPE float8; COMMIT;",
+    )
+    .unwrap();
     assert!(wait(&mut c, "atk_retype", "120 s"));
     assert_eq!(wrong(&mut c, "atk_retype"), 0, "rows queued before the retype lost their vectors");
     c.batch_execute("SELECT embeddinggemma_async_drop('atk_retype', 'v'); DROP TABLE atk_retype").unwrap();
@@ -278,7 +301,9 @@ fn a_terminated_launcher_comes_back() {
     let _alone = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = connect();
     let launcher = |c: &mut Client| -> Option<i32> {
-        c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async launcher'", &[]).unwrap().map(|r| r.get(0))
+        c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async launcher'", &[])
+            .unwrap()
+            .map(|r| r.get(0))
     };
     let before = launcher(&mut c).expect("no launcher");
     assert!(c.query_one("SELECT pg_terminate_backend($1)", &[&before]).unwrap().get::<_, bool>(0));

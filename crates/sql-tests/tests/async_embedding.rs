@@ -16,16 +16,25 @@ use postgres::{Client, NoTls};
 static DISRUPTIVE: Mutex<()> = Mutex::new(());
 
 fn service_dsn() -> String {
-    std::env::var("EMBEDDINGGEMMA_TEST_SERVICE_DSN").expect("EMBEDDINGGEMMA_TEST_SERVICE_DSN is not set: run the SQL tests through scripts/test")
+    std::env::var("EMBEDDINGGEMMA_TEST_SERVICE_DSN")
+        .expect("EMBEDDINGGEMMA_TEST_SERVICE_DSN is not set: run the SQL tests through scripts/test")
 }
 
-
 fn wait(c: &mut Client, table: &str, within: &str) -> bool {
-    c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', timeout => '{within}')"), &[]).unwrap().get(0)
+    c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', timeout => '{within}')"), &[])
+        .unwrap()
+        .get(0)
 }
 
 fn status(c: &mut Client, table: &str) -> (i64, i64, bool) {
-    let r = c.query_one(&format!("SELECT pending, failed, stale FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"), &[]).unwrap();
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT pending, failed, stale FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"
+            ),
+            &[],
+        )
+        .unwrap();
     (r.get(0), r.get(1), r.get(2))
 }
 
@@ -66,12 +75,16 @@ fn writes_only_record_and_the_worker_embeds_every_row_as_embed_would() {
     assert_eq!(stale_vectors(&mut c, "as_docs"), 0);
     let (pending, failed, is_stale) = status(&mut c, "as_docs");
     assert_eq!((pending, failed, is_stale), (0, 0, false));
-    let model: String = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'as_docs'::regclass", &[]).unwrap().get(0);
+    let model: String = c
+        .query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'as_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     let model: serde_json::Value = serde_json::from_str(&model).unwrap();
     assert_eq!(model["dim"], 768, "{model}");
     assert!(model["weights_sha256"].is_string(), "{model}");
     c.batch_execute("SELECT embeddinggemma_async_drop('as_docs', 'v')").unwrap();
-    let triggers: i64 = c.query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'as_docs'::regclass", &[]).unwrap().get(0);
+    let triggers: i64 =
+        c.query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'as_docs'::regclass", &[]).unwrap().get(0);
     assert_eq!(triggers, 0);
 }
 
@@ -92,7 +105,12 @@ fn a_row_whose_write_fails_is_kept_apart_and_blocks_nothing() {
     c.batch_execute("SELECT embeddinggemma_async('af_docs', 'body', 'v')").unwrap();
     // The refused row is retried with backoff (1, 2, 4, 8 s), then kept as failed.
     assert!(wait(&mut c, "af_docs", "120 s"), "pending rows never drained");
-    let rows = c.query("SELECT key, error, attempts FROM embeddinggemma_async_failures WHERE table_name = 'af_docs'::regclass", &[]).unwrap();
+    let rows = c
+        .query(
+            "SELECT key, error, attempts FROM embeddinggemma_async_failures WHERE table_name = 'af_docs'::regclass",
+            &[],
+        )
+        .unwrap();
     assert_eq!(rows.len(), 1, "failures: {rows:?}");
     let (key, error, attempts): (String, String, i32) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
     eprintln!("failed row {key}: {error} after {attempts} attempts");
@@ -112,8 +130,18 @@ fn a_row_updated_or_deleted_while_it_is_embedded_ends_with_its_latest_text() {
     // Writes keep coming while the worker embeds: every text of row 1 is its latest for a while.
     let mut writer = connect();
     for round in 0..30 {
-        writer.execute("INSERT INTO ar_docs (id, body) VALUES ($1, $2)", &[&(1000 + round as i64), &format!("row {round}")]).unwrap();
-        writer.execute("INSERT INTO ar_docs (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = excluded.body", &[&format!("version {round} of row one")]).unwrap();
+        writer
+            .execute(
+                "INSERT INTO ar_docs (id, body) VALUES ($1, $2)",
+                &[&(1000 + round as i64), &format!("row {round}")],
+            )
+            .unwrap();
+        writer
+            .execute(
+                "INSERT INTO ar_docs (id, body) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                &[&format!("version {round} of row one")],
+            )
+            .unwrap();
         if round % 3 == 0 {
             writer.execute("DELETE FROM ar_docs WHERE id = $1", &[&(1000 + round as i64)]).unwrap();
         }
@@ -137,9 +165,13 @@ fn a_chunk_table_is_kept_in_step_asynchronously() {
          INSERT INTO ac_docs SELECT i, repeat('Sentence ' || i || ' of an existing document. ', 40) FROM generate_series(1, 3) i;",
     )
     .unwrap();
-    c.batch_execute("SELECT embeddinggemma_async_chunks('ac_docs', 'ac_chunks', max_tokens => 64, overlap => 8)").unwrap();
+    c.batch_execute("SELECT embeddinggemma_async_chunks('ac_docs', 'ac_chunks', max_tokens => 64, overlap => 8)")
+        .unwrap();
     c.batch_execute("INSERT INTO ac_docs VALUES (10, repeat('A new document sentence. ', 30)); UPDATE ac_docs SET body = 'short now' WHERE id = 2").unwrap();
-    let done: bool = c.query_one("SELECT embeddinggemma_async_wait('ac_docs', 'ac_chunks', timeout => '180 s')", &[]).unwrap().get(0);
+    let done: bool = c
+        .query_one("SELECT embeddinggemma_async_wait('ac_docs', 'ac_chunks', timeout => '180 s')", &[])
+        .unwrap()
+        .get(0);
     assert!(done);
     let wrong: i64 = c
         .query_one(
@@ -198,7 +230,9 @@ fn service_pid(c: &mut Client) -> i32 {
 }
 
 fn worker_pid(c: &mut Client) -> Option<i32> {
-    c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async'", &[]).unwrap().map(|r| r.get(0))
+    c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async'", &[])
+        .unwrap()
+        .map(|r| r.get(0))
 }
 
 extern "C" {
@@ -251,7 +285,13 @@ fn a_change_of_model_marks_the_target_stale_until_it_is_re_embedded() {
     c.batch_execute("SELECT embeddinggemma_async('am_docs', 'body', 'v')").unwrap();
     assert!(wait(&mut c, "am_docs", "120 s"));
     let settled = |c: &mut Client| -> Option<serde_json::Value> {
-        let model: Option<String> = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'am_docs'::regclass", &[]).unwrap().get(0);
+        let model: Option<String> = c
+            .query_one(
+                "SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'am_docs'::regclass",
+                &[],
+            )
+            .unwrap()
+            .get(0);
         model.map(|m| serde_json::from_str(&m).unwrap())
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -287,8 +327,14 @@ fn a_change_of_model_marks_the_target_stale_until_it_is_re_embedded() {
 #[test]
 fn nothing_is_lost_when_the_server_restarts_immediately_mid_drain() {
     let _alone = DISRUPTIVE.lock().unwrap_or_else(|e| e.into_inner());
-    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the SQL tests through scripts/test"));
-    let (pg_bin, data, user) = (var("EMBEDDINGGEMMA_TEST_PG_BIN"), var("EMBEDDINGGEMMA_TEST_SERVICE_DATA"), var("EMBEDDINGGEMMA_TEST_PG_USER"));
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the SQL tests through scripts/test"))
+    };
+    let (pg_bin, data, user) = (
+        var("EMBEDDINGGEMMA_TEST_PG_BIN"),
+        var("EMBEDDINGGEMMA_TEST_SERVICE_DATA"),
+        var("EMBEDDINGGEMMA_TEST_PG_USER"),
+    );
     let mut c = service_session();
     service_pid(&mut c);
     const N: i64 = 2500;
@@ -303,7 +349,20 @@ fn nothing_is_lost_when_the_server_restarts_immediately_mid_drain() {
     drop(c);
     // A crash of the whole server: no shutdown, recovery at the next start.
     let restarted = std::process::Command::new("sudo")
-        .args(["-u", &user, "-H", &format!("{pg_bin}/pg_ctl"), "-D", &data, "-l", &format!("{data}/server.log"), "-m", "immediate", "-w", "restart"])
+        .args([
+            "-u",
+            &user,
+            "-H",
+            &format!("{pg_bin}/pg_ctl"),
+            "-D",
+            &data,
+            "-l",
+            &format!("{data}/server.log"),
+            "-m",
+            "immediate",
+            "-w",
+            "restart",
+        ])
         .status()
         .unwrap();
     assert!(restarted.success(), "pg_ctl restart -m immediate: {restarted}");

@@ -67,9 +67,10 @@ fn poll_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 
 /// `embeddinggemma_async_wait` of `table`'s target `target`.
 fn wait(c: &mut Client, table: &str, target: &str, within: &str) -> bool {
-    c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', '{target}', timeout => '{within}')"), &[]).unwrap().get(0)
+    c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', '{target}', timeout => '{within}')"), &[])
+        .unwrap()
+        .get(0)
 }
-
 
 /// (pending, failed) of `table`'s target `v`.
 fn status(c: &mut Client, table: &str) -> (i64, i64) {
@@ -112,7 +113,8 @@ fn ordinary_role(c: &mut Client, role: &str) {
 fn owner_with_schema(c: &mut Client, role: &str) {
     ordinary_role(c, role);
     forget_schema(c, role);
-    c.batch_execute(&format!("DROP SCHEMA IF EXISTS {role} CASCADE; CREATE SCHEMA {role} AUTHORIZATION {role};")).unwrap();
+    c.batch_execute(&format!("DROP SCHEMA IF EXISTS {role} CASCADE; CREATE SCHEMA {role} AUTHORIZATION {role};"))
+        .unwrap();
 }
 
 /// Runs its closure on a fresh superuser session when dropped (test failed or not).
@@ -133,7 +135,8 @@ impl Settings {
     fn set(c: &mut Client, pairs: &[(&str, &str)]) -> Settings {
         let guard = Settings(pairs.iter().map(|(name, _)| name.to_string()).collect());
         for (name, value) in pairs {
-            c.batch_execute(&format!("ALTER SYSTEM SET {name} = {value}")).unwrap_or_else(|e| panic!("ALTER SYSTEM SET {name}: {e}"));
+            c.batch_execute(&format!("ALTER SYSTEM SET {name} = {value}"))
+                .unwrap_or_else(|e| panic!("ALTER SYSTEM SET {name}: {e}"));
         }
         c.batch_execute("SELECT pg_reload_conf()").unwrap();
         guard
@@ -168,11 +171,14 @@ fn round_trip(c: &mut Client, table: &str) {
 
 /// (pid, database, wait event) of every asynchronous worker in the cluster.
 fn workers(c: &mut Client) -> Vec<(i32, Option<String>, Option<String>)> {
-    c.query("SELECT pid, datname::text, wait_event FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
+    c.query(
+        "SELECT pid, datname::text, wait_event FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async'",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
 }
 
 /// Samples `sample` every `every` on a session of its own until finished (once more then).
@@ -246,7 +252,9 @@ const PLANTED: &[(&str, &str, &str)] = &[
 fn planting_function(name: &str, local: bool) -> String {
     let sets: String = PLANTED
         .iter()
-        .map(|(setting, session, tx)| format!("PERFORM pg_catalog.set_config('{setting}', '{}', {local});\n", if local { tx } else { session }))
+        .map(|(setting, session, tx)| {
+            format!("PERFORM pg_catalog.set_config('{setting}', '{}', {local});\n", if local { tx } else { session })
+        })
         .collect();
     format!(
         "CREATE FUNCTION tr_a.{name}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -293,7 +301,8 @@ fn one_owners_session_settings_never_reach_another_owners_write() {
     assert!(wait(&mut c, "tr_a.docs_local", "v", DRAIN), "owner A's rows did not drain");
     assert_eq!(stale_vectors(&mut c, "tr_a.docs"), 0, "owner A's rows were not written");
     assert_eq!(stale_vectors(&mut c, "tr_a.docs_local"), 0, "owner A's rows were not written");
-    let ran: Vec<String> = c.query("SELECT DISTINCT what FROM tr_a.ran ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let ran: Vec<String> =
+        c.query("SELECT DISTINCT what FROM tr_a.ran ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ran, ["plant_local", "plant_session"], "owner A's triggers did not run in the worker");
     // Owner B's table, written after A's, records the settings its write runs with.
     let mut b = connect_as("tr_b");
@@ -316,7 +325,9 @@ fn one_owners_session_settings_never_reach_another_owners_write() {
     .unwrap();
     assert!(wait(&mut c, "tr_b.docs", "v", DRAIN), "owner B's rows did not drain");
     assert_eq!(stale_vectors(&mut c, "tr_b.docs"), 0, "owner B's rows were not written right");
-    let seen = c.query("SELECT search_path, statement_timeout, lock_timeout, read_only, truncate FROM tr_b.seen", &[]).unwrap();
+    let seen = c
+        .query("SELECT search_path, statement_timeout, lock_timeout, read_only, truncate FROM tr_b.seen", &[])
+        .unwrap();
     assert!(!seen.is_empty(), "owner B's trigger never ran in the worker");
     for row in &seen {
         let got: Vec<String> = (0..5).map(|i| row.get(i)).collect();
@@ -430,7 +441,10 @@ fn the_status_and_failure_views_leak_nothing_to_a_role_that_cannot_read_the_tabl
     .unwrap();
     let failure = || -> Option<String> {
         connect()
-            .query_opt("SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'tr_secret_docs'::regclass", &[])
+            .query_opt(
+                "SELECT error FROM embeddinggemma_async_failures WHERE table_name = 'tr_secret_docs'::regclass",
+                &[],
+            )
             .unwrap()
             .map(|r| r.get(0))
     };
@@ -526,14 +540,19 @@ fn a_statement_that_never_ends_in_one_owners_trigger_does_not_stall_another_owne
          SELECT embeddinggemma_async('tr_st_sleepy', 'body', 'v');",
     )
     .unwrap();
-    poll_until("the worker sleeps in owner A's trigger", secs(60), || workers(&mut c).iter().any(|w| w.2.as_deref() == Some("PgSleep")));
+    poll_until("the worker sleeps in owner A's trigger", secs(60), || {
+        workers(&mut c).iter().any(|w| w.2.as_deref() == Some("PgSleep"))
+    });
     c.batch_execute(
         "INSERT INTO tr_st_other SELECT i, 'another owner''s row ' || i FROM generate_series(1, 3) i;
          SELECT embeddinggemma_async('tr_st_other', 'body', 'v');",
     )
     .unwrap();
     let started = Instant::now();
-    assert!(wait(&mut c, "tr_st_other", "v", "60 s"), "another owner's target stalled behind a trigger that never ends");
+    assert!(
+        wait(&mut c, "tr_st_other", "v", "60 s"),
+        "another owner's target stalled behind a trigger that never ends"
+    );
     eprintln!("the other target drained in {:.1} s beside the sleeping one", started.elapsed().as_secs_f64());
     assert_eq!(stale_vectors(&mut c, "tr_st_other"), 0);
 }
@@ -622,7 +641,10 @@ fn entries_with_huge_keys_all_drain_and_none_stays_leased() {
     let left = (status(&mut c, "tr_hk_docs"), status(&mut c, "tr_hk_small"));
     assert_eq!(drained, (true, true), "(pending, failed) left: huge keys {:?}, small rows {:?}", left.0, left.1);
     assert_eq!(left, ((0, 0), (0, 0)), "entries left in the queue");
-    let wrong: i64 = c.query_one(&format!("SELECT count(*) FROM tr_hk_docs WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}"), &[]).unwrap().get(0);
+    let wrong: i64 = c
+        .query_one(&format!("SELECT count(*) FROM tr_hk_docs WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}"), &[])
+        .unwrap()
+        .get(0);
     assert_eq!(wrong, 0, "rows with huge keys without their vector");
     assert_eq!(stale_vectors(&mut c, "tr_hk_small"), 0);
 }
@@ -689,7 +711,9 @@ fn db_session(db: &str) -> Client {
 /// Queues `rows` new rows in `db` and waits until a worker is connected to it.
 fn keep_busy(c: &mut Client, db: &str, rows: i64) {
     db_session(db)
-        .batch_execute(&format!("INSERT INTO docs SELECT i, 'more work for {db}, row ' || i FROM generate_series(1000, 999 + {rows}) i"))
+        .batch_execute(&format!(
+            "INSERT INTO docs SELECT i, 'more work for {db}, row ' || i FROM generate_series(1000, 999 + {rows}) i"
+        ))
         .unwrap();
     poll_until(&format!("a worker serves {db}"), secs(60), || workers(c).iter().any(|w| w.1.as_deref() == Some(db)));
 }
@@ -726,7 +750,10 @@ fn async_workers_are_bounded_cluster_wide_and_databases_with_targets_can_be_drop
         assert_eq!(stale_vectors(&mut s, "docs"), 0, "{db}");
     }
     let (most, samples) = sampler.finish();
-    eprintln!("5 databases drained in {:.1} s; at most {most} workers in {samples} samples", started.elapsed().as_secs_f64());
+    eprintln!(
+        "5 databases drained in {:.1} s; at most {most} workers in {samples} samples",
+        started.elapsed().as_secs_f64()
+    );
     assert!(samples > 10, "too few samples");
     assert!(most <= 1, "{most} asynchronous workers ran with embeddinggemma.async_max_workers = 1");
     drop(settings);
@@ -754,8 +781,15 @@ fn async_workers_are_bounded_cluster_wide_and_databases_with_targets_can_be_drop
     let dropped = Instant::now();
     while dropped.elapsed() < secs(5) {
         let log = log_since(log_from);
-        let again: Vec<&str> = log.lines().filter(|l| l.contains("does not exist") && (l.contains("tr_db2") || l.contains(&oid.to_string()))).collect();
-        assert!(again.is_empty(), "a worker came back for the dropped database tr_db2 (oid {oid}):\n{}", again.join("\n"));
+        let again: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("does not exist") && (l.contains("tr_db2") || l.contains(&oid.to_string())))
+            .collect();
+        assert!(
+            again.is_empty(),
+            "a worker came back for the dropped database tr_db2 (oid {oid}):\n{}",
+            again.join("\n")
+        );
         thread::sleep(Duration::from_millis(250));
     }
 
@@ -810,7 +844,10 @@ fn a_huge_text_is_never_held_whole_by_the_worker() {
     let started = Instant::now();
     let drained = wait(&mut c, "tr_mem.docs", "v", "300 s");
     let peaks = sampler.finish();
-    eprintln!("3 rows of 208 MB drained ({drained}) in {:.1} s; workers' peak RSS (kB): {peaks:?}", started.elapsed().as_secs_f64());
+    eprintln!(
+        "3 rows of 208 MB drained ({drained}) in {:.1} s; workers' peak RSS (kB): {peaks:?}",
+        started.elapsed().as_secs_f64()
+    );
     assert!(drained, "the huge rows did not drain");
     let rows = c
         .query(
@@ -823,7 +860,10 @@ fn a_huge_text_is_never_held_whole_by_the_worker() {
     assert_eq!(rows.len(), 3);
     for r in &rows {
         let (id, norm, failed): (i64, Option<f64>, bool) = (r.get(0), r.get(1), r.get(2));
-        assert!(norm.is_some_and(|n| (n - 1.0).abs() < 1e-3) || failed, "row {id}: neither embedded (norm {norm:?}) nor listed as failed");
+        assert!(
+            norm.is_some_and(|n| (n - 1.0).abs() < 1e-3) || failed,
+            "row {id}: neither embedded (norm {norm:?}) nor listed as failed"
+        );
     }
     let crashes = crash_lines(&log_since(log_from));
     assert!(crashes.is_empty(), "the server log shows crashes:\n{}", crashes.join("\n"));

@@ -124,7 +124,11 @@ const FUNCTIONS: &[(&str, &str, &str)] = &[
     ("tid(a text)", "tid", "a::pg_catalog.tid"),
     ("float4(a vector)", "real[]", "a::pg_catalog.float4[]"),
     ("embed(a character varying, b text, c integer)", "vector", "embed(a::pg_catalog.text, b, c)"),
-    ("embed_batch(a character varying[], b text, c integer)", "SETOF record", "NEXT (SELECT x FROM embed_batch(a::pg_catalog.text[], b, c) x LIMIT 1)"),
+    (
+        "embed_batch(a character varying[], b text, c integer)",
+        "SETOF record",
+        "NEXT (SELECT x FROM embed_batch(a::pg_catalog.text[], b, c) x LIMIT 1)",
+    ),
 ];
 
 /// (name, argument types, result) of each planted operator.
@@ -209,8 +213,19 @@ fn plant(attacker: &mut Client) -> usize {
 /// relations, which would capture unqualified names in anything run there with more rights.
 fn plant_temp(attacker: &mut Client) -> usize {
     let catalogs = [
-        "pg_stat_activity", "pg_class", "pg_index", "pg_attribute", "pg_inherits", "pg_trigger", "pg_namespace",
-        "pg_extension", "pg_proc", "pg_roles", "pg_type", "pg_depend", "pg_locks",
+        "pg_stat_activity",
+        "pg_class",
+        "pg_index",
+        "pg_attribute",
+        "pg_inherits",
+        "pg_trigger",
+        "pg_namespace",
+        "pg_extension",
+        "pg_proc",
+        "pg_roles",
+        "pg_type",
+        "pg_depend",
+        "pg_locks",
     ];
     let mut sql = format!(
         "CREATE FUNCTION pg_temp.pwn(what text) RETURNS boolean LANGUAGE plpgsql AS $p$ BEGIN
@@ -377,7 +392,8 @@ fn database_at(admin: &mut Client, name: &str, version: Option<&str>, stay: bool
     match version {
         None => c.batch_execute("CREATE EXTENSION embeddinggemma CASCADE").unwrap(),
         Some(v) => {
-            c.batch_execute(&format!("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '{v}'")).unwrap();
+            c.batch_execute(&format!("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '{v}'"))
+                .unwrap();
             if !stay {
                 c.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
             }
@@ -509,9 +525,17 @@ fn the_two_demonstrations_fail_to_escalate_fresh_and_after_upgrades() {
     eprintln!("0.3.0 as it was: the attacker became {rights:?}; planted objects that ran: {ran:#?}");
     assert!(rights.starts_with('t'), "0.3.0 did not escalate: {rights}");
     for what in ["temporary view pg_stat_activity", "function format"] {
-        assert!(ran.iter().any(|r| r.contains(what) && r.ends_with(&format!("ran as {superuser}"))), "0.3.0: {what} did not run as {superuser}: {ran:?}");
+        assert!(
+            ran.iter().any(|r| r.contains(what) && r.ends_with(&format!("ran as {superuser}"))),
+            "0.3.0: {what} did not run as {superuser}: {ran:?}"
+        );
     }
-    for (db, from) in [("eg_demo_fresh", None), ("eg_demo_010", Some("0.1.0")), ("eg_demo_020", Some("0.2.0")), ("eg_demo_030", Some("0.3.0"))] {
+    for (db, from) in [
+        ("eg_demo_fresh", None),
+        ("eg_demo_010", Some("0.1.0")),
+        ("eg_demo_020", Some("0.2.0")),
+        ("eg_demo_030", Some("0.3.0")),
+    ] {
         let (after, ran) = demonstrations(&mut admin, db, from, false);
         assert!(ran.is_empty(), "{db}: planted objects ran: {ran:#?}");
         assert_eq!(after, ORDINARY, "{db}: the attacker became {after}");
@@ -551,11 +575,18 @@ fn every_function_pins_search_path_or_is_listed_and_none_is_security_definer() {
         if RUN_UNDER_CALLERS_PATH.contains(&name.as_str()) {
             listed += 1;
         } else {
-            assert!(config.contains(&"search_path=pg_catalog, pg_temp".to_string()), "{name} does not pin search_path: {config:?}");
+            assert!(
+                config.contains(&"search_path=pg_catalog, pg_temp".to_string()),
+                "{name} does not pin search_path: {config:?}"
+            );
         }
     }
     assert_eq!(listed, RUN_UNDER_CALLERS_PATH.len(), "a listed function no longer exists");
-    eprintln!("{} functions: {} pin search_path, {listed} run under the caller's path (listed)", rows.len(), rows.len() - listed);
+    eprintln!(
+        "{} functions: {} pin search_path, {listed} run under the caller's path (listed)",
+        rows.len(),
+        rows.len() - listed
+    );
 }
 
 #[test]
@@ -604,7 +635,8 @@ fn an_ordinary_role_cannot_switch_off_a_write_path_or_redirect_chunks() {
         .get(0);
     assert_eq!(stale, 0, "a write path was switched off");
     // Nor can it make a backfill write progress for a table it may not update.
-    let (code, msg, _) = expect_error(&mut attacker, "SELECT embeddinggemma_backfill_begin('v_fill', 'body', 'v', 'document', 48, 10)");
+    let (code, msg, _) =
+        expect_error(&mut attacker, "SELECT embeddinggemma_backfill_begin('v_fill', 'body', 'v', 'document', 48, 10)");
     assert_eq!(code, "42501", "{msg}");
     assert!(planted_reports(&notices).is_empty());
     drop((attacker, setup));

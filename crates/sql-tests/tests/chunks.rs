@@ -20,11 +20,14 @@ fn tiny() -> Client {
 type ChunkRow = (i32, i32, i32, String);
 
 fn chunks(c: &mut Client, text: &str, max_tokens: i32, overlap: i32, task: &str) -> Vec<ChunkRow> {
-    c.query("SELECT chunk, start_offset, end_offset, body FROM chunks($1, $2, $3, $4) ORDER BY chunk", &[&text, &max_tokens, &overlap, &task])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
+    c.query(
+        "SELECT chunk, start_offset, end_offset, body FROM chunks($1, $2, $3, $4) ORDER BY chunk",
+        &[&text, &max_tokens, &overlap, &task],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
 }
 
 /// Checks the offsets against the bodies and that the chunks, without their overlaps, give
@@ -39,9 +42,20 @@ fn assert_reassembles(text: &str, rows: &[ChunkRow]) -> Vec<usize> {
     for (i, (n, start, stop, body)) in rows.iter().enumerate() {
         assert_eq!(*n as usize, i + 1, "chunk numbers");
         let (start, stop) = (*start as usize, *stop as usize);
-        assert!(start >= 1 && start < stop && stop <= chars.len() + 1, "chunk {n}: offsets {start}..{stop} of {}", chars.len());
-        assert_eq!(&chars[start - 1..stop - 1].iter().collect::<String>(), body, "chunk {n}: substr(input, start_offset, end_offset - start_offset) is not the body");
-        assert!(i == 0 && start == 1 || i > 0 && start <= end, "chunk {n} starts at {start}, after the previous end {end}");
+        assert!(
+            start >= 1 && start < stop && stop <= chars.len() + 1,
+            "chunk {n}: offsets {start}..{stop} of {}",
+            chars.len()
+        );
+        assert_eq!(
+            &chars[start - 1..stop - 1].iter().collect::<String>(),
+            body,
+            "chunk {n}: substr(input, start_offset, end_offset - start_offset) is not the body"
+        );
+        assert!(
+            i == 0 && start == 1 || i > 0 && start <= end,
+            "chunk {n} starts at {start}, after the previous end {end}"
+        );
         assert!(stop > end || i == 0, "chunk {n} ends at {stop}, not after the previous end {end}");
         overlaps.push(end.saturating_sub(start));
         rebuilt.extend(&chars[end.max(start) - 1..stop - 1]);
@@ -68,7 +82,9 @@ fn chunks_of_real_documents_fit_the_model_reassemble_and_embed_as_their_bodies()
     let mut c = connect();
     let doc = docstrings(12).join("\n\n");
     let mixed = mixed_text();
-    for (text, max_tokens, overlap, task) in [(&doc, 128, 16, "document"), (&doc, 96, 0, "query"), (&mixed, 64, 8, "document")] {
+    for (text, max_tokens, overlap, task) in
+        [(&doc, 128, 16, "document"), (&doc, 96, 0, "query"), (&mixed, 64, 8, "document")]
+    {
         let rows = chunks(&mut c, text, max_tokens, overlap, task);
         assert!(rows.len() >= 3, "{} chunks only", rows.len());
         let overlaps = assert_reassembles(text, &rows);
@@ -84,7 +100,10 @@ fn chunks_of_real_documents_fit_the_model_reassemble_and_embed_as_their_bodies()
             embed(&mut c, body, task, 768);
             let used = stat::<i64>(&mut c, "real_tokens") - tokens;
             assert!(used <= max_tokens as i64, "chunk {n}: {used} tokens > {max_tokens}");
-            assert!(used >= max_tokens as i64 / 4 || *n as usize == rows.len(), "chunk {n}: only {used} of {max_tokens} tokens");
+            assert!(
+                used >= max_tokens as i64 / 4 || *n as usize == rows.len(),
+                "chunk {n}: only {used} of {max_tokens} tokens"
+            );
             assert_eq!(stat::<i64>(&mut c, "truncated"), truncated, "chunk {n} was truncated");
         }
     }
@@ -93,7 +112,10 @@ fn chunks_of_real_documents_fit_the_model_reassemble_and_embed_as_their_bodies()
     let want = chunks(&mut c, &doc, 128, 16, "document");
     assert_eq!(rows.len(), want.len());
     for (row, w) in rows.iter().zip(&want) {
-        assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1), row.get::<_, i32>(2), row.get::<_, String>(3)), w.clone());
+        assert_eq!(
+            (row.get::<_, i32>(0), row.get::<_, i32>(1), row.get::<_, i32>(2), row.get::<_, String>(3)),
+            w.clone()
+        );
         let d = cosine_distance(&row.get::<_, Vec<f32>>(4), &row.get::<_, Vec<f32>>(5));
         assert!(d <= SAME_TEXT, "chunk {}: embed_chunks is {d:e} from embed(body)", w.0);
     }
@@ -108,13 +130,27 @@ fn chunks_of_a_1_mb_text_and_of_edge_cases_reassemble() {
     let rows = chunks(&mut c, &big, 48, 8, "document");
     eprintln!("1 MB text: {} chunks in {:.1} s", rows.len(), started.elapsed().as_secs_f64());
     assert_reassembles(&big, &rows);
-    for text in ["", " ", "\n\n\n\n", "a", "é", "👨‍👩‍👧‍👦", &"x".repeat(5000), &"e\u{301}".repeat(3000), &"。".repeat(3000), &"word ".repeat(2000)] {
+    for text in [
+        "",
+        " ",
+        "\n\n\n\n",
+        "a",
+        "é",
+        "👨‍👩‍👧‍👦",
+        &"x".repeat(5000),
+        &"e\u{301}".repeat(3000),
+        &"。".repeat(3000),
+        &"word ".repeat(2000),
+    ] {
         for (max_tokens, overlap) in [(48, 0), (48, 8), (24, 3)] {
             let rows = chunks(&mut c, text, max_tokens, overlap, "document");
             assert_reassembles(text, &rows);
         }
     }
-    let nulls: i64 = c.query_one("SELECT count(*) FROM chunks(NULL), embed_chunks(ARRAY[NULL, ''], 48, 8, 'document', 48)", &[]).unwrap().get(0);
+    let nulls: i64 = c
+        .query_one("SELECT count(*) FROM chunks(NULL), embed_chunks(ARRAY[NULL, ''], 48, 8, 'document', 48)", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(nulls, 0, "NULL and empty documents have no chunks");
 }
 
@@ -220,7 +256,8 @@ fn chunk_trigger_replaces_moves_and_deletes_chunks_and_leaves_unchanged_document
     let mut c = tiny();
     chunk_tables(&mut c, "ct_docs", true);
     let long = docstrings(3).join("\n\n");
-    c.execute("INSERT INTO ct_docs (id, body) VALUES (1, $1), (2, 'A short note.'), (3, NULL), (4, '')", &[&long]).unwrap();
+    c.execute("INSERT INTO ct_docs (id, body) VALUES (1, $1), (2, 'A short note.'), (3, NULL), (4, '')", &[&long])
+        .unwrap();
     assert!(count(&mut c, "SELECT count(*) FROM ct_docs_chunks WHERE doc_id = 1") >= 3);
     assert_eq!(count(&mut c, "SELECT count(*) FROM ct_docs_chunks WHERE doc_id IN (3, 4)"), 0);
     assert_eq!(stale_chunks(&mut c, "ct_docs"), 0);
@@ -269,7 +306,12 @@ fn chunk_backfill_table(c: &mut Client, t: &str, n: i64) {
 }
 
 fn chunk_progress(c: &mut Client, t: &str) -> i64 {
-    count(c, &format!("SELECT coalesce(sum(rows_done), 0)::bigint FROM embeddinggemma_backfills WHERE relation = '{t}'::regclass"))
+    count(
+        c,
+        &format!(
+            "SELECT coalesce(sum(rows_done), 0)::bigint FROM embeddinggemma_backfills WHERE relation = '{t}'::regclass"
+        ),
+    )
 }
 
 #[test]
@@ -299,7 +341,10 @@ fn chunk_backfill_survives_termination_shares_work_and_writes_every_chunk_once()
             thread::spawn(move || s.batch_execute(call))
         })
         .collect();
-    c.batch_execute("UPDATE cb_docs SET body = body || ' Changed.' WHERE id % 50 = 1; DELETE FROM cb_docs WHERE id % 50 = 2").unwrap();
+    c.batch_execute(
+        "UPDATE cb_docs SET body = body || ' Changed.' WHERE id % 50 = 1; DELETE FROM cb_docs WHERE id % 50 = 2",
+    )
+    .unwrap();
     for r in runs {
         r.join().unwrap().unwrap();
     }

@@ -13,7 +13,9 @@ use postgres::{Client, NoTls};
 static CLUSTER: Mutex<()> = Mutex::new(());
 
 fn node_dsn(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the SQL tests through scripts/test (it starts scripts/citus)"))
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the SQL tests through scripts/test (it starts scripts/citus)")
+    })
 }
 
 fn coordinator() -> Client {
@@ -74,26 +76,38 @@ fn assert_single_node_vectors(rows: &[(i64, Option<String>, Option<Vec<f32>>)], 
                 assert!(diff <= 1e-6, "{what}: row {id}: the vector differs from single-node embed() by {diff}");
             }
             (None, None) => {}
-            _ => panic!("{what}: row {id} (text {text:?}): vector {:?}, single node {:?}", got.is_some(), want.is_some()),
+            _ => {
+                panic!("{what}: row {id} (text {text:?}): vector {:?}, single node {:?}", got.is_some(), want.is_some())
+            }
         }
     }
 }
 
 /// Chunks of `table`'s documents equal single-node embed_chunks() of the documents' texts.
 fn assert_single_node_chunks(c: &mut Client, docs: &str, chunks: &str, max_tokens: i32, overlap: i32) -> usize {
-    let documents: Vec<(i64, String)> =
-        c.query(&format!("SELECT id::int8, body FROM {docs} ORDER BY id"), &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let documents: Vec<(i64, String)> = c
+        .query(&format!("SELECT id::int8, body FROM {docs} ORDER BY id"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let mut single = connect();
     let mut total = 0;
     for (id, body) in documents {
         let got: Vec<(i32, String, Vec<f32>)> = c
-            .query(&format!("SELECT chunk, body, embedding::real[] FROM {chunks} WHERE doc_id = $1 ORDER BY chunk"), &[&id])
+            .query(
+                &format!("SELECT chunk, body, embedding::real[] FROM {chunks} WHERE doc_id = $1 ORDER BY chunk"),
+                &[&id],
+            )
             .unwrap()
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         let want: Vec<(i32, String, Vec<f32>)> = single
-            .query("SELECT chunk, body, embedding::real[] FROM embed_chunks($1, $2, $3) ORDER BY chunk", &[&body, &max_tokens, &overlap])
+            .query(
+                "SELECT chunk, body, embedding::real[] FROM embed_chunks($1, $2, $3) ORDER BY chunk",
+                &[&body, &max_tokens, &overlap],
+            )
             .unwrap()
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -150,7 +164,11 @@ fn a_distributed_update_embeds_on_the_workers_as_one_server_would() {
     let mut c = coordinator();
     distributed_table(&mut c, "c_update", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
     let texts = short_rows(60, 1000);
-    c.execute("INSERT INTO c_update (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts]).unwrap();
+    c.execute(
+        "INSERT INTO c_update (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+        &[&texts],
+    )
+    .unwrap();
     c.execute("UPDATE c_update SET body = NULL WHERE id = 7", &[]).unwrap();
     let before = served();
     let n = c.execute("UPDATE c_update SET v = embed(body)", &[]).unwrap();
@@ -169,7 +187,8 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     c.batch_execute("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_row FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')").unwrap();
     let before = served();
     let texts = short_rows(24, 2000);
-    c.execute("INSERT INTO c_row (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts]).unwrap();
+    c.execute("INSERT INTO c_row (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts])
+        .unwrap();
     c.execute("UPDATE c_row SET body = 'A changed note about the garden.' WHERE id IN (3, 11)", &[]).unwrap();
     c.execute("UPDATE c_row SET body = NULL WHERE id = 5", &[]).unwrap();
     assert_on_workers(before, "row trigger");
@@ -186,7 +205,11 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     );
     let before = served();
     let texts = short_rows(24, 3000);
-    c.execute("INSERT INTO c_stmt (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts]).unwrap();
+    c.execute(
+        "INSERT INTO c_stmt (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+        &[&texts],
+    )
+    .unwrap();
     c.execute("UPDATE c_stmt SET body = body || ' Again.' WHERE id % 3 = 0", &[]).unwrap();
     c.execute("UPDATE c_stmt SET n = n + 1", &[]).unwrap();
     assert_on_workers(before, "statement trigger");
@@ -196,7 +219,8 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     documents_with_chunk_trigger(&mut c, "c_docs", "colocate_with => 'c_docs'");
     let before = served();
     let docs: Vec<String> = (0..8).map(|i| short_rows(6, 4000 + 10 * i).join(" ")).collect();
-    c.execute("INSERT INTO c_docs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&docs]).unwrap();
+    c.execute("INSERT INTO c_docs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&docs])
+        .unwrap();
     c.execute("UPDATE c_docs SET body = 'One short text now.' WHERE id = 2", &[]).unwrap();
     c.execute("DELETE FROM c_docs WHERE id = 3", &[]).unwrap();
     assert_on_workers(before, "chunk trigger");
@@ -253,7 +277,11 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
     c.batch_execute("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_fill FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')").unwrap();
     c.batch_execute("ALTER TABLE c_fill DISABLE TRIGGER e").unwrap();
     let texts = short_rows(600, 5000);
-    c.execute("INSERT INTO c_fill (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts]).unwrap();
+    c.execute(
+        "INSERT INTO c_fill (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+        &[&texts],
+    )
+    .unwrap();
     c.batch_execute("ALTER TABLE c_fill ENABLE TRIGGER e").unwrap();
     let before = served();
     let call = "CALL embeddinggemma_backfill('c_fill', 'body', 'v', batch_size => 4)";
@@ -275,7 +303,10 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
         .unwrap();
     assert!(state && left == 0, "the coordinator's run: finished {state}, {left} left");
     let shards: Vec<(i64, Option<i64>, Option<bool>)> = c
-        .query("SELECT shard, rows_remaining, finished_at IS NOT NULL FROM embeddinggemma_backfill_shards('c_fill')", &[])
+        .query(
+            "SELECT shard, rows_remaining, finished_at IS NOT NULL FROM embeddinggemma_backfill_shards('c_fill')",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -287,7 +318,11 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
     documents_with_chunk_trigger(&mut c, "c_cdocs", "colocate_with => 'c_cdocs'");
     c.batch_execute("ALTER TABLE c_cdocs DISABLE TRIGGER c").unwrap();
     let docs: Vec<String> = (0..48).map(|i| short_rows(4, 9000 + 10 * i).join(" ")).collect();
-    c.execute("INSERT INTO c_cdocs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&docs]).unwrap();
+    c.execute(
+        "INSERT INTO c_cdocs (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+        &[&docs],
+    )
+    .unwrap();
     c.batch_execute("ALTER TABLE c_cdocs ENABLE TRIGGER c").unwrap();
     let before = served();
     let call = "CALL embeddinggemma_chunk_backfill('c_cdocs', 'c_cdocs_chunks', batch_size => 1)";
@@ -308,7 +343,11 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
     distributed_table(&mut c, "c_search", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
     let passages = docstrings(350);
     let (corpus, queries) = passages.split_at(300);
-    c.execute("INSERT INTO c_search (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&corpus.to_vec()]).unwrap();
+    c.execute(
+        "INSERT INTO c_search (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
+        &[&corpus.to_vec()],
+    )
+    .unwrap();
     c.execute("UPDATE c_search SET v = embed(body)", &[]).unwrap();
     each(
         &mut c,
@@ -332,8 +371,12 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
             .collect::<Vec<_>>()
             .join("\n");
         assert!(plan.contains("hnsw") || plan.contains("Index Scan"), "the shards do not use the index:\n{plan}");
-        let approx: Vec<i64> =
-            t.query("SELECT id FROM c_search ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q]).unwrap().iter().map(|r| r.get(0)).collect();
+        let approx: Vec<i64> = t
+            .query("SELECT id FROM c_search ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         t.commit().unwrap();
         let exact: Vec<i64> = c
             .query("SELECT id FROM c_search_single ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q])

@@ -14,11 +14,21 @@ fn wait(c: &mut Client, table: &str, target: &str) -> bool {
 }
 
 fn targets_on(c: &mut Client, table_oid: u32) -> i64 {
-    c.query_one("SELECT count(*) FROM embeddinggemma_async_targets WHERE relation::oid = $1", &[&postgres::types::Oid::from(table_oid)]).unwrap().get(0)
+    c.query_one(
+        "SELECT count(*) FROM embeddinggemma_async_targets WHERE relation::oid = $1",
+        &[&postgres::types::Oid::from(table_oid)],
+    )
+    .unwrap()
+    .get(0)
 }
 
 fn wrong(c: &mut Client, table: &str, text: &str, vector: &str) -> i64 {
-    c.query_one(&format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > {SAME_TEXT}"), &[]).unwrap().get(0)
+    c.query_one(
+        &format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > {SAME_TEXT}"),
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
 
 #[test]
@@ -44,7 +54,10 @@ fn renamed_columns_keep_an_async_target_working_in_every_session() {
     c.batch_execute("INSERT INTO dr_docs VALUES (3, 'after the rename', NULL); UPDATE dr_docs SET content = 'changed after the rename' WHERE doc_id = 1")
         .unwrap();
     other.batch_execute("INSERT INTO dr_docs VALUES (4, 'another session after the rename', NULL)").unwrap();
-    let target: String = c.query_one("SELECT target FROM embeddinggemma_async_status WHERE table_name = 'dr_docs'::regclass", &[]).unwrap().get(0);
+    let target: String = c
+        .query_one("SELECT target FROM embeddinggemma_async_status WHERE table_name = 'dr_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(target, "embedding", "the target did not follow the rename");
     assert!(wait(&mut c, "dr_docs", "embedding"), "the renamed target did not drain");
     assert_eq!(wrong(&mut c, "dr_docs", "content", "embedding"), 0);
@@ -94,7 +107,8 @@ fn registration_refuses_what_the_worker_cannot_serve() {
     )
     .unwrap();
     for table in ["dg_view", "dg_temp"] {
-        let (code, message, hint) = expect_error(&mut c, &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"));
+        let (code, message, hint) =
+            expect_error(&mut c, &format!("SELECT embeddinggemma_async('{table}', 'body', 'v')"));
         eprintln!("{table}: {code} {message} / {hint:?}");
         assert!(code == "42809" || code == "42P17" || code == "42P01", "{table}: {code} {message}");
         assert!(hint.is_some(), "{table}: no hint");
@@ -152,11 +166,20 @@ fn rows_of_an_attached_partition_are_queued() {
     .unwrap();
     assert!(notices.lock().unwrap().iter().any(|n| n.contains("attached")), "{:?}", notices.lock().unwrap());
     assert!(wait(&mut c, "da_docs", "v"));
-    let missing: i64 = c.query_one("SELECT count(*) FROM da_docs WHERE id < 3 AND (v IS NULL OR v <=> embed(body) > 1e-6)", &[]).unwrap().get(0);
+    let missing: i64 = c
+        .query_one("SELECT count(*) FROM da_docs WHERE id < 3 AND (v IS NULL OR v <=> embed(body) > 1e-6)", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(missing, 0, "rows of an attached partition were not embedded");
-    let kept: bool = c.query_one("SELECT v <=> embed('its own text elsewhere') < 1e-6 FROM da_docs WHERE id = 3", &[]).unwrap().get(0);
+    let kept: bool = c
+        .query_one("SELECT v <=> embed('its own text elsewhere') < 1e-6 FROM da_docs WHERE id = 3", &[])
+        .unwrap()
+        .get(0);
     assert!(kept, "a vector the partition brought was replaced");
-    let model: Option<String> = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'da_docs'::regclass", &[]).unwrap().get(0);
+    let model: Option<String> = c
+        .query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'da_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert!(model.is_none(), "the target claims a model for a vector it did not write: {model:?}");
     c.batch_execute("SELECT embeddinggemma_async_drop('da_docs', 'v'); DROP TABLE da_docs").unwrap();
 }
@@ -194,7 +217,10 @@ fn keep_existing_keeps_vectors_and_claims_no_model_for_them() {
     )
     .unwrap();
     assert!(wait(&mut c, "dke_docs", "v"));
-    let kept: bool = c.query_one("SELECT v <=> embed('a vector of another text') < 1e-6 FROM dke_docs WHERE id = 1", &[]).unwrap().get(0);
+    let kept: bool = c
+        .query_one("SELECT v <=> embed('a vector of another text') < 1e-6 FROM dke_docs WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
     assert!(kept, "keep_existing replaced a vector");
     let filled: bool = c.query_one("SELECT v <=> embed(body) < 1e-6 FROM dke_docs WHERE id = 2", &[]).unwrap().get(0);
     assert!(filled, "a row without a vector was not embedded");
@@ -209,11 +235,21 @@ fn keep_existing_keeps_vectors_and_claims_no_model_for_them() {
     .unwrap();
     assert!(wait(&mut c, "dke_witness", "v"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while c.query_one("SELECT model IS NULL FROM embeddinggemma_async_status WHERE table_name = 'dke_witness'::regclass", &[]).unwrap().get::<_, bool>(0) {
+    while c
+        .query_one(
+            "SELECT model IS NULL FROM embeddinggemma_async_status WHERE table_name = 'dke_witness'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get::<_, bool>(0)
+    {
         assert!(std::time::Instant::now() < deadline, "the witness target's model was never settled");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let model: Option<String> = c.query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'dke_docs'::regclass", &[]).unwrap().get(0);
+    let model: Option<String> = c
+        .query_one("SELECT model::text FROM embeddinggemma_async_status WHERE table_name = 'dke_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert!(model.is_none(), "a target that kept vectors it did not write claims a model: {model:?}");
     c.batch_execute("SELECT embeddinggemma_async_reembed('dke_docs', 'v')").unwrap();
     assert!(wait(&mut c, "dke_docs", "v"));
@@ -240,7 +276,8 @@ fn a_text_set_by_a_later_before_trigger_is_embedded_as_stored() {
     c.batch_execute("UPDATE dz_docs SET title = 'deserts' WHERE id = 1").unwrap();
     assert!(wait(&mut c, "dz_docs", "v"));
     assert_eq!(wrong(&mut c, "dz_docs", "body", "v"), 0, "a text set by a later BEFORE trigger was not embedded");
-    c.batch_execute("SELECT embeddinggemma_async_drop('dz_docs', 'v'); DROP TABLE dz_docs; DROP FUNCTION dz_compose()").unwrap();
+    c.batch_execute("SELECT embeddinggemma_async_drop('dz_docs', 'v'); DROP TABLE dz_docs; DROP FUNCTION dz_compose()")
+        .unwrap();
 }
 
 /// A session that wrote through a target before DROP EXTENSION / CREATE EXTENSION, where the
@@ -288,7 +325,11 @@ fn a_long_lived_session_follows_a_recreated_extension() {
 fn a_database_copied_from_a_template_is_served() {
     use postgres::NoTls;
     let mut admin = connect();
-    for sql in ["DROP DATABASE IF EXISTS dt_copy WITH (FORCE)", "DROP DATABASE IF EXISTS dt_src WITH (FORCE)", "CREATE DATABASE dt_src"] {
+    for sql in [
+        "DROP DATABASE IF EXISTS dt_copy WITH (FORCE)",
+        "DROP DATABASE IF EXISTS dt_src WITH (FORCE)",
+        "CREATE DATABASE dt_src",
+    ] {
         admin.batch_execute(sql).unwrap();
     }
     let mut src = Client::connect(&format!("{} dbname=dt_src", dsn()), NoTls).unwrap();
@@ -322,9 +363,13 @@ fn a_deleted_document_loses_its_chunks_without_a_foreign_key() {
          SELECT embeddinggemma_async_chunks('dk_docs', 'dk_chunks');",
     )
     .unwrap();
-    let drained = |c: &mut Client| -> bool { c.query_one("SELECT embeddinggemma_async_wait('dk_docs', 'dk_chunks', '120 s')", &[]).unwrap().get(0) };
+    let drained = |c: &mut Client| -> bool {
+        c.query_one("SELECT embeddinggemma_async_wait('dk_docs', 'dk_chunks', '120 s')", &[]).unwrap().get(0)
+    };
     assert!(drained(&mut c));
-    let chunks = |c: &mut Client, id: i32| -> i64 { c.query_one("SELECT count(*) FROM dk_chunks WHERE doc_id = $1", &[&id]).unwrap().get(0) };
+    let chunks = |c: &mut Client, id: i32| -> i64 {
+        c.query_one("SELECT count(*) FROM dk_chunks WHERE doc_id = $1", &[&id]).unwrap().get(0)
+    };
     assert!(chunks(&mut c, 1) > 0 && chunks(&mut c, 2) > 0);
     c.batch_execute("DELETE FROM dk_docs WHERE id = 1").unwrap();
     assert!(drained(&mut c));
@@ -360,7 +405,8 @@ fn registration_refuses_unknown_tasks_and_inheritance_parents() {
          CREATE TABLE dt_child () INHERITS (dt_parent);",
     )
     .unwrap();
-    let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('dt_docs', 'body', 'v', task => 'nonsense')");
+    let (code, message, hint) =
+        expect_error(&mut c, "SELECT embeddinggemma_async('dt_docs', 'body', 'v', task => 'nonsense')");
     assert_eq!(code, "22023", "{message}");
     assert!(hint.is_some_and(|h| h.contains("document")), "{message}");
     let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('dt_parent', 'body', 'v')");
@@ -392,7 +438,8 @@ fn a_generated_source_column_is_embedded_as_stored() {
 #[test]
 fn pg_dump_and_pg_restore_keep_targets_and_their_pending_rows() {
     use postgres::NoTls;
-    let pg_bin = std::env::var("EMBEDDINGGEMMA_TEST_PG_BIN").expect("EMBEDDINGGEMMA_TEST_PG_BIN is not set: run the SQL tests through scripts/test");
+    let pg_bin = std::env::var("EMBEDDINGGEMMA_TEST_PG_BIN")
+        .expect("EMBEDDINGGEMMA_TEST_PG_BIN is not set: run the SQL tests through scripts/test");
     let mut admin = connect();
     for db in ["dump_src", "dump_dst"] {
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
@@ -418,7 +465,12 @@ fn pg_dump_and_pg_restore_keep_targets_and_their_pending_rows() {
     )
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while src.query_one("SELECT count(*) FROM embeddinggemma_async_queue WHERE attempts > 0", &[]).unwrap().get::<_, i64>(0) < 6 {
+    while src
+        .query_one("SELECT count(*) FROM embeddinggemma_async_queue WHERE attempts > 0", &[])
+        .unwrap()
+        .get::<_, i64>(0)
+        < 6
+    {
         assert!(std::time::Instant::now() < deadline, "the rows were never tried");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

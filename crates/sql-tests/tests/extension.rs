@@ -129,7 +129,8 @@ fn embed_batch_keeps_order_nulls_and_equals_embed() {
         }
     }
     // NULL in, NULL out; an empty array gives no rows.
-    let row = client.query_one("SELECT embed(NULL) IS NULL, (SELECT count(*) FROM embed_batch('{}'::text[]))", &[]).unwrap();
+    let row =
+        client.query_one("SELECT embed(NULL) IS NULL, (SELECT count(*) FROM embed_batch('{}'::text[]))", &[]).unwrap();
     assert!(row.get::<_, bool>(0));
     assert_eq!(row.get::<_, i64>(1), 0);
 }
@@ -158,9 +159,7 @@ fn embed_batch_with_ids_joins_back() {
             }
         }
     }
-    let err = client
-        .query("SELECT * FROM embed_batch(ARRAY[1, 2]::bigint[], ARRAY['one'])", &[])
-        .unwrap_err();
+    let err = client.query("SELECT * FROM embed_batch(ARRAY[1, 2]::bigint[], ARRAY['one'])", &[]).unwrap_err();
     let (code, message, _) = sql_error(err);
     assert_eq!(code, "2202E", "{message}");
     assert!(message.contains("2 ids but 1 inputs"), "{message}");
@@ -176,9 +175,7 @@ const PLANETS: [&str; 4] = [
 #[test]
 fn model_card_query_ranks_mars_first_through_an_hnsw_index() {
     let mut client = connect();
-    client
-        .batch_execute("CREATE TEMP TABLE planets (id serial PRIMARY KEY, body text, v vector(768))")
-        .unwrap();
+    client.batch_execute("CREATE TEMP TABLE planets (id serial PRIMARY KEY, body text, v vector(768))").unwrap();
     for body in PLANETS {
         client.execute("INSERT INTO planets (body) VALUES ($1)", &[&body]).unwrap();
     }
@@ -190,7 +187,8 @@ fn model_card_query_ranks_mars_first_through_an_hnsw_index() {
              SET enable_seqscan = off;",
         )
         .unwrap();
-    let query = "SELECT body FROM planets ORDER BY v <=> embed('Which planet is known as the Red Planet?', 'query') LIMIT 4";
+    let query =
+        "SELECT body FROM planets ORDER BY v <=> embed('Which planet is known as the Red Planet?', 'query') LIMIT 4";
     let plan: Vec<String> = client.query(&format!("EXPLAIN {query}"), &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert!(plan.iter().any(|l| l.contains("Index Scan using planets_v")), "plan: {plan:#?}");
     let ranked: Vec<String> = client.query(query, &[]).unwrap().iter().map(|r| r.get(0)).collect();
@@ -218,7 +216,8 @@ fn info_describes_the_loaded_model() {
 fn changing_the_model_reloads_it() {
     let mut client = connect_in_process();
     assert_eq!(embed(&mut client, "x", "none", 768).len(), 768);
-    let loads = |c: &mut Client| c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get::<_, i64>(0);
+    let loads =
+        |c: &mut Client| c.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get::<_, i64>(0);
     let before = loads(&mut client);
     use_tiny_model(&mut client);
     assert_eq!(embed(&mut client, "x", "none", 48).len(), 48);
@@ -242,13 +241,15 @@ fn bad_input_gets_a_clear_error_and_never_crashes_the_backend() {
     assert_eq!(code, "22023");
     assert!(msg.contains("768, 512, 256, 128"), "{msg}");
 
-    let (code, msg, hint) = expect_error(&mut client, "SET embeddinggemma.truncate = off; SELECT embed(repeat('word ', 3000))");
+    let (code, msg, hint) =
+        expect_error(&mut client, "SET embeddinggemma.truncate = off; SELECT embed(repeat('word ', 3000))");
     assert_eq!(code, "54000");
     assert!(msg.contains("more than the model's limit of 2048"), "{msg}");
     assert!(hint.unwrap().contains("embeddinggemma.truncate"));
     client.batch_execute("RESET embeddinggemma.truncate").unwrap();
 
-    let (code, msg, hint) = expect_error(&mut client, "SET embeddinggemma.model_path = '/nonexistent/model'; SELECT embed('x')");
+    let (code, msg, hint) =
+        expect_error(&mut client, "SET embeddinggemma.model_path = '/nonexistent/model'; SELECT embed('x')");
     assert_eq!(code, "58P01");
     assert!(msg.contains("/nonexistent/model"), "{msg}");
     let hint = hint.unwrap();
@@ -262,7 +263,11 @@ fn bad_input_gets_a_clear_error_and_never_crashes_the_backend() {
     // The tiny model's files checked against checksums that do not match.
     let wrong = std::env::temp_dir().join("embeddinggemma-wrong.sha256");
     let manifest = std::fs::read_to_string(tiny_checksums()).unwrap().replacen(|c: char| c.is_ascii_hexdigit(), "0", 1);
-    let manifest = if manifest == std::fs::read_to_string(tiny_checksums()).unwrap() { manifest.replacen('0', "1", 1) } else { manifest };
+    let manifest = if manifest == std::fs::read_to_string(tiny_checksums()).unwrap() {
+        manifest.replacen('0', "1", 1)
+    } else {
+        manifest
+    };
     std::fs::write(&wrong, manifest).unwrap();
     let (code, msg, hint) = expect_error(
         &mut client,
@@ -294,12 +299,21 @@ fn only_a_superuser_may_point_at_model_files() {
     assert_eq!(embed(&mut user, "ordinary users can embed", "query", 128).len(), 128);
     // The model's files, its device and precision (embed() is IMMUTABLE), and where it runs are
     // the superuser's to choose.
-    for (setting, value) in [("model_path", "/tmp"), ("model_checksums", "/tmp/x"), ("dtype", "bf16"), ("device", "cpu"), ("service", "off")] {
+    for (setting, value) in [
+        ("model_path", "/tmp"),
+        ("model_checksums", "/tmp/x"),
+        ("dtype", "bf16"),
+        ("device", "cpu"),
+        ("service", "off"),
+    ] {
         let (code, msg, _) = expect_error(&mut user, &format!("SET embeddinggemma.{setting} = '{value}'"));
         assert_eq!(code, "42501", "{setting}: {msg}");
     }
     // How a session batches and how many threads it uses are its own business.
-    user.batch_execute("SET embeddinggemma.threads = 1; SET embeddinggemma.truncate = off; SET embeddinggemma.max_batch_tokens = 1024").unwrap();
+    user.batch_execute(
+        "SET embeddinggemma.threads = 1; SET embeddinggemma.truncate = off; SET embeddinggemma.max_batch_tokens = 1024",
+    )
+    .unwrap();
     assert_eq!(embed(&mut user, "still embedding", "query", 128).len(), 128);
 
     // Without preloading, before the library is loaded the setting is only a placeholder;

@@ -80,19 +80,63 @@ impl Rng {
 // Generated texts.
 
 const WHITESPACE: &[char] = &[
-    ' ', '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{1680}', '\u{2000}', '\u{2003}', '\u{2009}', '\u{200A}',
-    '\u{200B}', '\u{2028}', '\u{2029}', '\u{202F}', '\u{205F}', '\u{3000}', '\u{FEFF}',
+    ' ', '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{1680}', '\u{2000}', '\u{2003}', '\u{2009}',
+    '\u{200A}', '\u{200B}', '\u{2028}', '\u{2029}', '\u{202F}', '\u{205F}', '\u{3000}', '\u{FEFF}',
 ];
 const SPECIAL: &[char] = &[
-    '\u{FFFD}', '\u{FFFE}', '\u{FFFF}', '\u{FDD0}', '\u{E000}', '\u{F8FF}', '\u{10FFFF}', '\u{1FFFE}', '\u{E0001}', '\u{E007F}',
-    '\u{2060}', '\u{00AD}', '\u{034F}', '\u{180E}', '\u{FFF9}', '\u{1D173}',
+    '\u{FFFD}',
+    '\u{FFFE}',
+    '\u{FFFF}',
+    '\u{FDD0}',
+    '\u{E000}',
+    '\u{F8FF}',
+    '\u{10FFFF}',
+    '\u{1FFFE}',
+    '\u{E0001}',
+    '\u{E007F}',
+    '\u{2060}',
+    '\u{00AD}',
+    '\u{034F}',
+    '\u{180E}',
+    '\u{FFF9}',
+    '\u{1D173}',
 ];
 /// Strings that look like escapes, invalid encodings or the tokenizer's special tokens.
 const TRICKY: &[&str] = &[
-    "\\x00", "\\xff\\xfe", "\\uD800", "\\uDFFF", "%00", "%C0%80", "&#0;", "&#xD800;", "\u{FFFD}\u{FFFD}", "\u{C0}\u{80}",
-    "<bos>", "<eos>", "<pad>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "[CLS]", "</s>",
-    "<|endoftext|>", "\u{1b}[31m", "\u{1b}]0;x\u{7}", "\r\n", "\u{202E}gnp.exe", "e\u{301}\u{301}\u{301}", "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}",
-    "\u{1F1FA}\u{1F1F8}", "\u{1F44D}\u{1F3FD}", "task: search result | query: ", "title: none | text: ", "'; DROP TABLE x; --", "$$", "\\",
+    "\\x00",
+    "\\xff\\xfe",
+    "\\uD800",
+    "\\uDFFF",
+    "%00",
+    "%C0%80",
+    "&#0;",
+    "&#xD800;",
+    "\u{FFFD}\u{FFFD}",
+    "\u{C0}\u{80}",
+    "<bos>",
+    "<eos>",
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "[CLS]",
+    "</s>",
+    "<|endoftext|>",
+    "\u{1b}[31m",
+    "\u{1b}]0;x\u{7}",
+    "\r\n",
+    "\u{202E}gnp.exe",
+    "e\u{301}\u{301}\u{301}",
+    "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}",
+    "\u{1F1FA}\u{1F1F8}",
+    "\u{1F44D}\u{1F3FD}",
+    "task: search result | query: ",
+    "title: none | text: ",
+    "'; DROP TABLE x; --",
+    "$$",
+    "\\",
 ];
 
 fn range_char(rng: &mut Rng, lo: u32, hi: u32) -> char {
@@ -116,7 +160,10 @@ fn gen_char(rng: &mut Rng, class: u64) -> char {
         6 => match rng.range(0, 3) {
             0 => range_char(rng, 0x5D0, 0x5EA),
             1 => range_char(rng, 0x620, 0x64A),
-            2 => *rng.pick(&['\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2069}']),
+            2 => *rng.pick(&[
+                '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}',
+                '\u{2069}',
+            ]),
             _ => range_char(rng, 0xFB50, 0xFDFF),
         },
         7 => match rng.range(0, 4) {
@@ -153,7 +200,18 @@ fn fill(rng: &mut Rng, s: &mut String, bytes: usize) {
             }
             2 => s.push(gen_char(rng, class)),
             3 => {
-                s.push_str(*rng.pick(&["the", "quick", "brown", "fox", "Postgres", "vector", "東京", "Ünïcödé", "🦊", "x"]));
+                s.push_str(*rng.pick(&[
+                    "the",
+                    "quick",
+                    "brown",
+                    "fox",
+                    "Postgres",
+                    "vector",
+                    "東京",
+                    "Ünïcödé",
+                    "🦊",
+                    "x",
+                ]));
                 s.push(*rng.pick(WHITESPACE));
             }
             4 => s.push_str(*rng.pick(TRICKY)),
@@ -331,7 +389,9 @@ impl Param {
             }
         }
         match self {
-            Param::Text(None) | Param::Int(None) | Param::Long(None) | Param::Texts(None) | Param::Longs(None) => "NULL".into(),
+            Param::Text(None) | Param::Int(None) | Param::Long(None) | Param::Texts(None) | Param::Longs(None) => {
+                "NULL".into()
+            }
             Param::Text(Some(s)) => text(s),
             Param::Int(Some(v)) => v.to_string(),
             Param::Long(Some(v)) => v.to_string(),
@@ -372,7 +432,8 @@ struct Case {
 
 impl Case {
     fn describe(&self) -> String {
-        let mut d = format!("case #{} {:?} (statement_timeout {} ms): {}", self.index, self.kind, self.timeout_ms, self.sql);
+        let mut d =
+            format!("case #{} {:?} (statement_timeout {} ms): {}", self.index, self.kind, self.timeout_ms, self.sql);
         for (i, p) in self.params.iter().enumerate() {
             let _ = write!(d, "\n    ${} = {}", i + 1, p.describe());
         }
@@ -392,7 +453,10 @@ struct Config {
 impl Config {
     fn from_env() -> Config {
         let var = |name: &str, default: u64| -> u64 {
-            std::env::var(name).ok().map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))).unwrap_or(default)
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
+                .unwrap_or(default)
         };
         Config {
             inputs: var("EMBEDDINGGEMMA_FUZZ_INPUTS", 1500),
@@ -422,25 +486,64 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
     };
     const EMBED: &str = "SELECT embed($1::text, $2::text, $3::int)::real[]";
     let fixed = match index {
-        0 => Some(case(Kind::Embed, EMBED, vec![valid(""), valid("query"), Param::Int(Some(dim0))], Expect::Vector(Some(dim0)))),
-        1 => Some(case(Kind::Embed, EMBED, vec![valid("a"), valid("none"), Param::Int(Some(dim0))], Expect::Vector(Some(dim0)))),
-        2 => Some(case(Kind::Embed, EMBED, vec![valid(" \t\n\u{3000}"), valid("document"), Param::Int(Some(dim0))], Expect::Vector(Some(dim0)))),
+        0 => Some(case(
+            Kind::Embed,
+            EMBED,
+            vec![valid(""), valid("query"), Param::Int(Some(dim0))],
+            Expect::Vector(Some(dim0)),
+        )),
+        1 => Some(case(
+            Kind::Embed,
+            EMBED,
+            vec![valid("a"), valid("none"), Param::Int(Some(dim0))],
+            Expect::Vector(Some(dim0)),
+        )),
+        2 => Some(case(
+            Kind::Embed,
+            EMBED,
+            vec![valid(" \t\n\u{3000}"), valid("document"), Param::Int(Some(dim0))],
+            Expect::Vector(Some(dim0)),
+        )),
         // A NUL inside a text parameter: PostgreSQL refuses it when it reads the parameter.
-        3 => Some(case(Kind::Embed, EMBED, vec![valid("a\0b"), valid("query"), Param::Int(Some(dim0))], Expect::Vector(Some(dim0)))),
-        4 => Some(case(Kind::Expr, "SELECT embed(convert_from('\\x610062'::bytea, 'UTF8'))::real[]", vec![], Expect::Vector(None))),
+        3 => Some(case(
+            Kind::Embed,
+            EMBED,
+            vec![valid("a\0b"), valid("query"), Param::Int(Some(dim0))],
+            Expect::Vector(Some(dim0)),
+        )),
+        4 => Some(case(
+            Kind::Expr,
+            "SELECT embed(convert_from('\\x610062'::bytea, 'UTF8'))::real[]",
+            vec![],
+            Expect::Vector(None),
+        )),
         5 => Some(case(Kind::Expr, "SELECT embed(chr(0))::real[]", vec![], Expect::Vector(None))),
-        6 => Some(case(Kind::Embed, EMBED, vec![Param::Text(None), Param::Text(None), Param::Int(None)], Expect::Vector(None))),
+        6 => Some(case(
+            Kind::Embed,
+            EMBED,
+            vec![Param::Text(None), Param::Text(None), Param::Int(None)],
+            Expect::Vector(None),
+        )),
         7 | 8 => {
             // The largest text, once through embed() and once in an array with NULLs.
             let text = text_of(&mut rng, cfg.max_bytes);
             let bytes = text.len();
             let mut c = if index == 7 {
-                case(Kind::Embed, EMBED, vec![Param::Text(Some(text)), valid("query"), Param::Int(Some(dim0))], Expect::Vector(Some(dim0)))
+                case(
+                    Kind::Embed,
+                    EMBED,
+                    vec![Param::Text(Some(text)), valid("query"), Param::Int(Some(dim0))],
+                    Expect::Vector(Some(dim0)),
+                )
             } else {
                 case(
                     Kind::Batch,
                     "SELECT ord, embedding::real[] FROM embed_batch($1::text[], $2::text, $3::int)",
-                    vec![Param::Texts(Some(vec![None, Some(text), Some("x".into()), None])), valid("document"), Param::Int(Some(dim0))],
+                    vec![
+                        Param::Texts(Some(vec![None, Some(text), Some("x".into()), None])),
+                        valid("document"),
+                        Param::Int(Some(dim0)),
+                    ],
                     Expect::Batch { dim: Some(dim0), inputs: vec![false, true, true, false], ids: None },
                 )
             };
@@ -459,7 +562,12 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
             let size = text_size(&mut rng, cfg.max_bytes);
             let text = if rng.chance(0.03) { None } else { Some(text_of(&mut rng, size)) };
             let (task, dim) = (gen_task(&mut rng, facts), gen_dim(&mut rng, facts));
-            let mut c = case(Kind::Embed, EMBED, vec![Param::Text(text), Param::Text(task), Param::Int(dim)], Expect::Vector(dim));
+            let mut c = case(
+                Kind::Embed,
+                EMBED,
+                vec![Param::Text(text), Param::Text(task), Param::Int(dim)],
+                Expect::Vector(dim),
+            );
             c.bytes = size;
             c
         }
@@ -470,7 +578,12 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
                 case(Kind::EmbedDefaults, "SELECT embed($1::text)::real[]", vec![text], Expect::Vector(Some(768)))
             } else {
                 let task = gen_task(&mut rng, facts);
-                case(Kind::EmbedDefaults, "SELECT embed($1::text, $2::text)::real[]", vec![text, Param::Text(task)], Expect::Vector(Some(768)))
+                case(
+                    Kind::EmbedDefaults,
+                    "SELECT embed($1::text, $2::text)::real[]",
+                    vec![text, Param::Text(task)],
+                    Expect::Vector(Some(768)),
+                )
             };
             c.bytes = size;
             c
@@ -481,7 +594,11 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
             let (task, dim) = (gen_task(&mut rng, facts), gen_dim(&mut rng, facts));
             // STRICT: a NULL argument gives no rows.
             let strict_null = inputs.is_none() || task.is_none() || dim.is_none();
-            let shape = inputs.as_ref().filter(|_| !strict_null).map(|a| a.iter().map(Option::is_some).collect()).unwrap_or_default();
+            let shape = inputs
+                .as_ref()
+                .filter(|_| !strict_null)
+                .map(|a| a.iter().map(Option::is_some).collect())
+                .unwrap_or_default();
             let bytes = inputs.iter().flatten().flatten().map(String::len).sum();
             let mut c = case(
                 Kind::Batch,
@@ -504,7 +621,8 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
                 _ => vec![],
             };
             let (task, dim) = (gen_task(&mut rng, facts), gen_dim(&mut rng, facts));
-            let shape = if task.is_none() || dim.is_none() { vec![] } else { inputs.iter().map(Option::is_some).collect() };
+            let shape =
+                if task.is_none() || dim.is_none() { vec![] } else { inputs.iter().map(Option::is_some).collect() };
             let bytes = inputs.iter().flatten().map(String::len).sum();
             let mut c = case(
                 Kind::BatchIds,
@@ -527,14 +645,27 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
         }
         82..=88 => {
             let cols = ["id", "body", "vc", "ch", "v", "vany", "v2", "n", "missing"];
-            let col = |rng: &mut Rng| if rng.chance(0.7) { Some(rng.pick(&cols).to_string()) } else if rng.chance(0.2) { None } else { Some(short_text(rng)) };
+            let col = |rng: &mut Rng| {
+                if rng.chance(0.7) {
+                    Some(rng.pick(&cols).to_string())
+                } else if rng.chance(0.2) {
+                    None
+                } else {
+                    Some(short_text(rng))
+                }
+            };
             let (source, target) = (col(&mut rng), col(&mut rng));
             let dim = gen_dim(&mut rng, facts);
             match rng.range(0, 2) {
                 0 => case(
                     Kind::CheckColumns,
                     "SELECT embeddinggemma_check_columns($1::text::regclass, $2::text, $3::text, $4::int)",
-                    vec![Param::Text(Some(rng.pick(&["fz", "fz_row", "pg_class", "nope", "\"FZ\""]).to_string())), Param::Text(source), Param::Text(target), Param::Int(dim)],
+                    vec![
+                        Param::Text(Some(rng.pick(&["fz", "fz_row", "pg_class", "nope", "\"FZ\""]).to_string())),
+                        Param::Text(source),
+                        Param::Text(target),
+                        Param::Int(dim),
+                    ],
                     Expect::Anything,
                 ),
                 1 => {
@@ -558,7 +689,10 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
         89..=92 => {
             let sql = match rng.range(0, 9) {
                 0 => format!("SET embeddinggemma.threads = {}", rng.pick(&[0i64, 1, 2, 3, 1024, 1025, -1])),
-                1 => format!("SET embeddinggemma.max_batch_tokens = {}", rng.pick(&[64i64, 63, 1, 100, 2048, 1 << 20, (1 << 20) + 1, 0])),
+                1 => format!(
+                    "SET embeddinggemma.max_batch_tokens = {}",
+                    rng.pick(&[64i64, 63, 1, 100, 2048, 1 << 20, (1 << 20) + 1, 0])
+                ),
                 2 => format!("SET embeddinggemma.truncate = {}", rng.pick(&["on", "off", "maybe"])),
                 3 => format!("SET embeddinggemma.model_path = '{}'", rng.pick(&["/tmp", "/", ""])),
                 4 => "SET embeddinggemma.model_checksums = '/etc/passwd'".into(),
@@ -593,7 +727,12 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
             c.bytes = size;
             c
         }
-        _ => case(Kind::Reconnect, "SELECT embed('after a reconnect', 'query', $1::int)::real[]", vec![Param::Int(Some(dim0))], Expect::Vector(Some(dim0))),
+        _ => case(
+            Kind::Reconnect,
+            "SELECT embed('after a reconnect', 'query', $1::int)::real[]",
+            vec![Param::Int(Some(dim0))],
+            Expect::Vector(Some(dim0)),
+        ),
     };
     if rng.chance(0.15) {
         c.timeout_ms = *rng.pick(&[1, 10, 100, 300, 1000, 2000]);
@@ -606,7 +745,15 @@ fn make_case(cfg: &Config, facts: &Facts, index: u64) -> Case {
 fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
     let dim = *rng.pick(&facts.dims);
     let task = rng.pick(&facts.tasks).clone();
-    let mut c = Case { index, kind: Kind::Expr, sql: String::new(), params: vec![], expect: Expect::Anything, timeout_ms: DEFAULT_TIMEOUT_MS, bytes: 0 };
+    let mut c = Case {
+        index,
+        kind: Kind::Expr,
+        sql: String::new(),
+        params: vec![],
+        expect: Expect::Anything,
+        timeout_ms: DEFAULT_TIMEOUT_MS,
+        bytes: 0,
+    };
     match rng.range(0, 13) {
         0 | 1 => {
             // Random bytes, sometimes valid UTF-8, sometimes with NUL or overlong forms.
@@ -617,7 +764,13 @@ fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
                 b.retain(|&x| x != 0);
             }
             if rng.chance(0.2) {
-                b.extend_from_slice(*rng.pick(&[&[0xC0u8, 0x80][..], &[0xED, 0xA0, 0x80], &[0xF4, 0x90, 0x80, 0x80], &[0xFF, 0xFE], &[0]]));
+                b.extend_from_slice(*rng.pick(&[
+                    &[0xC0u8, 0x80][..],
+                    &[0xED, 0xA0, 0x80],
+                    &[0xF4, 0x90, 0x80, 0x80],
+                    &[0xFF, 0xFE],
+                    &[0],
+                ]));
             }
             let enc = if rng.chance(0.8) { "UTF8" } else { "LATIN1" };
             c.sql = format!("SELECT embed(convert_from($1::bytea, '{enc}'), $2::text, $3::int)::real[]");
@@ -625,14 +778,26 @@ fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
             c.expect = Expect::Vector(Some(dim));
         }
         2 => {
-            c.sql = rng.pick(&["SELECT embed(chr(0))::real[]", "SELECT embed(E'a\\000b')::real[]", "SELECT embed(E'\\uD800')::real[]", "SELECT embed(U&'\\0000')::real[]"]).to_string();
+            c.sql = rng
+                .pick(&[
+                    "SELECT embed(chr(0))::real[]",
+                    "SELECT embed(E'a\\000b')::real[]",
+                    "SELECT embed(E'\\uD800')::real[]",
+                    "SELECT embed(U&'\\0000')::real[]",
+                ])
+                .to_string();
         }
         3 => {
             // A slice of the code points through chr(): surrogates and the like are PostgreSQL's errors.
             let lo = rng.range(1, 0x10FFFF);
             let hi = (lo + rng.range(0, 300)).min(0x10FFFF);
             c.sql = "SELECT embed(string_agg(chr(c::int), ''), $3::text, $4::int)::real[] FROM generate_series($1::bigint, $2::bigint) c".into();
-            c.params = vec![Param::Long(Some(lo as i64)), Param::Long(Some(hi as i64)), Param::Text(Some(task)), Param::Int(Some(dim))];
+            c.params = vec![
+                Param::Long(Some(lo as i64)),
+                Param::Long(Some(hi as i64)),
+                Param::Text(Some(task)),
+                Param::Int(Some(dim)),
+            ];
             c.expect = Expect::Vector(Some(dim));
         }
         4 => {
@@ -647,13 +812,23 @@ fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
                 times
             };
             c.sql = "SELECT embed(repeat($1::text, $2::int), $3::text, $4::int)::real[]".into();
-            c.params = vec![Param::Text(Some(piece)), Param::Int(Some(times.min(i32::MAX as i64) as i32)), Param::Text(Some(task)), Param::Int(Some(dim))];
+            c.params = vec![
+                Param::Text(Some(piece)),
+                Param::Int(Some(times.min(i32::MAX as i64) as i32)),
+                Param::Text(Some(task)),
+                Param::Int(Some(dim)),
+            ];
             c.expect = Expect::Vector(Some(dim));
         }
         5 => {
             let n = rng.log_range(1, 20_000) as i32;
             c.sql = "SELECT count(*), count(embedding), min(ord), max(ord) FROM embed_batch(array_fill($1::text, ARRAY[$2::int]), $3::text, $4::int)".into();
-            c.params = vec![Param::Text(Some(short_text(rng))), Param::Int(Some(n)), Param::Text(Some(task)), Param::Int(Some(dim))];
+            c.params = vec![
+                Param::Text(Some(short_text(rng))),
+                Param::Int(Some(n)),
+                Param::Text(Some(task)),
+                Param::Int(Some(dim)),
+            ];
         }
         6 => {
             c.sql = rng
@@ -663,7 +838,8 @@ fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
                     "SELECT ord, embedding::real[] FROM embed_batch(ARRAY[$1::text, $2::text, NULL, $1::text], 'none', $3::int)",
                 ])
                 .to_string();
-            c.params = vec![Param::Text(Some(short_text(rng))), Param::Text(Some(short_text(rng))), Param::Int(Some(dim))];
+            c.params =
+                vec![Param::Text(Some(short_text(rng))), Param::Text(Some(short_text(rng))), Param::Int(Some(dim))];
             c.expect = Expect::Vectors(Some(dim));
         }
         7 => {
@@ -739,7 +915,9 @@ fn allowed_without_hint(code: &str, kind: Kind) -> Option<&'static str> {
         // own limits on building the argument.
         "54000" => "PostgreSQL's limits on building a value (chr, repeat, array size)",
         // Literal syntax of an array, a number, a Unicode escape.
-        "22P02" | "22P05" | "42601" | "22025" => "malformed literal or statement, refused by the parser or input function",
+        "22P02" | "22P05" | "42601" | "22025" => {
+            "malformed literal or statement, refused by the parser or input function"
+        }
         // text → regclass of a name that is no table (regclassin).
         "42P01" => "relation named by a text → regclass cast does not exist",
         // Function resolution.
@@ -748,7 +926,9 @@ fn allowed_without_hint(code: &str, kind: Kind) -> Option<&'static str> {
         "22003" => "value out of range in a cast of an argument",
         // SET of a value the setting's own range or enum rejects, of a superuser-only setting,
         // of an unknown name under the reserved prefix.
-        "22023" | "42501" | "42602" | "42704" | "55P02" if kind == Kind::Setting => "SET refused by PostgreSQL's GUC machinery",
+        "22023" | "42501" | "42602" | "42704" | "55P02" if kind == Kind::Setting => {
+            "SET refused by PostgreSQL's GUC machinery"
+        }
         _ => return None,
     })
 }
@@ -805,7 +985,9 @@ fn run_case(client: &mut Client, case: &Case) -> Result<Result<bool, String>, po
                 check_vector(v, *dim, "vector").map(|_| null)
             }
         }
-        Expect::Vectors(dim) => rows.iter().try_for_each(|r| check_vector(r.get(r.len() - 1), *dim, "vector")).map(|_| false),
+        Expect::Vectors(dim) => {
+            rows.iter().try_for_each(|r| check_vector(r.get(r.len() - 1), *dim, "vector")).map(|_| false)
+        }
         Expect::Batch { dim, inputs, ids } => (|| {
             if rows.len() != inputs.len() {
                 return Err(format!("{} rows for {} inputs", rows.len(), inputs.len()));
@@ -907,7 +1089,10 @@ fn session_thread(slot: usize, cfg: Arc<Config>, facts: Arc<Facts>, shared: Arc<
         let started = Instant::now();
         let mut result = Ok(Ok(false));
         if session.timeout_ms != case.timeout_ms {
-            result = session.client.batch_execute(&format!("SET statement_timeout = {}", case.timeout_ms)).map(|_| Ok(false));
+            result = session
+                .client
+                .batch_execute(&format!("SET statement_timeout = {}", case.timeout_ms))
+                .map(|_| Ok(false));
             // Unknown after a failed SET (or a case that resets settings): set it again next time.
             session.timeout_ms = if result.is_ok() && case.kind != Kind::Setting { case.timeout_ms } else { 0 };
         }
@@ -975,7 +1160,12 @@ fn session_thread(slot: usize, cfg: Arc<Config>, facts: Arc<Facts>, shared: Arc<
                         }
                         if db.severity() == "FATAL" || db.severity() == "PANIC" || session.client.is_closed() {
                             lost = true;
-                            t.lost.push(format!("session ended with {} {code} {:?}\n  {}", db.severity(), db.message(), case.describe()));
+                            t.lost.push(format!(
+                                "session ended with {} {code} {:?}\n  {}",
+                                db.severity(),
+                                db.message(),
+                                case.describe()
+                            ));
                         }
                     }
                     None => {
@@ -1038,7 +1228,9 @@ fn sql_fuzz_campaign() {
     let postmaster_started: SystemTime = admin.query_one("SELECT pg_postmaster_start_time()", &[]).unwrap().get(0);
     let admin_pid: i32 = admin.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let mut bystander = connect_as(ROLE);
-    let row = bystander.query_one("SELECT model_path, dims, tasks, pg_backend_pid() FROM embeddinggemma_info()", &[]).unwrap();
+    let row = bystander
+        .query_one("SELECT model_path, dims, tasks, pg_backend_pid() FROM embeddinggemma_info()", &[])
+        .unwrap();
     let model_path: String = row.get(0);
     assert_eq!(
         std::path::Path::new(&model_path),
@@ -1064,7 +1256,8 @@ fn sql_fuzz_campaign() {
         .map(|slot| {
             let (cfg, facts, shared, done) = (cfg.clone(), facts.clone(), shared.clone(), done_tx.clone());
             std::thread::spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session_thread(slot, cfg, facts, shared)));
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session_thread(slot, cfg, facts, shared)));
                 let _ = done.send(slot);
                 if let Err(p) = r {
                     std::panic::resume_unwind(p);
@@ -1104,7 +1297,9 @@ fn sql_fuzz_campaign() {
 
     // Afterwards: the same server, the bystanders' backends still there and working.
     // (Checked after the summary is printed.)
-    let admin_alive = admin.query_one("SELECT 1, pg_backend_pid(), pg_postmaster_start_time()", &[]).map(|r| (r.get::<_, i32>(1), r.get::<_, SystemTime>(2)));
+    let admin_alive = admin
+        .query_one("SELECT 1, pg_backend_pid(), pg_postmaster_start_time()", &[])
+        .map(|r| (r.get::<_, i32>(1), r.get::<_, SystemTime>(2)));
     let bystander_alive = bystander
         .query_one("SELECT embed('bystander', 'query', $1)::real[], pg_backend_pid()", &[&facts.dims[0]])
         .map(|r| (r.get::<_, Vec<f32>>(0), r.get::<_, i32>(1)));
@@ -1131,8 +1326,16 @@ fn sql_fuzz_campaign() {
         cfg.max_bytes,
     );
     let _ = writeln!(summary, "  inputs by kind: {:?}", t.by_kind);
-    let _ = writeln!(summary, "  inputs with ≥ 1 MB of text: {}, ≥ 10 MB: {}, largest: {} bytes", t.big.0, t.big.1, t.big.2);
-    let _ = writeln!(summary, "  successes: {} ({} NULL results), reconnects by the campaign: {}", t.successes, t.nulls, t.reconnects);
+    let _ = writeln!(
+        summary,
+        "  inputs with ≥ 1 MB of text: {}, ≥ 10 MB: {}, largest: {} bytes",
+        t.big.0, t.big.1, t.big.2
+    );
+    let _ = writeln!(
+        summary,
+        "  successes: {} ({} NULL results), reconnects by the campaign: {}",
+        t.successes, t.nulls, t.reconnects
+    );
     let _ = writeln!(summary, "  errors by SQLSTATE (count, of them without HINT, a message):");
     for (code, (n, no_hint, msg)) in &t.errors {
         let msg: String = msg.chars().take(110).collect();

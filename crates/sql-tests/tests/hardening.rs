@@ -62,16 +62,22 @@ fn row_trigger_takes_char_varchar_and_domains_like_the_statement_trigger() {
          INSERT INTO ty_stmt VALUES (1, 'padded'), (2, '  lead');",
     )
     .unwrap();
-    for (id, column, text) in [(1, "c_v", "padded"), (1, "vc_v", "varying"), (1, "d_v", "domain text"), (2, "c_v", "  lead")] {
+    for (id, column, text) in
+        [(1, "c_v", "padded"), (1, "vc_v", "varying"), (1, "d_v", "domain text"), (2, "c_v", "  lead")]
+    {
         let row = c.query_one(&format!("SELECT {column}::real[] FROM ty_row WHERE id = $1"), &[&id]).unwrap();
         let got: Vec<f32> = row.get(0);
         let want = embed_tiny(&mut c, text);
         assert!(cosine_distance(&got, &want) <= SAME_TEXT, "id {id} {column}: not embed({text:?})");
     }
     // char(n): the row trigger, the statement trigger and embed() of the cast text agree.
-    for row in c.query("SELECT id, r.c_v::real[], s.c_v::real[] FROM ty_row r JOIN ty_stmt s USING (id)", &[]).unwrap() {
+    for row in c.query("SELECT id, r.c_v::real[], s.c_v::real[] FROM ty_row r JOIN ty_stmt s USING (id)", &[]).unwrap()
+    {
         let (id, by_row, by_statement): (i32, Vec<f32>, Vec<f32>) = (row.get(0), row.get(1), row.get(2));
-        assert!(cosine_distance(&by_row, &by_statement) <= SAME_TEXT, "id {id}: row and statement triggers differ on char(n)");
+        assert!(
+            cosine_distance(&by_row, &by_statement) <= SAME_TEXT,
+            "id {id}: row and statement triggers differ on char(n)"
+        );
     }
     assert!(c.query_one("SELECT d_v IS NULL FROM ty_row WHERE id = 2", &[]).unwrap().get::<_, bool>(0));
     // Padding only: an UPDATE to the same text with other padding does no work.
@@ -123,7 +129,8 @@ fn statement_trigger_refuses_a_key_that_is_not_unique_or_allows_null() {
     assert_eq!(code, "42P17", "{msg}");
     assert!(msg.contains("allows NULL"), "{msg}");
     assert!(hint.unwrap().contains("SET NOT NULL"));
-    c.batch_execute("ALTER TABLE nu_docs ALTER COLUMN id SET NOT NULL; INSERT INTO nu_docs VALUES (1, 'a'), (2, 'b')").unwrap();
+    c.batch_execute("ALTER TABLE nu_docs ALTER COLUMN id SET NOT NULL; INSERT INTO nu_docs VALUES (1, 'a'), (2, 'b')")
+        .unwrap();
     assert_eq!(assert_rows_match(&mut c, "nu_docs"), 2);
 }
 
@@ -142,7 +149,9 @@ fn make_backfill_table(c: &mut Client, name: &str, rows: i64) {
 fn backfill(c: &mut Client, name: &str, batch: i32) -> Result<(), postgres::Error> {
     use_tiny_model(c);
     c.batch_execute("SET client_min_messages = warning")?;
-    c.batch_execute(&format!("CALL embeddinggemma_backfill('{name}', 'body', 'v', 'document', 48, batch_size => {batch})"))
+    c.batch_execute(&format!(
+        "CALL embeddinggemma_backfill('{name}', 'body', 'v', 'document', 48, batch_size => {batch})"
+    ))
 }
 
 #[test]
@@ -172,7 +181,12 @@ fn backfill_finishes_every_row_while_another_session_updates_them() {
     result.unwrap();
     let left: i64 = c.query_one("SELECT count(*) FROM cu_docs WHERE v IS NULL", &[]).unwrap().get(0);
     let (done, remaining): (i64, i64) = {
-        let r = c.query_one("SELECT rows_done, rows_remaining FROM embeddinggemma_backfills WHERE relation = 'cu_docs'::regclass", &[]).unwrap();
+        let r = c
+            .query_one(
+                "SELECT rows_done, rows_remaining FROM embeddinggemma_backfills WHERE relation = 'cu_docs'::regclass",
+                &[],
+            )
+            .unwrap();
         (r.get(0), r.get(1))
     };
     eprintln!("backfill beside {rounds} whole-table updates: {done} rows done, {left} left");
@@ -185,7 +199,9 @@ fn backfill_finishes_every_row_while_another_session_updates_them() {
 /// Heap tuples read from `table` by scans so far (sequential and TID range scans).
 fn tuples_read(c: &mut Client, table: &str) -> i64 {
     c.batch_execute("SELECT pg_stat_force_next_flush(); SELECT pg_stat_clear_snapshot();").unwrap();
-    c.query_one("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = $1::text::regclass", &[&table]).unwrap().get(0)
+    c.query_one("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = $1::text::regclass", &[&table])
+        .unwrap()
+        .get(0)
 }
 
 #[test]
@@ -213,11 +229,17 @@ fn ordinary_roles_cannot_forge_or_read_others_progress() {
     let mut user = connect_as_ordinary_user();
     // Runs on a table the role cannot read are invisible to it, through the table and the view.
     for from in ["embeddinggemma_backfill_progress", "embeddinggemma_backfills"] {
-        let seen: i64 = user.query_one(&format!("SELECT count(*) FROM {from} WHERE relation = 'pv_docs'::regclass"), &[]).unwrap().get(0);
+        let seen: i64 = user
+            .query_one(&format!("SELECT count(*) FROM {from} WHERE relation = 'pv_docs'::regclass"), &[])
+            .unwrap()
+            .get(0);
         assert_eq!(seen, 0, "{from}");
     }
     admin.batch_execute("GRANT SELECT ON pv_docs TO eg_ordinary").unwrap();
-    let seen: i64 = user.query_one("SELECT count(*) FROM embeddinggemma_backfills WHERE relation = 'pv_docs'::regclass", &[]).unwrap().get(0);
+    let seen: i64 = user
+        .query_one("SELECT count(*) FROM embeddinggemma_backfills WHERE relation = 'pv_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(seen, 1);
     // Readable is not writable: only the backfills write progress rows, so no role can alter,
     // delete or forge one, not even in its own name.
@@ -230,7 +252,10 @@ fn ordinary_roles_cannot_forge_or_read_others_progress() {
         let (code, msg, _) = expect_error(&mut user, sql);
         assert_eq!(code, "42501", "{sql}: {msg}");
     }
-    let done: i64 = admin.query_one("SELECT rows_done FROM embeddinggemma_backfill_progress WHERE relation = 'pv_docs'::regclass", &[]).unwrap().get(0);
+    let done: i64 = admin
+        .query_one("SELECT rows_done FROM embeddinggemma_backfill_progress WHERE relation = 'pv_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(done, 10);
 }
 
@@ -314,16 +339,22 @@ fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
     let mut fresh = fresh_database(&mut admin, "eg_fresh");
     fresh.batch_execute("CREATE EXTENSION embeddinggemma CASCADE").unwrap();
     let mut upgraded = fresh_database(&mut admin, "eg_upgraded");
-    upgraded.batch_execute(&format!("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '{from}'")).unwrap();
+    upgraded
+        .batch_execute(&format!("CREATE EXTENSION vector; CREATE EXTENSION embeddinggemma VERSION '{from}'"))
+        .unwrap();
     let old = describe_extension(&mut upgraded);
     upgraded.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
-    let version: String = upgraded.query_one("SELECT extversion FROM pg_extension WHERE extname = 'embeddinggemma'", &[]).unwrap().get(0);
+    let version: String =
+        upgraded.query_one("SELECT extversion FROM pg_extension WHERE extname = 'embeddinggemma'", &[]).unwrap().get(0);
     assert_eq!(version, CURRENT);
     let (want, got) = (describe_extension(&mut fresh), describe_extension(&mut upgraded));
     assert_ne!(old, want, "{from} and {CURRENT} should differ");
     let missing: Vec<&String> = want.iter().filter(|l| !got.contains(l)).collect();
     let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "install upgraded from {from} differs:\nmissing {missing:#?}\nextra {extra:#?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "install upgraded from {from} differs:\nmissing {missing:#?}\nextra {extra:#?}"
+    );
     // The upgraded install works.
     use_tiny_model(&mut upgraded);
     upgraded
@@ -334,7 +365,8 @@ fn upgrade_gives_the_objects_of_a_fresh_install(from: &str) {
         .unwrap();
     backfill(&mut upgraded, "up_docs", 256).unwrap();
     assert_eq!(assert_rows_match(&mut upgraded, "up_docs"), 2);
-    let chunks: i64 = upgraded.query_one("SELECT count(*) FROM embed_chunks('one two', 48, 0, 'document', 48)", &[]).unwrap().get(0);
+    let chunks: i64 =
+        upgraded.query_one("SELECT count(*) FROM embed_chunks('one two', 48, 0, 'document', 48)", &[]).unwrap().get(0);
     assert_eq!(chunks, 1);
     drop((fresh, upgraded));
     admin.batch_execute("DROP DATABASE eg_fresh WITH (FORCE)").unwrap();
@@ -385,13 +417,8 @@ fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
     db.batch_execute("INSERT INTO up_async SELECT i, 'written on 0.5.0 ' || i FROM generate_series(9, 10) i").unwrap();
     let drained: bool = db.query_one("SELECT embeddinggemma_async_wait('up_async', 'v', '180 s')", &[]).unwrap().get(0);
     assert!(drained, "the target did not drain after the upgrade");
-    let wrong: i64 = db
-        .query_one(
-            "SELECT count(*) FROM up_async WHERE v IS NULL OR v <=> embed(body) > 1e-6",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let wrong: i64 =
+        db.query_one("SELECT count(*) FROM up_async WHERE v IS NULL OR v <=> embed(body) > 1e-6", &[]).unwrap().get(0);
     assert_eq!(wrong, 0, "rows without the vector embed() gives");
     drop(db);
     admin.batch_execute("DROP DATABASE eg_async_upgrade WITH (FORCE)").unwrap();
@@ -400,7 +427,15 @@ fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
 /// Peak resident memory of the backend `pid` (VmHWM), in bytes; the tests run beside the server.
 fn peak_rss(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     kb * 1024
 }
 
@@ -418,7 +453,11 @@ fn embed_batch_over_200000_elements_keeps_backend_memory_flat() {
     assert_eq!(count(&mut c, 200_000), 200_000);
     let large = peak_rss(pid);
     let growth = large.saturating_sub(small) as f64 / (1 << 20) as f64;
-    eprintln!("embed_batch peak RSS: {:.1} MB after 20,000 elements, {:.1} MB after 200,000 (+{growth:.1} MB)", small as f64 / 1048576.0, large as f64 / 1048576.0);
+    eprintln!(
+        "embed_batch peak RSS: {:.1} MB after 20,000 elements, {:.1} MB after 200,000 (+{growth:.1} MB)",
+        small as f64 / 1048576.0,
+        large as f64 / 1048576.0
+    );
     // Holding every result (vector, Rust copy, datum) would add well over 60 MB for 180,000
     // more; the argument array itself and the copied texts add about 5 MB.
     assert!(growth < 24.0, "peak RSS grew by {growth:.1} MB");
@@ -448,7 +487,10 @@ fn a_one_second_statement_timeout_returns_within_1_5_s_from_any_call() {
         ("first call, loading the model", "SELECT embed('hello')"),
         ("long embed_batch", LONG_EMBED),
         ("64 MB text", "SELECT embed(repeat('word ', 13421773))"),
-        ("embed_batch of 200,000 texts", "SELECT count(*) FROM embed_batch(ARRAY(SELECT 'text ' || i FROM generate_series(1, 200000) i))"),
+        (
+            "embed_batch of 200,000 texts",
+            "SELECT count(*) FROM embed_batch(ARRAY(SELECT 'text ' || i FROM generate_series(1, 200000) i))",
+        ),
     ] {
         let (code, took) = under_one_second_timeout(sql);
         eprintln!("statement_timeout 1s, {what}: {code} after {took:?}");
@@ -483,7 +525,8 @@ fn transaction_timeout_ends_a_long_call_promptly() {
 
 fn wait_until_gone(admin: &mut Client, pid: i32, within: Duration) -> Duration {
     let started = Instant::now();
-    while admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).unwrap().get::<_, i64>(0) > 0 {
+    while admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid]).unwrap().get::<_, i64>(0) > 0
+    {
         assert!(started.elapsed() < within, "backend {pid} still there after {within:?}");
         thread::sleep(Duration::from_millis(10));
     }
@@ -495,8 +538,10 @@ fn wait_until_gone(admin: &mut Client, pid: i32, within: Duration) -> Duration {
 fn raw_session(app: &str, sql: &str) -> std::os::unix::net::UnixStream {
     use std::io::{Read, Write};
     let dsn = dsn();
-    let field = |key: &str| dsn.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))).unwrap().to_string();
-    let mut stream = std::os::unix::net::UnixStream::connect(format!("{}/.s.PGSQL.{}", field("host"), field("port"))).unwrap();
+    let field =
+        |key: &str| dsn.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))).unwrap().to_string();
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(format!("{}/.s.PGSQL.{}", field("host"), field("port"))).unwrap();
     let mut body = 196608u32.to_be_bytes().to_vec();
     for (k, v) in [("user", field("user")), ("database", field("dbname")), ("application_name", app.to_string())] {
         body.extend_from_slice(format!("{k}\0{v}\0").as_bytes());
@@ -530,7 +575,9 @@ fn a_vanished_client_ends_its_backend_mid_call() {
     let stream = raw_session("eg_vanishing", &format!("SET client_connection_check_interval = '100ms'; {LONG_EMBED}"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let pid = loop {
-        if let Some(row) = admin.query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = 'eg_vanishing'", &[]).unwrap() {
+        if let Some(row) =
+            admin.query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = 'eg_vanishing'", &[]).unwrap()
+        {
             break row.get::<_, i32>(0);
         }
         assert!(Instant::now() < deadline, "the raw session never showed up");
@@ -614,7 +661,8 @@ fn a_backfill_ends_when_the_rows_left_are_rows_it_cannot_claim() {
     // A backfill that spins would run into this instead of returning.
     role.batch_execute("SET statement_timeout = '60s'; SET client_min_messages = notice").unwrap();
     let started = Instant::now();
-    role.batch_execute("CALL embeddinggemma_backfill('rls_docs', 'body', 'v', 'document', 48, batch_size => 5)").unwrap();
+    role.batch_execute("CALL embeddinggemma_backfill('rls_docs', 'body', 'v', 'document', 48, batch_size => 5)")
+        .unwrap();
     let took = started.elapsed();
     let last = notices.lock().unwrap().last().cloned().unwrap_or_default();
     eprintln!("backfill under row-level security returned in {took:?}: {last}");
@@ -623,10 +671,12 @@ fn a_backfill_ends_when_the_rows_left_are_rows_it_cannot_claim() {
     let row = admin
         .query_one("SELECT rows_done, rows_remaining, note, finished_at IS NOT NULL FROM embeddinggemma_backfill_progress WHERE relation = 'rls_docs'::regclass", &[])
         .unwrap();
-    let (done, remaining, note, finished): (i64, i64, Option<String>, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (done, remaining, note, finished): (i64, i64, Option<String>, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!((done, remaining, finished), (20, 20, true));
     assert!(note.is_some_and(|n| n.contains("cannot claim")));
-    let odd_with_vector: i64 = admin.query_one("SELECT count(*) FROM rls_docs WHERE (id % 2 = 1) = (v IS NOT NULL)", &[]).unwrap().get(0);
+    let odd_with_vector: i64 =
+        admin.query_one("SELECT count(*) FROM rls_docs WHERE (id % 2 = 1) = (v IS NOT NULL)", &[]).unwrap().get(0);
     assert_eq!(odd_with_vector, 0, "the rows it could claim are embedded, the others not");
 }
 

@@ -22,10 +22,22 @@ const KEYS: &[(&str, &str, [&str; 3])] = &[
     ("text", "text", ["'a'", "'ab'", "'a b'"]),
     ("varchar", "varchar(10)", ["'a'", "'ab'", "'abc'"]),
     ("char", "char(4)", ["'a'", "'ab'", "'abc'"]),
-    ("uuid", "uuid", ["'00000000-0000-0000-0000-000000000001'", "'00000000-0000-0000-0000-000000000002'", "'ffffffff-0000-0000-0000-000000000001'"]),
+    (
+        "uuid",
+        "uuid",
+        [
+            "'00000000-0000-0000-0000-000000000001'",
+            "'00000000-0000-0000-0000-000000000002'",
+            "'ffffffff-0000-0000-0000-000000000001'",
+        ],
+    ),
     ("date", "date", ["'2026-01-02'", "'2026-02-01'", "'2026-12-31'"]),
     ("timestamp", "timestamp", ["'2026-01-02 03:04:05'", "'2026-02-01 03:04:05'", "'2026-01-02 03:04:05.5'"]),
-    ("timestamptz", "timestamptz", ["'2026-01-02 03:04:05+00'", "'2026-02-01 03:04:05+00'", "'2026-01-02 03:04:05+13:45'"]),
+    (
+        "timestamptz",
+        "timestamptz",
+        ["'2026-01-02 03:04:05+00'", "'2026-02-01 03:04:05+00'", "'2026-01-02 03:04:05+13:45'"],
+    ),
     ("bytea", "bytea", ["'\\x00'", "'\\x00ff'", "'\\x61'"]),
     ("inet", "inet", ["'10.0.0.1'", "'::1'", "'192.168.0.0/16'"]),
     ("domain", "{prefix}_positive", ["1", "2", "3"]),
@@ -35,7 +47,9 @@ const KEYS: &[(&str, &str, [&str; 3])] = &[
 fn wrong_rows(c: &mut Client, table: &str) -> (i64, i64) {
     let r = c
         .query_one(
-            &format!("SELECT count(*) FILTER (WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}), count(*) FROM {table}"),
+            &format!(
+                "SELECT count(*) FILTER (WHERE v IS NULL OR v <=> embed(body) > {SAME_TEXT}), count(*) FROM {table}"
+            ),
             &[],
         )
         .unwrap();
@@ -46,10 +60,14 @@ fn tables(c: &mut Client, prefix: &str) {
     for (name, _, _) in KEYS {
         c.batch_execute(&format!("DROP TABLE IF EXISTS {prefix}_{name}")).unwrap();
     }
-    c.batch_execute(&format!("DROP DOMAIN IF EXISTS {prefix}_positive; CREATE DOMAIN {prefix}_positive AS int CHECK (VALUE > 0);")).unwrap();
+    c.batch_execute(&format!(
+        "DROP DOMAIN IF EXISTS {prefix}_positive; CREATE DOMAIN {prefix}_positive AS int CHECK (VALUE > 0);"
+    ))
+    .unwrap();
     for (name, ty, _) in KEYS {
         let ty = ty.replace("{prefix}", prefix);
-        c.batch_execute(&format!("CREATE TABLE {prefix}_{name} (k {ty} PRIMARY KEY, body text, v vector(768));")).unwrap();
+        c.batch_execute(&format!("CREATE TABLE {prefix}_{name} (k {ty} PRIMARY KEY, body text, v vector(768));"))
+            .unwrap();
     }
 }
 
@@ -57,10 +75,12 @@ fn tables(c: &mut Client, prefix: &str) {
 fn write_hostile(c: &mut Client, prefix: &str) {
     c.batch_execute(HOSTILE).unwrap();
     for (name, _, keys) in KEYS {
-        let values: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("({k}, 'first text {i} of {name}')")).collect();
+        let values: Vec<String> =
+            keys.iter().enumerate().map(|(i, k)| format!("({k}, 'first text {i} of {name}')")).collect();
         c.batch_execute(&format!("INSERT INTO {prefix}_{name} (k, body) VALUES {}", values.join(", "))).unwrap();
         for (i, k) in keys.iter().enumerate() {
-            c.batch_execute(&format!("UPDATE {prefix}_{name} SET body = 'changed text {i} of {name}' WHERE k = {k}")).unwrap();
+            c.batch_execute(&format!("UPDATE {prefix}_{name} SET body = 'changed text {i} of {name}' WHERE k = {k}"))
+                .unwrap();
         }
     }
     c.batch_execute("RESET ALL").unwrap();
@@ -77,8 +97,15 @@ fn every_key_type_gets_its_own_vector_through_an_async_target_whatever_the_write
     let mut failures = Vec::new();
     for (name, _, _) in KEYS {
         let table = format!("ka_{name}");
-        let drained: bool = c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', '120 s')"), &[]).unwrap().get(0);
-        let failed: i64 = c.query_one(&format!("SELECT failed FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"), &[]).unwrap().get(0);
+        let drained: bool =
+            c.query_one(&format!("SELECT embeddinggemma_async_wait('{table}', 'v', '120 s')"), &[]).unwrap().get(0);
+        let failed: i64 = c
+            .query_one(
+                &format!("SELECT failed FROM embeddinggemma_async_status WHERE table_name = '{table}'::regclass"),
+                &[],
+            )
+            .unwrap()
+            .get(0);
         let (wrong, rows) = wrong_rows(&mut c, &table);
         eprintln!("{table}: drained {drained}, {wrong} of {rows} rows without embed(body), {failed} failed");
         if !drained || wrong != 0 || rows != 3 || failed != 0 {
@@ -208,7 +235,10 @@ fn every_key_type_gets_its_own_chunks_through_the_chunk_backfill_and_an_async_ch
         c.batch_execute(&format!("CALL embeddinggemma_chunk_backfill('kd_{name}', 'kd_{name}_chunks')")).unwrap();
     }
     let failures = chunk_failures(&mut c, "kd");
-    assert!(failures.is_empty(), "chunk backfill: key types whose documents did not get their own chunks: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "chunk backfill: key types whose documents did not get their own chunks: {failures:?}"
+    );
     // The same documents kept in step asynchronously: registered, then written again by the
     // hostile writer (the worker re-chunks every document).
     c.batch_execute("RESET ALL").unwrap();
@@ -225,7 +255,10 @@ fn every_key_type_gets_its_own_chunks_through_the_chunk_backfill_and_an_async_ch
     }
     c.batch_execute("RESET ALL").unwrap();
     for (name, _, _) in KEYS {
-        let drained: bool = c.query_one(&format!("SELECT embeddinggemma_async_wait('kd_{name}', 'kd_{name}_chunks', '120 s')"), &[]).unwrap().get(0);
+        let drained: bool = c
+            .query_one(&format!("SELECT embeddinggemma_async_wait('kd_{name}', 'kd_{name}_chunks', '120 s')"), &[])
+            .unwrap()
+            .get(0);
         assert!(drained, "kd_{name} did not drain");
     }
     let failures = chunk_failures(&mut c, "kd");

@@ -44,7 +44,10 @@ fn sample(metrics: &str, name: &str, with: &str) -> Option<f64> {
 
 #[test]
 fn the_exporter_shows_the_service_and_the_queues() {
-    assert!(std::path::Path::new(EXPORTER).exists(), "{EXPORTER} is missing: scripts/test installs Debian's prometheus-postgres-exporter");
+    assert!(
+        std::path::Path::new(EXPORTER).exists(),
+        "{EXPORTER} is missing: scripts/test installs Debian's prometheus-postgres-exporter"
+    );
     let mut c = connect();
     c.batch_execute(
         "DROP TABLE IF EXISTS mx_docs;
@@ -54,7 +57,8 @@ fn the_exporter_shows_the_service_and_the_queues() {
          SELECT vector_dims(embed('a query for the counters', 'query'));",
     )
     .unwrap();
-    let done: bool = c.query_one("SELECT embeddinggemma_async_wait('mx_docs', 'v', timeout => '120 s')", &[]).unwrap().get(0);
+    let done: bool =
+        c.query_one("SELECT embeddinggemma_async_wait('mx_docs', 'v', timeout => '120 s')", &[]).unwrap().get(0);
     assert!(done);
     let queries = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../monitoring/postgres_exporter.yaml");
     let port = free_port();
@@ -77,7 +81,8 @@ fn the_exporter_shows_the_service_and_the_queues() {
         assert!(Instant::now() < deadline, "no embeddinggemma metrics on :{port}: {:?}", scrape(port));
         std::thread::sleep(Duration::from_millis(200));
     };
-    let got = |name: &str, with: &str| sample(&metrics, name, with).unwrap_or_else(|| panic!("{name} missing:\n{metrics}"));
+    let got =
+        |name: &str, with: &str| sample(&metrics, name, with).unwrap_or_else(|| panic!("{name} missing:\n{metrics}"));
     eprintln!("{}", metrics.lines().filter(|l| l.starts_with("embeddinggemma_")).collect::<Vec<_>>().join("\n"));
     assert_eq!(got("embeddinggemma_service_up", "state=\"running\""), 1.0);
     assert!(got("embeddinggemma_service_requests", "") >= 1.0);

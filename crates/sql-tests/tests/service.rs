@@ -22,7 +22,8 @@ const SAME_TEXT: f64 = 1e-6;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn service_dsn() -> String {
-    std::env::var("EMBEDDINGGEMMA_TEST_SERVICE_DSN").expect("EMBEDDINGGEMMA_TEST_SERVICE_DSN is not set: run the SQL tests through scripts/test")
+    std::env::var("EMBEDDINGGEMMA_TEST_SERVICE_DSN")
+        .expect("EMBEDDINGGEMMA_TEST_SERVICE_DSN is not set: run the SQL tests through scripts/test")
 }
 
 fn connect_service() -> Client {
@@ -63,7 +64,8 @@ fn every_reference_case_matches_through_the_service_and_in_process() {
     let mut worst = (0f64, 0f64);
     for case in &cases {
         let v = embed(&mut c, &case.text, case.task(), 768);
-        let local = engine.embed(&[&case.text], &Request { task: case.task(), dim: 768, truncate: true }, &|| false).unwrap().0;
+        let local =
+            engine.embed(&[&case.text], &Request { task: case.task(), dim: 768, truncate: true }, &|| false).unwrap().0;
         let (to_reference, to_local) = (cosine_distance(&v, &case.embedding), cosine_distance(&v, &local[0]));
         assert!(to_reference <= F32_TOLERANCE, "{}: {to_reference:e} from the reference", case.label());
         assert!(to_local <= SAME_TEXT, "{}: {to_local:e} from in-process", case.label());
@@ -163,7 +165,9 @@ fn a_cancelled_queued_request_costs_no_forward_pass() {
     let texts_before = service_stat(&mut admin, "texts");
     let withdrawn_before = service_stat(&mut admin, "withdrawn");
     // Queued behind the long request, then cancelled before the model gets to it.
-    let (queued, handle) = in_background("SELECT count(*) FROM embed_batch(ARRAY(SELECT 'queued text ' || i FROM generate_series(1, 500) i))");
+    let (queued, handle) = in_background(
+        "SELECT count(*) FROM embed_batch(ARRAY(SELECT 'queued text ' || i FROM generate_series(1, 500) i))",
+    );
     wait_for_embedding(&mut admin, queued);
     let deadline = Instant::now() + Duration::from_secs(30);
     while service_stat(&mut admin, "queue_texts") < 500 {
@@ -251,11 +255,16 @@ fn a_hot_standby_embeds_and_chunks_through_its_own_service() {
     assert!(standby.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get::<_, bool>(0), "not a standby");
     let pid = wait_running(&mut standby, Duration::from_secs(180));
     let mut primary = connect();
-    for (text, task) in [("Which planet is known as the Red Planet?", "query"), ("Mars, the fourth planet, is red.", "document")] {
+    for (text, task) in
+        [("Which planet is known as the Red Planet?", "query"), ("Mars, the fourth planet, is red.", "document")]
+    {
         let d = cosine_distance(&embed(&mut standby, text, task, 768), &embed(&mut primary, text, task, 768));
         assert!(d <= SAME_TEXT, "{text}: the standby's vector is {d:e} from in-process");
     }
-    let chunks: i64 = standby.query_one("SELECT count(*) FROM embed_chunks(repeat('A sentence of text. ', 200), 64, 8)", &[]).unwrap().get(0);
+    let chunks: i64 = standby
+        .query_one("SELECT count(*) FROM embed_chunks(repeat('A sentence of text. ', 200), 64, 8)", &[])
+        .unwrap()
+        .get(0);
     assert!(chunks > 1, "{chunks} chunks");
     let loads: i64 = standby.query_one("SELECT model_loads FROM embeddinggemma_stats()", &[]).unwrap().get(0);
     assert_eq!(loads, 0, "the standby's backend loaded the model itself");
@@ -306,14 +315,18 @@ fn database_role_and_startup_settings_choose_the_model_never_the_service_s() {
     db.batch_execute("CREATE EXTENSION embeddinggemma CASCADE").unwrap();
     let mut db = Client::connect(&format!("{} dbname=eg_route_db", service_dsn()), NoTls).unwrap();
     let mut role = Client::connect(&format!("{} user=eg_route_role", service_dsn()), NoTls).unwrap();
-    let mut startup = Client::connect(&format!("{} options='-c embeddinggemma.dtype=bf16'", service_dsn()), NoTls).unwrap();
+    let mut startup =
+        Client::connect(&format!("{} options='-c embeddinggemma.dtype=bf16'", service_dsn()), NoTls).unwrap();
     for (name, session) in [("database", &mut db), ("role", &mut role), ("startup option", &mut startup)] {
         let shown: String = session.query_one("SHOW embeddinggemma.dtype", &[]).unwrap().get(0);
         assert_eq!(shown, "bf16", "{name}");
         let (v, loads) = routed(session);
         let d = cosine_distance(&v, &bf16);
         eprintln!("dtype from the {name}: {d:e} from in-process bf16 ({apart:e} from the service's f32), {loads} model load(s) in the backend");
-        assert!(d <= SAME_TEXT, "dtype from the {name}: {d:e} from the bf16 vector (the service's f32 is {apart:e} from it)");
+        assert!(
+            d <= SAME_TEXT,
+            "dtype from the {name}: {d:e} from the bf16 vector (the service's f32 is {apart:e} from it)"
+        );
         assert_eq!(loads, 1, "dtype from the {name}: computed by the service");
     }
     // With service = on, a session whose settings differ is refused, saying why.
@@ -348,7 +361,9 @@ fn bring_model(to: &std::path::Path) {
 fn point_server_at(admin: &mut Client, model: &std::path::Path) {
     // One statement per call: ALTER SYSTEM cannot run in a transaction block.
     admin.batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_path = '{}'", model.display())).unwrap();
-    admin.batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_checksums = '{}'", tiny_checksums().display())).unwrap();
+    admin
+        .batch_execute(&format!("ALTER SYSTEM SET embeddinggemma.model_checksums = '{}'", tiny_checksums().display()))
+        .unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
@@ -391,7 +406,8 @@ fn a_model_that_arrives_after_the_service_started_is_served_after_a_reload_or_by
         point_server_at(&mut admin, &model);
         let (error, _) = wait_state(&mut admin, "failed", Duration::from_secs(60));
         eprintln!("service without its model: {error:?}");
-        let (next,): (Option<f64>,) = admin.query_one("SELECT next_attempt_s FROM embeddinggemma_service", &[]).map(|r| (r.get(0),)).unwrap();
+        let (next,): (Option<f64>,) =
+            admin.query_one("SELECT next_attempt_s FROM embeddinggemma_service", &[]).map(|r| (r.get(0),)).unwrap();
         assert!(next.is_some(), "the view does not show the next attempt");
         let mut user = connect_service();
         let (code, msg, _) = expect_error(&mut user, "SELECT embed('x')");
@@ -452,7 +468,12 @@ fn a_reload_that_restarts_the_service_lets_a_running_backfill_finish_each_row_on
     assert!(at_restart < N, "the backfill ended before the service was replaced");
     handle.join().unwrap().0.expect("the backfill failed across the reload");
     let once: (i64, i64, i64) = {
-        let r = admin.query_one("SELECT count(*), count(DISTINCT id), (SELECT count(*) FROM rl_docs WHERE v IS NULL) FROM rl_audit", &[]).unwrap();
+        let r = admin
+            .query_one(
+                "SELECT count(*), count(DISTINCT id), (SELECT count(*) FROM rl_docs WHERE v IS NULL) FROM rl_audit",
+                &[],
+            )
+            .unwrap();
         (r.get(0), r.get(1), r.get(2))
     };
     assert_eq!(once, (N, N, 0), "(writes, rows written, rows left)");

@@ -7,7 +7,12 @@ use embeddinggemma_sql_tests::*;
 use postgres::Client;
 
 fn wrong(c: &mut Client, table: &str, text: &str, vector: &str) -> i64 {
-    c.query_one(&format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > 1e-6"), &[]).unwrap().get(0)
+    c.query_one(
+        &format!("SELECT count(*) FROM {table} WHERE {vector} IS NULL OR {vector} <=> embed({text}) > 1e-6"),
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
 
 #[test]
@@ -43,7 +48,11 @@ fn renamed_columns_and_chunk_tables_keep_the_sync_triggers_working() {
     )
     .unwrap();
     assert_eq!(wrong(&mut c, "sr_docs", "content", "row_vector"), 0, "the row trigger did not follow the renames");
-    assert_eq!(wrong(&mut c, "sr_docs", "content", "statement_vector"), 0, "the statement trigger did not follow the renames");
+    assert_eq!(
+        wrong(&mut c, "sr_docs", "content", "statement_vector"),
+        0,
+        "the statement trigger did not follow the renames"
+    );
     let pieces: i64 = c
         .query_one("SELECT count(*) FROM sr_pieces p JOIN sr_docs d ON d.doc = p.document WHERE p.body = d.content AND p.embedding <=> embed(p.body) < 1e-6", &[])
         .unwrap()
@@ -80,7 +89,10 @@ fn a_rename_leaves_other_roles_triggers_alone_with_a_warning() {
     c.batch_execute("SET ROLE so_renamer; ALTER TABLE so_chunks RENAME COLUMN doc_id TO document; RESET ROLE").unwrap();
     let said = notices.lock().unwrap().clone();
     assert!(said.iter().any(|n| n.contains("owned by another role")), "{said:?}");
-    let args: String = admin.query_one("SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 'so_chunk'", &[]).unwrap().get(0);
+    let args: String = admin
+        .query_one("SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 'so_chunk'", &[])
+        .unwrap()
+        .get(0);
     assert!(args.contains("doc_id"), "another role's trigger was rewritten: {args}");
     admin.batch_execute("DROP TABLE so_docs, so_chunks; DROP ROLE so_other; DROP ROLE so_renamer").unwrap();
 }
@@ -149,9 +161,15 @@ fn the_row_trigger_refuses_to_fire_before_a_trigger_that_may_change_the_text() {
          INSERT INTO sz_docs (id, title, body) VALUES (1, 'whales', 'two targets of one text');",
     )
     .unwrap();
-    let ok: bool = c.query_one("SELECT v <=> embed(body) < 1e-6 AND w <=> embed(body, 'document', 256) < 1e-6 FROM sz_docs", &[]).unwrap().get(0);
+    let ok: bool = c
+        .query_one("SELECT v <=> embed(body) < 1e-6 AND w <=> embed(body, 'document', 256) < 1e-6 FROM sz_docs", &[])
+        .unwrap()
+        .get(0);
     assert!(ok, "two row triggers of one text");
-    c.batch_execute("CREATE TRIGGER set_body BEFORE INSERT OR UPDATE ON sz_docs FOR EACH ROW EXECUTE FUNCTION sz_compose()").unwrap();
+    c.batch_execute(
+        "CREATE TRIGGER set_body BEFORE INSERT OR UPDATE ON sz_docs FOR EACH ROW EXECUTE FUNCTION sz_compose()",
+    )
+    .unwrap();
     let (code, message, hint) = expect_error(&mut c, "INSERT INTO sz_docs (id, title) VALUES (2, 'volcanoes')");
     assert_eq!(code, "0A000", "{message}");
     assert!(message.contains("set_body"), "{message}");

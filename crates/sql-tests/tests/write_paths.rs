@@ -25,7 +25,11 @@ fn assert_vectors_match_embed(client: &mut Client, table: &str, filter: &str) ->
                 let d = cosine_distance(&s, &f);
                 assert!(d <= SAME_TEXT, "{table} id {id}: stored vector is {d:e} from embed(body)");
             }
-            (s, _) => panic!("{table} id {id}: stored {:?} but body is {:?}", s.map(|_| "vector"), row.get::<_, Option<String>>(1)),
+            (s, _) => panic!(
+                "{table} id {id}: stored {:?} but body is {:?}",
+                s.map(|_| "vector"),
+                row.get::<_, Option<String>>(1)
+            ),
         }
     }
     rows.len()
@@ -55,7 +59,10 @@ fn row_trigger_embeds_writes_and_skips_unchanged_text() {
     c.batch_execute("UPDATE rt_docs SET other = other + 1").unwrap();
     assert_eq!(stat::<i64>(&mut c, "forward_passes"), before, "an UPDATE of another column ran the model");
 
-    c.batch_execute("UPDATE rt_docs SET body = 'Venus is hot.' WHERE id = 1; UPDATE rt_docs SET body = 'now text' WHERE id = 2;").unwrap();
+    c.batch_execute(
+        "UPDATE rt_docs SET body = 'Venus is hot.' WHERE id = 1; UPDATE rt_docs SET body = 'now text' WHERE id = 2;",
+    )
+    .unwrap();
     assert_eq!(stat::<i64>(&mut c, "forward_passes"), before + 2);
     assert_vectors_match_embed(&mut c, "rt_docs", "true");
     c.batch_execute("UPDATE rt_docs SET body = NULL WHERE id = 1").unwrap();
@@ -88,12 +95,16 @@ fn trigger_misuse_names_the_column_or_the_rule() {
         ("embeddinggemma_trigger('body')", "09000", "takes a source column, a target column"),
     ];
     for (i, (call, code, text)) in cases.iter().enumerate() {
-        c.batch_execute(&format!("CREATE TRIGGER t{i} BEFORE INSERT ON bad FOR EACH ROW EXECUTE FUNCTION {call}")).unwrap();
+        c.batch_execute(&format!("CREATE TRIGGER t{i} BEFORE INSERT ON bad FOR EACH ROW EXECUTE FUNCTION {call}"))
+            .unwrap();
         let (got_code, msg, _) = expect_error(&mut c, "INSERT INTO bad (id, body) VALUES (1, 'x')");
         assert_eq!((got_code.as_str(), msg.contains(text)), (*code, true), "{call}: {msg}");
         c.batch_execute(&format!("DROP TRIGGER t{i} ON bad")).unwrap();
     }
-    c.batch_execute("CREATE TRIGGER late AFTER INSERT ON bad FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')").unwrap();
+    c.batch_execute(
+        "CREATE TRIGGER late AFTER INSERT ON bad FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')",
+    )
+    .unwrap();
     let (code, msg, hint) = expect_error(&mut c, "INSERT INTO bad (id, body) VALUES (1, 'x')");
     assert_eq!(code, "09000");
     assert!(msg.contains("BEFORE INSERT OR UPDATE"), "{msg}");
@@ -126,7 +137,11 @@ fn statement_trigger_embeds_300_docstrings_in_few_passes() {
     assert_eq!(texts, 300);
     assert!(passes <= 30, "{passes} forward passes for 300 rows");
     // Same vectors as embed(): the shortest, the longest (truncated) and others between.
-    let checked = assert_vectors_match_embed(&mut c, "st_docs", "id % 15 = 0 OR length(body) = (SELECT max(length(body)) FROM st_docs)");
+    let checked = assert_vectors_match_embed(
+        &mut c,
+        "st_docs",
+        "id % 15 = 0 OR length(body) = (SELECT max(length(body)) FROM st_docs)",
+    );
     assert!(checked >= 20);
     assert_eq!(c.query_one("SELECT count(*) FROM st_docs WHERE v IS NULL", &[]).unwrap().get::<_, i64>(0), 0);
 
@@ -189,7 +204,11 @@ fn backfill_table(c: &mut Client, name: &str, n: usize) {
     .unwrap();
     let bodies = sentences(n);
     let ids: Vec<i64> = (1..=n as i64).collect();
-    c.execute(&format!("INSERT INTO {name} (id, body) SELECT * FROM unnest($1::bigint[], $2::text[])"), &[&ids, &bodies]).unwrap();
+    c.execute(
+        &format!("INSERT INTO {name} (id, body) SELECT * FROM unnest($1::bigint[], $2::text[])"),
+        &[&ids, &bodies],
+    )
+    .unwrap();
 }
 
 fn progress(c: &mut Client, table: &str) -> (i64, i64) {
@@ -213,7 +232,9 @@ fn audit_counts(c: &mut Client, table: &str) -> HashMap<i64, i64> {
 fn start_backfill(table: &'static str, batch: i32) -> (i32, thread::JoinHandle<Result<(), postgres::Error>>) {
     let mut c = connect();
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-    let handle = thread::spawn(move || c.batch_execute(&format!("CALL embeddinggemma_backfill('{table}', 'body', 'v', batch_size => {batch})")));
+    let handle = thread::spawn(move || {
+        c.batch_execute(&format!("CALL embeddinggemma_backfill('{table}', 'body', 'v', batch_size => {batch})"))
+    });
     (pid, handle)
 }
 
@@ -254,7 +275,11 @@ fn backfill_survives_terminations_and_embeds_every_row_once() {
     assert_eq!(stat::<i64>(&mut last, "texts"), last_run, "the last run's texts counter and its committed rows");
     let audit = audit_counts(&mut c, "bf_docs");
     assert_eq!(audit.len(), N, "rows embedded");
-    assert!(audit.values().all(|&n| n == 1), "a row was embedded twice: {:?}", audit.iter().filter(|(_, &n)| n > 1).collect::<Vec<_>>());
+    assert!(
+        audit.values().all(|&n| n == 1),
+        "a row was embedded twice: {:?}",
+        audit.iter().filter(|(_, &n)| n > 1).collect::<Vec<_>>()
+    );
     assert_eq!(assert_vectors_match_embed(&mut c, "bf_docs", "true"), N);
 }
 
@@ -328,14 +353,19 @@ fn backfill_of_a_partitioned_table_writes_each_row_its_own_vector() {
     let kept: Vec<f32> = c.query_one("SELECT v::real[] FROM bp_docs WHERE id = 101", &[]).unwrap().get(0);
     assert!(cosine_distance(&kept, &embed(&mut c, "keep me", "document", 768)) <= SAME_TEXT);
     assert_vectors_match_embed(&mut c, "bp_docs", "id <> 101");
-    let done: i64 = c.query_one("SELECT rows_done FROM embeddinggemma_backfills WHERE relation = 'bp_docs'::regclass", &[]).unwrap().get(0);
+    let done: i64 = c
+        .query_one("SELECT rows_done FROM embeddinggemma_backfills WHERE relation = 'bp_docs'::regclass", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(done, 2);
 }
 
 #[test]
 fn stats_report_what_the_planner_did() {
     let texts: Vec<String> = docstrings(40).into_iter().skip(20).collect();
-    let engine = Engine::load(&real_model_dir(), &EngineOptions { device: DeviceChoice::Cpu, ..EngineOptions::default() }).unwrap();
+    let engine =
+        Engine::load(&real_model_dir(), &EngineOptions { device: DeviceChoice::Cpu, ..EngineOptions::default() })
+            .unwrap();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let lengths: Vec<usize> = engine.tokenize(&refs, "document").unwrap().iter().map(|t| t.ids.len()).collect();
 

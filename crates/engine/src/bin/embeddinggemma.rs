@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use embeddinggemma_engine::service::{self, ServeOptions};
-use serde_json::json;
 use embeddinggemma_engine::{Engine, EngineOptions, Manifest, Request};
+use serde_json::json;
 
 const USAGE: &str = "usage:
   embeddinggemma embed --model DIR [--task NAME|none] [--dim N] [--dtype auto|f32|bf16] [--device auto|cpu|cuda|cuda:N]
@@ -86,7 +86,9 @@ fn parse_args() -> Result<Args, String> {
             "--max-batch-tokens" => o.max_batch_tokens = value(&flag, it.next())?,
             "--max-batch-size" => o.max_batch_size = value(&flag, it.next())?,
             "--max-memory-mb" => o.max_memory = value::<usize>(&flag, it.next())?.saturating_mul(1 << 20),
-            "--checksums" => o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?,
+            "--checksums" => {
+                o.checksums = Manifest::from_file(&value::<PathBuf>(&flag, it.next())?).map_err(|e| e.to_string())?
+            }
             "--no-truncate" => args.truncate = false,
             "--max-tokens" => args.max_tokens = value(&flag, it.next())?,
             "--overlap" => args.overlap = value(&flag, it.next())?,
@@ -135,7 +137,9 @@ fn embed(engine: &Engine, args: &Args) -> Result<(), String> {
         let mut texts = Vec::new();
         for (n, line) in lines.by_ref().take(1024) {
             let line = line.map_err(|e| format!("stdin: {e}"))?;
-            texts.push(serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?);
+            texts.push(
+                serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?,
+            );
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let (vectors, _) = engine.embed(&refs, &request, &never).map_err(|e| e.to_string())?;
@@ -152,7 +156,8 @@ fn chunk(engine: &Engine, args: &Args) -> Result<(), String> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     for (n, line) in std::io::stdin().lock().lines().enumerate() {
         let line = line.map_err(|e| format!("stdin: {e}"))?;
-        let text = serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?;
+        let text =
+            serde_json::from_str::<String>(&line).map_err(|e| format!("line {}: not a JSON string: {e}", n + 1))?;
         let chunks = chunker.chunks(&text, &never).map_err(|e| format!("line {}: {e}", n + 1))?;
         let rows: Vec<_> = chunks
             .iter()

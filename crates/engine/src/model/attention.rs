@@ -53,7 +53,15 @@ impl Attention {
 
     /// Projects x: [B·T, hidden] to [B, T, n, head_dim] (B, T as `batch.dims()`), normed and
     /// rotated when `norm` is given.
-    fn project(&self, proj: &Linear, norm: Option<&RmsNorm>, x: &Tensor, n: usize, batch: &Batch, kind: LayerType) -> Result<Tensor> {
+    fn project(
+        &self,
+        proj: &Linear,
+        norm: Option<&RmsNorm>,
+        x: &Tensor,
+        n: usize,
+        batch: &Batch,
+        kind: LayerType,
+    ) -> Result<Tensor> {
         let (b, t) = batch.dims();
         let y = proj.forward(x)?.reshape((b, t, n, self.head_dim))?;
         let Some(norm) = norm else {

@@ -27,9 +27,8 @@ impl Rope {
     /// angle = position · inv_freq.
     fn new(base: f64, head_dim: usize, len: usize, dtype: DType, device: &Device) -> Result<Rope> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for pos in 0..len {
@@ -62,10 +61,8 @@ pub struct Masks {
 impl Masks {
     fn new(lengths: &[usize], len: usize, window: usize, device: &Device) -> Result<Masks> {
         let size = lengths.len();
-        let keys: Vec<f32> = lengths
-            .iter()
-            .flat_map(|&n| (0..len).map(move |k| if k < n { 0.0 } else { MASKED }))
-            .collect();
+        let keys: Vec<f32> =
+            lengths.iter().flat_map(|&n| (0..len).map(move |k| if k < n { 0.0 } else { MASKED })).collect();
         let full = Tensor::from_vec(keys, (size, 1, 1, len), &Device::Cpu)?.to_device(device)?;
         let sliding = if len > window {
             let mut m = Vec::with_capacity(size * len * len);

@@ -89,7 +89,17 @@ impl PackedBf16 {
     /// # Safety
     /// `out` must be valid for those writes, and no other thread may access them meanwhile.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn product(&self, x: &[u16], sx: usize, rows: usize, panels: std::ops::Range<usize>, q0: usize, pairs: usize, out: *mut f32, so: usize) {
+    pub unsafe fn product(
+        &self,
+        x: &[u16],
+        sx: usize,
+        rows: usize,
+        panels: std::ops::Range<usize>,
+        q0: usize,
+        pairs: usize,
+        out: *mut f32,
+        so: usize,
+    ) {
         assert!(supported(), "the bf16 kernel needs AVX512-BF16");
         assert!(panels.end <= self.n.div_ceil(NR) && q0 + pairs <= self.pairs, "outside the packed weights");
         assert!(rows == 0 || (rows - 1) * sx + 2 * pairs <= x.len(), "x is too short");
@@ -127,9 +137,8 @@ impl PackedBf16 {
         let want = 4 * rayon::current_num_threads();
         let panel_blocks = if row_blocks >= want { 1 } else { want.div_ceil(row_blocks).min(panels) };
         let per_task = panels.div_ceil(panel_blocks);
-        let tasks: Vec<(usize, usize)> = (0..row_blocks)
-            .flat_map(|r| (0..panels).step_by(per_task).map(move |p| (r * rows, p)))
-            .collect();
+        let tasks: Vec<(usize, usize)> =
+            (0..row_blocks).flat_map(|r| (0..panels).step_by(per_task).map(move |p| (r * rows, p))).collect();
         tasks.par_iter().for_each_init(Vec::<u16>::new, |buf, &(r0, p0)| {
             let (r1, p1) = ((r0 + rows).min(m), (p0 + per_task).min(panels));
             to_bf16_rows(&x[r0 * k..r1 * k], k, r1 - r0, k, buf, stride);
@@ -170,7 +179,16 @@ unsafe fn convert_rows(x: &[f32], sx: usize, rows: usize, k: usize, out: &mut [u
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_dispatch(r: usize, a: *const u16, sa: usize, w: *const Line, pairs: usize, c: *mut f32, sc: usize, cols: usize) {
+unsafe fn tile_dispatch(
+    r: usize,
+    a: *const u16,
+    sa: usize,
+    w: *const Line,
+    pairs: usize,
+    c: *mut f32,
+    sc: usize,
+    cols: usize,
+) {
     match r {
         12 => tile::<12>(a, sa, w, pairs, c, sc, cols),
         11 => tile::<11>(a, sa, w, pairs, c, sc, cols),
@@ -190,7 +208,15 @@ unsafe fn tile_dispatch(r: usize, a: *const u16, sa: usize, w: *const Line, pair
 
 /// R rows of bf16 x (row stride `sa`) times one packed panel → R × `cols` float32 outputs.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile<const R: usize>(a: *const u16, sa: usize, w: *const Line, pairs: usize, c: *mut f32, sc: usize, cols: usize) {
+unsafe fn tile<const R: usize>(
+    a: *const u16,
+    sa: usize,
+    w: *const Line,
+    pairs: usize,
+    c: *mut f32,
+    sc: usize,
+    cols: usize,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for q in 0..pairs {
@@ -223,9 +249,7 @@ impl CustomOp1 for PackedBf16 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = s else {
-            candle_core::bail!("bf16-linear: expected float32 activations")
-        };
+        let CpuStorage::F32(data) = s else { candle_core::bail!("bf16-linear: expected float32 activations") };
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("bf16-linear: expected a contiguous input")
         };
@@ -271,7 +295,11 @@ mod tests {
                 let want: f64 = xi.iter().zip(wj).map(|(a, b)| a * b).sum();
                 let scale: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs()).sum();
                 let err = (got[i * n + j] as f64 - want).abs();
-                assert!(err <= 1e-5 * scale + 1e-30, "m={m} n={n} k={k} at ({i}, {j}): got {} want {want}", got[i * n + j]);
+                assert!(
+                    err <= 1e-5 * scale + 1e-30,
+                    "m={m} n={n} k={k} at ({i}, {j}): got {} want {want}",
+                    got[i * n + j]
+                );
             }
         }
     }

@@ -50,9 +50,7 @@ pub fn with_bf16_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{what}: expected float32")
-    };
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: expected float32") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what}: expected a contiguous tensor"),
@@ -72,15 +70,12 @@ impl CustomOp1 for GeluGate {
         let (n, double) = l.shape().dims2()?;
         let width = double / 2;
         let mut out = vec![0f32; n * width];
-        out.par_chunks_mut(width)
-            .zip(gate_up.par_chunks(double))
-            .with_min_len(16)
-            .for_each(|(o, row)| {
-                let (gate, up) = row.split_at(width);
-                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = gelu_tanh(g) * u;
-                }
-            });
+        out.par_chunks_mut(width).zip(gate_up.par_chunks(double)).with_min_len(16).for_each(|(o, row)| {
+            let (gate, up) = row.split_at(width);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = gelu_tanh(g) * u;
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, width))))
     }
 }
@@ -156,7 +151,10 @@ impl Attention {
             .map(|i| {
                 let at = |j: usize| starts[i / kv_heads] * kv_row + (i % kv_heads) * d + j * kv_row;
                 let len = self.lengths[i / kv_heads];
-                (PackedBf16::pack(len, d, |j| &k[at(j)..at(j) + d]), PackedBf16::pack_transposed(d, len, |j| &v[at(j)..at(j) + d]))
+                (
+                    PackedBf16::pack(len, d, |j| &k[at(j)..at(j) + d]),
+                    PackedBf16::pack_transposed(d, len, |j| &v[at(j)..at(j) + d]),
+                )
             })
             .collect();
         let d_stride = d.next_multiple_of(32);
@@ -191,7 +189,18 @@ impl Attention {
                         softmax_in_place(row, lo, hi);
                     }
                     to_bf16_rows(scores, sn, m, n, probs, n.next_multiple_of(32));
-                    unsafe { values.product(probs, n.next_multiple_of(32), m, 0..d.div_ceil(NR), k0 / 2, n.div_ceil(2), out.at(q_at), q_row) };
+                    unsafe {
+                        values.product(
+                            probs,
+                            n.next_multiple_of(32),
+                            m,
+                            0..d.div_ceil(NR),
+                            k0 / 2,
+                            n.div_ceil(2),
+                            out.at(q_at),
+                            q_row,
+                        )
+                    };
                 }
             },
         );
@@ -221,7 +230,11 @@ impl CustomOp3 for Attention {
             candle_core::bail!("attention: inconsistent shapes {:?} {:?} {:?}", lq.shape(), lk.shape(), lv.shape())
         }
         if b != 1 || self.lengths.iter().sum::<usize>() != t {
-            candle_core::bail!("attention: expected [1, Σ lengths = {}, …] packed rows, got {:?}", self.lengths.iter().sum::<usize>(), lq.shape())
+            candle_core::bail!(
+                "attention: expected [1, Σ lengths = {}, …] packed rows, got {:?}",
+                self.lengths.iter().sum::<usize>(),
+                lq.shape()
+            )
         }
         let group = heads / kv_heads;
         let (q_row, kv_row) = (heads * d, kv_heads * d);
@@ -251,11 +264,25 @@ impl CustomOp3 for Attention {
                 // and d columns from each row start.
                 unsafe {
                     gemm(
-                        m, n, d,
-                        scores.as_mut_ptr(), 1, n as isize, false,
-                        q.as_ptr().add(q_at), 1, q_row as isize,
-                        k.as_ptr().add(seq_kv + k0 * kv_row), kv_row as isize, 1,
-                        0.0, self.scale, false, false, false, Parallelism::None,
+                        m,
+                        n,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        q.as_ptr().add(q_at),
+                        1,
+                        q_row as isize,
+                        k.as_ptr().add(seq_kv + k0 * kv_row),
+                        kv_row as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
                 for (i, row) in scores.chunks_exact_mut(n).enumerate() {
@@ -269,11 +296,25 @@ impl CustomOp3 for Attention {
                 // SAFETY: as above; this task alone writes rows `task.rows` of `head`.
                 unsafe {
                     gemm(
-                        m, d, n,
-                        out_ptr.at(seq_q + task.rows.start * q_row + head * d), 1, q_row as isize, false,
-                        scores.as_ptr(), 1, n as isize,
-                        v.as_ptr().add(seq_kv + k0 * kv_row), 1, kv_row as isize,
-                        0.0, 1.0, false, false, false, Parallelism::None,
+                        m,
+                        d,
+                        n,
+                        out_ptr.at(seq_q + task.rows.start * q_row + head * d),
+                        1,
+                        q_row as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        n as isize,
+                        v.as_ptr().add(seq_kv + k0 * kv_row),
+                        1,
+                        kv_row as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
             }
@@ -303,7 +344,11 @@ mod tests {
 
     /// n reproducible values in [-1, 1).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
     }
 
     /// bf16 attention against float32 on ragged lengths, with and without a window: each
@@ -324,7 +369,11 @@ mod tests {
         let v = tensor(values(t * kv * d, 3), kv);
         for window in [None, Some(40)] {
             let op = Attention { lengths: lengths.clone(), window, scale: 0.3 };
-            let run = |bf16| with_bf16_attention(bf16, || q.apply_op3_no_bwd(&k, &v, &op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let run = |bf16| {
+                with_bf16_attention(bf16, || {
+                    q.apply_op3_no_bwd(&k, &v, &op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+            };
             let (want, got) = (run(false), run(true));
             for (row, (w, g)) in want.chunks(d).zip(got.chunks(d)).enumerate() {
                 let dot: f32 = w.iter().zip(g).map(|(a, b)| a * b).sum();
@@ -343,9 +392,12 @@ mod tests {
         let (q, k, v) = (values(t * heads * d, 1), values(t * kv * d, 2), values(t * kv * d, 3));
         let run = |lengths: &[usize], rows: std::ops::Range<usize>, window, bf16| {
             let n = rows.len();
-            let tensor = |x: &[f32], h: usize| Tensor::from_slice(&x[rows.start * h * d..rows.end * h * d], (1, n, h, d), &Device::Cpu).unwrap();
+            let tensor = |x: &[f32], h: usize| {
+                Tensor::from_slice(&x[rows.start * h * d..rows.end * h * d], (1, n, h, d), &Device::Cpu).unwrap()
+            };
             let op = Attention { lengths: lengths.to_vec(), window, scale: 0.2 };
-            let out = with_bf16_attention(bf16, || tensor(&q, heads).apply_op3_no_bwd(&tensor(&k, kv), &tensor(&v, kv), &op));
+            let out =
+                with_bf16_attention(bf16, || tensor(&q, heads).apply_op3_no_bwd(&tensor(&k, kv), &tensor(&v, kv), &op));
             out.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         #[cfg(target_arch = "x86_64")]
@@ -358,7 +410,11 @@ mod tests {
                 let mut start = 0;
                 for &n in &lengths {
                     let alone = run(&[n], start..start + n, window, bf16);
-                    assert_eq!(alone, packed[start * heads * d..(start + n) * heads * d], "bf16 {bf16} window {window:?} length {n}");
+                    assert_eq!(
+                        alone,
+                        packed[start * heads * d..(start + n) * heads * d],
+                        "bf16 {bf16} window {window:?} length {n}"
+                    );
                     start += n;
                 }
             }
@@ -381,7 +437,9 @@ mod tests {
     fn gelu_matches_the_tanh_formula() {
         for i in -2000..2000 {
             let x = i as f32 / 100.0;
-            let want = 0.5 * x as f64 * (1.0 + ((2.0f64 / std::f64::consts::PI).sqrt() * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
+            let want = 0.5
+                * x as f64
+                * (1.0 + ((2.0f64 / std::f64::consts::PI).sqrt() * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
             assert!((gelu_tanh(x) as f64 - want).abs() <= 1e-6 * want.abs().max(1e-3), "x={x}");
         }
     }

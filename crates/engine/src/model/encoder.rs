@@ -4,8 +4,8 @@
 use candle_core::{Device, Tensor};
 
 use super::attention::Attention;
-use super::cpu_kernels;
 use super::batch::Batch;
+use super::cpu_kernels;
 use super::layers::{self, Linear, Placement, RmsNorm};
 use crate::config::{GemmaConfig, LayerType};
 use crate::error::{Error, Result};
@@ -57,7 +57,9 @@ struct Layer {
 impl Layer {
     fn load(file: &SafeTensorsFile, index: usize, cfg: &GemmaConfig, at: &Placement) -> Result<Layer> {
         let prefix = format!("layers.{index}");
-        let norm = |n: &str| RmsNorm::load(file, &format!("{prefix}.{n}.weight"), cfg.hidden_size, cfg.rms_norm_eps, &at.device);
+        let norm = |n: &str| {
+            RmsNorm::load(file, &format!("{prefix}.{n}.weight"), cfg.hidden_size, cfg.rms_norm_eps, &at.device)
+        };
         Ok(Layer {
             kind: cfg.layer_types[index],
             input_norm: norm("input_layernorm")?,
@@ -99,9 +101,7 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn load(file: &SafeTensorsFile, cfg: &GemmaConfig, at: &Placement) -> Result<Encoder> {
-        let layers = (0..cfg.layer_types.len())
-            .map(|i| Layer::load(file, i, cfg, at))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.layer_types.len()).map(|i| Layer::load(file, i, cfg, at)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(file, "norm.weight", cfg.hidden_size, cfg.rms_norm_eps, &at.device)?;
         layers::release_load_transients();
         // On CUDA the uploads ran on this thread's stream (candle uses per-thread streams), and

@@ -84,7 +84,13 @@ impl Linear {
     }
 
     /// Several projections of the same input stacked into one, outputs side by side.
-    pub fn load_stacked(file: &SafeTensorsFile, names: &[&str], out_dim: usize, in_dim: usize, at: &Placement) -> Result<Linear> {
+    pub fn load_stacked(
+        file: &SafeTensorsFile,
+        names: &[&str],
+        out_dim: usize,
+        in_dim: usize,
+        at: &Placement,
+    ) -> Result<Linear> {
         #[cfg(target_arch = "x86_64")]
         if bf16_kernel(at) {
             // Read as float32 and round once while packing: no bf16 tensor in between.

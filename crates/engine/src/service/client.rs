@@ -31,7 +31,10 @@ fn older_service(e: ServiceError) -> ServiceError {
     if e.kind != ErrorKind::Protocol || !e.message.contains("unknown request tag") {
         return e;
     }
-    ServiceError { kind: e.kind, message: format!("embedding service: it does not know chunking; restart a newer one ({})", e.message) }
+    ServiceError {
+        kind: e.kind,
+        message: format!("embedding service: it does not know chunking; restart a newer one ({})", e.message),
+    }
 }
 
 fn unavailable(what: impl std::fmt::Display) -> ServiceError {
@@ -130,7 +133,10 @@ impl Client {
             return Err(e.clone());
         }
         if self.waiting {
-            return Err(ServiceError { kind: ErrorKind::Protocol, message: "a request is already in flight on this connection".into() });
+            return Err(ServiceError {
+                kind: ErrorKind::Protocol,
+                message: "a request is already in flight on this connection".into(),
+            });
         }
         self.out = frame;
         self.sent = 0;
@@ -143,7 +149,15 @@ impl Client {
     /// Queues an Embed request (`model`: the settings the caller's session names, or "" for
     /// any; `background`: nobody waits on it interactively); `poll_reply` sends it and waits
     /// for its vectors.
-    pub fn send_embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, model: &str, background: bool, texts: &[S]) -> Result<(), ServiceError> {
+    pub fn send_embed<S: AsRef<str>>(
+        &mut self,
+        task: &str,
+        dim: usize,
+        truncate: bool,
+        model: &str,
+        background: bool,
+        texts: &[S],
+    ) -> Result<(), ServiceError> {
         let dim = u32::try_from(dim).unwrap_or(u32::MAX);
         let frame = protocol::encode_embed(task, dim, truncate, model, background, texts)
             .map_err(|e| ServiceError { kind: ErrorKind::InvalidOption, message: e.to_string() })?;
@@ -160,7 +174,14 @@ impl Client {
     }
 
     /// `send_embed`, then waits for the reply for at most `timeout`.
-    pub fn embed<S: AsRef<str>>(&mut self, task: &str, dim: usize, truncate: bool, texts: &[S], timeout: Duration) -> Result<Embedding, ServiceError> {
+    pub fn embed<S: AsRef<str>>(
+        &mut self,
+        task: &str,
+        dim: usize,
+        truncate: bool,
+        texts: &[S],
+        timeout: Duration,
+    ) -> Result<Embedding, ServiceError> {
         self.send_embed(task, dim, truncate, "", false, texts)?;
         let reply = self.poll_reply(timeout);
         self.finish(reply, timeout)
@@ -168,8 +189,16 @@ impl Client {
 
     /// Queues a Chunk request (`model` as for `send_embed`); `poll_chunks` sends it and waits
     /// for the chunks.
-    pub fn send_chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize, model: &str) -> Result<(), ServiceError> {
-        let (max_tokens, overlap) = (u32::try_from(max_tokens).unwrap_or(u32::MAX), u32::try_from(overlap).unwrap_or(u32::MAX));
+    pub fn send_chunk(
+        &mut self,
+        text: &str,
+        task: &str,
+        max_tokens: usize,
+        overlap: usize,
+        model: &str,
+    ) -> Result<(), ServiceError> {
+        let (max_tokens, overlap) =
+            (u32::try_from(max_tokens).unwrap_or(u32::MAX), u32::try_from(overlap).unwrap_or(u32::MAX));
         let frame = protocol::encode_chunk(task, max_tokens, overlap, model, text)
             .map_err(|e| ServiceError { kind: ErrorKind::InvalidOption, message: e.to_string() })?;
         self.send(frame)
@@ -185,7 +214,14 @@ impl Client {
     }
 
     /// `send_chunk`, then waits for the reply for at most `timeout`.
-    pub fn chunk(&mut self, text: &str, task: &str, max_tokens: usize, overlap: usize, timeout: Duration) -> Result<Vec<Chunk>, ServiceError> {
+    pub fn chunk(
+        &mut self,
+        text: &str,
+        task: &str,
+        max_tokens: usize,
+        overlap: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Chunk>, ServiceError> {
         self.send_chunk(text, task, max_tokens, overlap, "")?;
         let reply = self.poll_chunks(timeout);
         self.finish(reply, timeout)
@@ -242,14 +278,18 @@ impl Client {
         if let Response::Error { kind, message } = got {
             return ServiceError { kind: *kind, message: message.clone() };
         }
-        let e = ServiceError { kind: ErrorKind::Protocol, message: format!("embedding service: unexpected reply {got:?}") };
+        let e =
+            ServiceError { kind: ErrorKind::Protocol, message: format!("embedding service: unexpected reply {got:?}") };
         self.broken = Some(e.clone());
         e
     }
 
     fn poll_response(&mut self, timeout: Duration) -> Option<Result<Response, ServiceError>> {
         if !self.waiting {
-            let e = self.broken.clone().unwrap_or(ServiceError { kind: ErrorKind::Protocol, message: "no request in flight".into() });
+            let e = self
+                .broken
+                .clone()
+                .unwrap_or(ServiceError { kind: ErrorKind::Protocol, message: "no request in flight".into() });
             return Some(Err(e));
         }
         let deadline = Instant::now() + timeout;
@@ -260,7 +300,10 @@ impl Client {
                     return Some(match Response::decode(&payload) {
                         Ok(Response::Error { kind, message }) => Err(ServiceError { kind, message }),
                         Ok(r) => Ok(r),
-                        Err(e) => Err(self.fail(ServiceError { kind: ErrorKind::Protocol, message: format!("embedding service: {e}") })),
+                        Err(e) => Err(self.fail(ServiceError {
+                            kind: ErrorKind::Protocol,
+                            message: format!("embedding service: {e}"),
+                        })),
                     });
                 }
                 Ok(None) => {}
@@ -305,7 +348,10 @@ impl Client {
             } else {
                 let len = u32::from_le_bytes(self.head) as usize;
                 if len > MAX_FRAME {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("reply of {len} bytes is over the frame limit")));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("reply of {len} bytes is over the frame limit"),
+                    ));
                 }
                 if self.payload.len() == len {
                     return Ok(Some(std::mem::take(&mut self.payload)));

@@ -142,7 +142,14 @@ impl Metrics {
 
     /// Everything as a JSON object; `state` adds the service's own fields (its model's load
     /// attempts, whether it drains).
-    pub fn json(&self, depth: Depth, settings: Value, info: Option<&EngineInfo>, load_error: Option<&str>, state: Value) -> String {
+    pub fn json(
+        &self,
+        depth: Depth,
+        settings: Value,
+        info: Option<&EngineInfo>,
+        load_error: Option<&str>,
+        state: Value,
+    ) -> String {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let per_pass = |n: u64| if c.passes == 0 { 0.0 } else { round3(n as f64 / c.passes as f64) };
         let forward_s = c.forward_time.as_secs_f64();
@@ -212,7 +219,11 @@ fn info_json(i: &EngineInfo) -> Value {
 
 fn status_kb(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// (VmRSS, RssAnon) in KiB; zeros where /proc is absent.

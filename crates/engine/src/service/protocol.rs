@@ -73,8 +73,15 @@ pub struct CallStats {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Response {
     /// `vectors` holds `count × dim` values, text after text.
-    Embedded { dim: u32, vectors: Vec<f32>, stats: CallStats },
-    Error { kind: ErrorKind, message: String },
+    Embedded {
+        dim: u32,
+        vectors: Vec<f32>,
+        stats: CallStats,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     Stats(String),
     Pong(String),
     /// Offsets only: the client has the text.
@@ -170,7 +177,8 @@ pub fn read_payload(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
 
 pub fn write_frame(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
     let len = u32::try_from(payload.len()).ok().filter(|&l| l as usize <= MAX_FRAME);
-    let len = len.ok_or_else(|| invalid(format!("frame of {} bytes is over the limit of {MAX_FRAME}", payload.len())))?;
+    let len =
+        len.ok_or_else(|| invalid(format!("frame of {} bytes is over the limit of {MAX_FRAME}", payload.len())))?;
     w.write_all(&len.to_le_bytes())?;
     w.write_all(payload)?;
     w.flush()
@@ -214,10 +222,14 @@ impl Request {
     /// The whole frame, length prefix included.
     pub fn encode(&self) -> io::Result<Vec<u8>> {
         match self {
-            Request::Embed { task, dim, truncate, model, background, texts } => encode_embed(task, *dim, *truncate, model, *background, texts),
+            Request::Embed { task, dim, truncate, model, background, texts } => {
+                encode_embed(task, *dim, *truncate, model, *background, texts)
+            }
             Request::Stats => Frame::new(2).finish(),
             Request::Ping => Frame::new(3).finish(),
-            Request::Chunk { task, max_tokens, overlap, model, text } => encode_chunk(task, *max_tokens, *overlap, model, text),
+            Request::Chunk { task, max_tokens, overlap, model, text } => {
+                encode_chunk(task, *max_tokens, *overlap, model, text)
+            }
         }
     }
 
@@ -241,7 +253,13 @@ impl Request {
             }
             2 => Request::Stats,
             3 => Request::Ping,
-            4 => Request::Chunk { task: r.str()?, max_tokens: r.u32()?, overlap: r.u32()?, model: r.str()?, text: r.str()? },
+            4 => Request::Chunk {
+                task: r.str()?,
+                max_tokens: r.u32()?,
+                overlap: r.u32()?,
+                model: r.str()?,
+                text: r.str()?,
+            },
             t => return Err(invalid(format!("unknown request tag {t}"))),
         };
         r.end()?;
@@ -250,12 +268,20 @@ impl Request {
 }
 
 /// An Embed request's frame from borrowed texts (what the client sends).
-pub fn encode_embed<S: AsRef<str>>(task: &str, dim: u32, truncate: bool, model: &str, background: bool, texts: &[S]) -> io::Result<Vec<u8>> {
+pub fn encode_embed<S: AsRef<str>>(
+    task: &str,
+    dim: u32,
+    truncate: bool,
+    model: &str,
+    background: bool,
+    texts: &[S],
+) -> io::Result<Vec<u8>> {
     let bytes: usize = texts.iter().map(|t| 4 + t.as_ref().len()).sum();
     if bytes > MAX_FRAME {
         return Err(invalid(format!("{} texts of {bytes} bytes are over the frame limit of {MAX_FRAME}", texts.len())));
     }
-    let mut f = Frame::new(1).str(task).u32(dim).u8(truncate as u8).str(model).u8(background as u8).u32(texts.len() as u32);
+    let mut f =
+        Frame::new(1).str(task).u32(dim).u8(truncate as u8).str(model).u8(background as u8).u32(texts.len() as u32);
     f.0.reserve(bytes);
     for t in texts {
         f = f.str(t.as_ref());
@@ -302,7 +328,11 @@ impl Response {
                 let mut f = Frame::new(5).u32(chunks.len() as u32);
                 f.0.reserve(chunks.len() * CHUNK_BYTES);
                 for c in chunks {
-                    f = f.u64(c.start_byte as u64).u64(c.end_byte as u64).u64(c.start_char as u64).u64(c.end_char as u64);
+                    f = f
+                        .u64(c.start_byte as u64)
+                        .u64(c.end_byte as u64)
+                        .u64(c.start_char as u64)
+                        .u64(c.end_char as u64);
                 }
                 f.finish()
             }
@@ -317,8 +347,10 @@ impl Response {
                 let count = r.u32()? as usize;
                 let floats = count.checked_mul(dim as usize).filter(|&n| n <= r.rest.len() / 4);
                 let floats = floats.ok_or_else(|| invalid(format!("{count} vectors of {dim} do not fit the frame")))?;
-                let vectors = r.take(floats * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-                let mut stats = CallStats { texts: r.u64()?, tokens: r.u64()?, truncated: r.u64()?, ..CallStats::default() };
+                let vectors =
+                    r.take(floats * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                let mut stats =
+                    CallStats { texts: r.u64()?, tokens: r.u64()?, truncated: r.u64()?, ..CallStats::default() };
                 stats.forward_passes = r.u64()?;
                 stats.queue_wait = Duration::from_micros(r.u64()?);
                 stats.forward_time = Duration::from_micros(r.u64()?);
@@ -338,7 +370,14 @@ impl Response {
                 }
                 let mut offset = || r.u64().map(|v| v as usize);
                 let chunks = (0..count)
-                    .map(|_| Ok(Chunk { start_byte: offset()?, end_byte: offset()?, start_char: offset()?, end_char: offset()? }))
+                    .map(|_| {
+                        Ok(Chunk {
+                            start_byte: offset()?,
+                            end_byte: offset()?,
+                            start_char: offset()?,
+                            end_char: offset()?,
+                        })
+                    })
                     .collect::<io::Result<_>>()?;
                 Response::Chunks(chunks)
             }
@@ -371,7 +410,9 @@ impl<'a> Reader<'a> {
     fn new(payload: &'a [u8]) -> io::Result<Reader<'a>> {
         match payload {
             [VERSION, tag, rest @ ..] => Ok(Reader { tag: *tag, rest }),
-            [version, ..] if *version != VERSION => Err(io::Error::new(io::ErrorKind::InvalidData, VersionMismatch(*version))),
+            [version, ..] if *version != VERSION => {
+                Err(io::Error::new(io::ErrorKind::InvalidData, VersionMismatch(*version)))
+            }
             _ => Err(invalid("empty frame")),
         }
     }
@@ -419,17 +460,40 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        round_trip_request(Request::Embed { task: "query".into(), dim: 768, truncate: true, model: "m".into(), background: true, texts: vec!["a".into(), "".into(), "é".into()] });
+        round_trip_request(Request::Embed {
+            task: "query".into(),
+            dim: 768,
+            truncate: true,
+            model: "m".into(),
+            background: true,
+            texts: vec!["a".into(), "".into(), "é".into()],
+        });
         round_trip_request(Request::Stats);
         round_trip_request(Request::Ping);
-        round_trip_request(Request::Chunk { task: "document".into(), max_tokens: 512, overlap: 64, model: String::new(), text: "é\n\nb".into() });
-        let stats = CallStats { texts: 2, tokens: 9, truncated: 1, forward_passes: 1, queue_wait: Duration::from_micros(7), forward_time: Duration::from_micros(11) };
+        round_trip_request(Request::Chunk {
+            task: "document".into(),
+            max_tokens: 512,
+            overlap: 64,
+            model: String::new(),
+            text: "é\n\nb".into(),
+        });
+        let stats = CallStats {
+            texts: 2,
+            tokens: 9,
+            truncated: 1,
+            forward_passes: 1,
+            queue_wait: Duration::from_micros(7),
+            forward_time: Duration::from_micros(11),
+        };
         for r in [
             Response::Embedded { dim: 2, vectors: vec![1.0, 0.0, 0.5, -0.5], stats },
             Response::error(ErrorKind::Checksum, "bad"),
             Response::Stats("{}".into()),
             Response::Pong("0.2.0".into()),
-            Response::Chunks(vec![Chunk { start_byte: 0, end_byte: 5, start_char: 0, end_char: 4 }, Chunk { start_byte: 3, end_byte: 6, start_char: 2, end_char: 5 }]),
+            Response::Chunks(vec![
+                Chunk { start_byte: 0, end_byte: 5, start_char: 0, end_char: 4 },
+                Chunk { start_byte: 3, end_byte: 6, start_char: 2, end_char: 5 },
+            ]),
         ] {
             assert_eq!(Response::decode(&r.encode().unwrap()[4..]).unwrap(), r);
         }
@@ -444,7 +508,16 @@ mod tests {
         let e = Request::decode(&frame[4..]).unwrap_err();
         assert!(e.get_ref().unwrap().is::<VersionMismatch>(), "{e}");
         // A count no frame could hold is refused before allocating.
-        let mut embed = Request::Embed { task: "q".into(), dim: 1, truncate: true, model: String::new(), background: false, texts: vec![] }.encode().unwrap();
+        let mut embed = Request::Embed {
+            task: "q".into(),
+            dim: 1,
+            truncate: true,
+            model: String::new(),
+            background: false,
+            texts: vec![],
+        }
+        .encode()
+        .unwrap();
         let n = embed.len();
         embed[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Request::decode(&embed[4..]).is_err());

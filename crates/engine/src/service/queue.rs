@@ -91,7 +91,12 @@ impl Queue {
     }
 
     /// Waits until `fits` holds for the state, or `gone` says the client left (None).
-    fn wait_room<'a>(&'a self, mut s: MutexGuard<'a, State>, fits: impl Fn(&Depth) -> bool, gone: &dyn Fn() -> bool) -> Option<MutexGuard<'a, State>> {
+    fn wait_room<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        fits: impl Fn(&Depth) -> bool,
+        gone: &dyn Fn() -> bool,
+    ) -> Option<MutexGuard<'a, State>> {
         while !fits(&s.depth) {
             if gone() {
                 return None;
@@ -113,7 +118,13 @@ impl Queue {
     /// Reserves room for `texts` and `bytes` more (the bytes of a frame read before reserving),
     /// then queues the job made by `make`, its permit holding all. None (nothing queued) when
     /// the client left while waiting.
-    pub fn push(&self, texts: usize, bytes: usize, mut make: impl FnMut() -> Job, gone: &dyn Fn() -> bool) -> Option<()> {
+    pub fn push(
+        &self,
+        texts: usize,
+        bytes: usize,
+        mut make: impl FnMut() -> Job,
+        gone: &dyn Fn() -> bool,
+    ) -> Option<()> {
         let (max_texts, max_bytes) = (self.max_texts, self.max_bytes);
         let fits = |d: &Depth| admit(d.texts, texts, max_texts).zip(admit(d.bytes, bytes, max_bytes));
         let mut s = self.wait_room(self.lock(), |d| fits(d).is_some(), gone)?;

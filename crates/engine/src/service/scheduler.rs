@@ -90,7 +90,16 @@ impl Active {
             .err()
             .map(|e| Response::from_error(&Error::out_of_memory(format!("{} vectors: {e}", job.texts.len()))));
         vectors.resize(if failed.is_none() { job.texts.len() * job.dim } else { 0 }, 0.0);
-        Active { job, next: 0, ahead: Vec::new(), ahead_tokens: 0, done: 0, vectors, stats: CallStats::default(), failed }
+        Active {
+            job,
+            next: 0,
+            ahead: Vec::new(),
+            ahead_tokens: 0,
+            done: 0,
+            vectors,
+            stats: CallStats::default(),
+            failed,
+        }
     }
 
     fn live(&self) -> bool {
@@ -127,7 +136,8 @@ impl Active {
         for &m in engine.plan_tokens(&lengths, budget).buckets.first().map_or(&[][..], |b| &b.members[..]) {
             chosen[m] = true;
         }
-        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead).into_iter().zip(chosen).partition(|(_, c)| *c);
+        let (taken, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.ahead).into_iter().zip(chosen).partition(|(_, c)| *c);
         self.ahead = kept.into_iter().map(|(t, _)| t).collect();
         self.ahead_tokens -= taken.iter().map(|(t, _)| t.1.len()).sum::<usize>();
         taken.into_iter().map(|(t, _)| t).collect()
@@ -157,7 +167,14 @@ type Taken = (usize, usize, Vec<u32>);
 
 impl Scheduler {
     pub fn new(engine: Arc<Engine>, queue: Arc<Queue>, metrics: Arc<Metrics>, batch_wait: Duration) -> Scheduler {
-        Scheduler { engine, queue, metrics, batch_wait, last_interactive: Mutex::new(None), cpu: Mutex::new(CpuShare::new()), last_layer: Mutex::new(Duration::from_millis(100)),
+        Scheduler {
+            engine,
+            queue,
+            metrics,
+            batch_wait,
+            last_interactive: Mutex::new(None),
+            cpu: Mutex::new(CpuShare::new()),
+            last_layer: Mutex::new(Duration::from_millis(100)),
             layers_done: AtomicU64::new(0),
         }
     }
@@ -195,7 +212,8 @@ impl Scheduler {
     /// One round over the requests of one class (background or not).
     fn round(&self, active: &mut [Active], background: bool) {
         let full = self.engine.info().max_batch_tokens;
-        let recent = self.last_interactive.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < RECENT);
+        let recent =
+            self.last_interactive.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < RECENT);
         let budget = if background && recent { BACKGROUND_TOKENS.min(full) } else { full };
         let mut taken: Vec<Taken> = Vec::new();
         for (r, a) in active.iter_mut().enumerate() {
@@ -219,8 +237,12 @@ impl Scheduler {
     /// During a background pass (between its layers, or `beside` it): serves the small
     /// interactive requests that arrived meanwhile, whole, before the pass goes on.
     fn serve_interactive_now(&self, beside: bool) {
-        let mut jobs: Vec<Active> =
-            self.queue.take_matching(|j| !j.background && j.texts.len() <= PREEMPT_TEXTS).into_iter().map(Active::new).collect();
+        let mut jobs: Vec<Active> = self
+            .queue
+            .take_matching(|j| !j.background && j.texts.len() <= PREEMPT_TEXTS)
+            .into_iter()
+            .map(Active::new)
+            .collect();
         if jobs.is_empty() {
             return;
         }
@@ -335,7 +357,11 @@ impl Scheduler {
                 });
                 self.serve_interactive_beside(&|| running.is_finished());
                 running.join().unwrap_or_else(|_| {
-                    (Instant::now(), Err(Error::Inference("the background pass's thread panicked".into())), Duration::ZERO)
+                    (
+                        Instant::now(),
+                        Err(Error::Inference("the background pass's thread panicked".into())),
+                        Duration::ZERO,
+                    )
                 })
             })
         } else {
@@ -356,7 +382,13 @@ impl Scheduler {
                 connections.sort_unstable();
                 connections.dedup();
                 let real: usize = seqs.iter().map(|s| s.len()).sum();
-                self.metrics.pass(members.len(), connections.len(), real, self.engine.computed_tokens(real, len * members.len()), time);
+                self.metrics.pass(
+                    members.len(),
+                    connections.len(),
+                    real,
+                    self.engine.computed_tokens(real, len * members.len()),
+                    time,
+                );
             }
             Err(Error::Cancelled) if cancel() => {}
             Err(e) => {

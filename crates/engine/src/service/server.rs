@@ -121,9 +121,10 @@ impl Shared {
             "max_memory_mb": engine.as_ref().map(|e| e.memory_limit() >> 20),
         });
         let (load_error, next_attempt) = match &state.model {
-            Model::Failed { message, next_attempt, .. } => {
-                (Some(message.clone()), Some((next_attempt.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0))
-            }
+            Model::Failed { message, next_attempt, .. } => (
+                Some(message.clone()),
+                Some((next_attempt.saturating_duration_since(Instant::now()).as_secs_f64() * 10.0).round() / 10.0),
+            ),
             _ => (None, None),
         };
         let extra = json!({
@@ -198,11 +199,16 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(IoKind::AddrInUse, format!("{} is served by another process", path.display())));
+                return Err(io::Error::new(
+                    IoKind::AddrInUse,
+                    format!("{} is served by another process", path.display()),
+                ));
             }
             std::fs::remove_file(path)?;
         }
-        Ok(_) => return Err(io::Error::new(IoKind::AlreadyExists, format!("{} exists and is not a socket", path.display()))),
+        Ok(_) => {
+            return Err(io::Error::new(IoKind::AlreadyExists, format!("{} exists and is not a socket", path.display())))
+        }
         Err(e) if e.kind() == IoKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -217,7 +223,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves `listener` until the process ends (see `start`).
-pub fn serve(listener: UnixListener, load: impl Fn() -> Result<Engine, Error> + Send + 'static, options: ServeOptions) -> io::Result<()> {
+pub fn serve(
+    listener: UnixListener,
+    load: impl Fn() -> Result<Engine, Error> + Send + 'static,
+    options: ServeOptions,
+) -> io::Result<()> {
     start(listener, load, options)?;
     loop {
         std::thread::park();
@@ -227,7 +237,11 @@ pub fn serve(listener: UnixListener, load: impl Fn() -> Result<Engine, Error> + 
 /// Starts serving `listener` on threads of its own, the model loaded by `load` on the model
 /// thread while the socket is already answered: Embed requests wait for the load (Stats show
 /// `"loading": true` meanwhile). A failed load is answered to callers and tried again.
-pub fn start(listener: UnixListener, load: impl Fn() -> Result<Engine, Error> + Send + 'static, options: ServeOptions) -> io::Result<Service> {
+pub fn start(
+    listener: UnixListener,
+    load: impl Fn() -> Result<Engine, Error> + Send + 'static,
+    options: ServeOptions,
+) -> io::Result<Service> {
     let queue = Queue::new(options.max_queue_texts.max(1), options.max_queue_bytes.max(1));
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared {
@@ -303,7 +317,9 @@ fn accept(listener: UnixListener, shared: &Arc<Shared>) {
         let shared = shared.clone();
         let id = shared.connections.fetch_add(1, Ordering::Relaxed);
         shared.metrics.connection();
-        let spawned = std::thread::Builder::new().name(format!("embeddinggemma-conn-{id}")).spawn(move || connection(&shared, stream, id));
+        let spawned = std::thread::Builder::new()
+            .name(format!("embeddinggemma-conn-{id}"))
+            .spawn(move || connection(&shared, stream, id));
         if let Err(e) = spawned {
             eprintln!("embeddinggemma serve: cannot start a connection thread: {e}");
         }
@@ -354,21 +370,31 @@ fn connection(shared: &Arc<Shared>, mut stream: UnixStream, id: u64) {
             }
             Ok(Request::Ping) => Response::Pong(env!("CARGO_PKG_VERSION").into()),
             Ok(Request::Stats) => Response::Stats(shared.stats()),
-            Ok(Request::Chunk { model, .. } | Request::Embed { model, .. }) if !serves(shared, &model) => Response::error(
-                ErrorKind::ModelMismatch,
-                format!("this service runs the model of {:?}, the caller's session names {model:?}", shared.options.model_key),
-            ),
+            Ok(Request::Chunk { model, .. } | Request::Embed { model, .. }) if !serves(shared, &model) => {
+                Response::error(
+                    ErrorKind::ModelMismatch,
+                    format!(
+                        "this service runs the model of {:?}, the caller's session names {model:?}",
+                        shared.options.model_key
+                    ),
+                )
+            }
             Ok(request @ (Request::Chunk { .. } | Request::Embed { .. })) => {
                 counted = shared.begin();
                 if counted.is_none() {
-                    let restarting = Response::error(ErrorKind::Unavailable, "the embedding service is restarting with new settings");
+                    let restarting = Response::error(
+                        ErrorKind::Unavailable,
+                        "the embedding service is restarting with new settings",
+                    );
                     if reply(shared, &mut stream, &restarting).is_err() {
                         return;
                     }
                     continue;
                 }
                 let answered = match request {
-                    Request::Chunk { task, max_tokens, overlap, text, .. } => chunk(shared, &stream, &task, max_tokens, overlap, &text),
+                    Request::Chunk { task, max_tokens, overlap, text, .. } => {
+                        chunk(shared, &stream, &task, max_tokens, overlap, &text)
+                    }
                     Request::Embed { task, dim, truncate, background, texts, .. } => {
                         embed(shared, &stream, id, (permit, len - reserved), (task, dim, truncate, background), texts)
                     }
@@ -402,10 +428,15 @@ fn loaded(shared: &Shared, stream: &UnixStream) -> Option<Result<Arc<Engine>, Re
             Model::Ready(e) => return Some(Ok(e.clone())),
             Model::Failed { kind, message, next_attempt } => {
                 let wait = next_attempt.saturating_duration_since(Instant::now()).as_secs();
-                return Some(Err(Response::error(*kind, format!("{message} (the service tries again within {wait} s)"))));
+                return Some(Err(Response::error(
+                    *kind,
+                    format!("{message} (the service tries again within {wait} s)"),
+                )));
             }
             Model::Loading if peer_gone(stream) => return None,
-            Model::Loading => state = shared.model_changed.wait_timeout(state, PEER_CHECK).unwrap_or_else(|e| e.into_inner()).0,
+            Model::Loading => {
+                state = shared.model_changed.wait_timeout(state, PEER_CHECK).unwrap_or_else(|e| e.into_inner()).0
+            }
         }
     }
 }
@@ -441,14 +472,23 @@ fn chunk_slot<'a>(shared: &'a Shared, stream: &UnixStream) -> Option<ChunkSlot<'
 
 /// Chunks one text on the connection's thread (one of `chunk_workers` at a time), stopping
 /// when the client leaves (None) or the chunks would not fit one reply (`MAX_CHUNKS`).
-fn chunk(shared: &Shared, stream: &UnixStream, task: &str, max_tokens: u32, overlap: u32, text: &str) -> Option<Response> {
+fn chunk(
+    shared: &Shared,
+    stream: &UnixStream,
+    task: &str,
+    max_tokens: u32,
+    overlap: u32,
+    text: &str,
+) -> Option<Response> {
     let engine = match loaded(shared, stream)? {
         Ok(e) => e,
         Err(r) => return Some(r),
     };
     let _slot = chunk_slot(shared, stream)?;
     let gone = || peer_gone(stream);
-    let chunks = catch_panic(|| engine.chunker(task, max_tokens as usize, overlap as usize)?.chunks_up_to(text, &gone, protocol::MAX_CHUNKS));
+    let chunks = catch_panic(|| {
+        engine.chunker(task, max_tokens as usize, overlap as usize)?.chunks_up_to(text, &gone, protocol::MAX_CHUNKS)
+    });
     match chunks {
         Ok(chunks) => Some(Response::Chunks(chunks)),
         Err(Error::Cancelled) => None,

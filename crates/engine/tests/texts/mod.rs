@@ -49,10 +49,13 @@ pub fn texts(bytes: usize, seed: u64) -> Vec<(&'static str, String)> {
     };
     out.push(("prose", fill(&mut |s| s.push_str(PROSE))));
     let words = ["the", "a", "vector", "tokens,", "PostgreSQL", "of", "über", "naïve", "3.14", "x"];
-    out.push(("random words", fill(&mut |s| {
-        s.push_str(*rng.pick(&words));
-        s.push_str(*rng.pick(&[" ", " ", " ", "  ", "\n", ". "]));
-    })));
+    out.push((
+        "random words",
+        fill(&mut |s| {
+            s.push_str(*rng.pick(&words));
+            s.push_str(*rng.pick(&[" ", " ", " ", "  ", "\n", ". "]));
+        }),
+    ));
     out.push(("one letter", "a".repeat(bytes)));
     out.push(("one word", fill(&mut |s| s.push_str("abcdefghij"))));
     let mut r2 = Rng(seed.wrapping_add(7) | 1);
@@ -60,44 +63,72 @@ pub fn texts(bytes: usize, seed: u64) -> Vec<(&'static str, String)> {
     out.push(("spaces", " ".repeat(bytes)));
     out.push(("newlines", "\n".repeat(bytes)));
     let mut r3 = Rng(seed.wrapping_add(11) | 1);
-    out.push(("whitespace runs", fill(&mut |s| {
-        let c = *r3.pick(&[' ', '\n', '\t', '\r']);
-        for _ in 0..r3.below(40) {
-            s.push(c);
-        }
-        if r3.below(3) == 0 {
-            s.push('w');
-        }
-    })));
+    out.push((
+        "whitespace runs",
+        fill(&mut |s| {
+            let c = *r3.pick(&[' ', '\n', '\t', '\r']);
+            for _ in 0..r3.below(40) {
+                s.push(c);
+            }
+            if r3.below(3) == 0 {
+                s.push('w');
+            }
+        }),
+    ));
     let mut r4 = Rng(seed.wrapping_add(13) | 1);
-    out.push(("CJK", fill(&mut |s| {
-        s.push(char_in(&mut r4, 0x4E00, 0x9FFF));
-        if r4.below(20) == 0 {
-            s.push('。');
-        }
-    })));
+    out.push((
+        "CJK",
+        fill(&mut |s| {
+            s.push(char_in(&mut r4, 0x4E00, 0x9FFF));
+            if r4.below(20) == 0 {
+                s.push('。');
+            }
+        }),
+    ));
     let mut r5 = Rng(seed.wrapping_add(17) | 1);
-    out.push(("emoji and combining marks", fill(&mut |s| match r5.below(4) {
-        0 => s.push(char_in(&mut r5, 0x1F300, 0x1FAFF)),
-        1 => {
-            s.push('e');
-            s.push(char_in(&mut r5, 0x0300, 0x036F));
-        }
-        2 => s.push_str("👩\u{200d}👩\u{200d}👧"),
-        _ => s.push_str("🇫🇷 "),
-    })));
+    out.push((
+        "emoji and combining marks",
+        fill(&mut |s| match r5.below(4) {
+            0 => s.push(char_in(&mut r5, 0x1F300, 0x1FAFF)),
+            1 => {
+                s.push('e');
+                s.push(char_in(&mut r5, 0x0300, 0x036F));
+            }
+            2 => s.push_str("👩\u{200d}👩\u{200d}👧"),
+            _ => s.push_str("🇫🇷 "),
+        }),
+    ));
     let mut r6 = Rng(seed.wrapping_add(19) | 1);
-    out.push(("random unicode with controls", fill(&mut |s| match r6.below(5) {
-        0 => s.push(char_in(&mut r6, 0, 0x20)),
-        1 => s.push(char_in(&mut r6, 0x20, 0x800)),
-        2 => s.push(char_in(&mut r6, 0x800, 0x10000)),
-        3 => s.push(char_in(&mut r6, 0x10000, 0x110000)),
-        _ => s.push(' '),
-    })));
+    out.push((
+        "random unicode with controls",
+        fill(&mut |s| match r6.below(5) {
+            0 => s.push(char_in(&mut r6, 0, 0x20)),
+            1 => s.push(char_in(&mut r6, 0x20, 0x800)),
+            2 => s.push(char_in(&mut r6, 0x800, 0x10000)),
+            3 => s.push(char_in(&mut r6, 0x10000, 0x110000)),
+            _ => s.push(' '),
+        }),
+    ));
     let mut r7 = Rng(seed.wrapping_add(23) | 1);
-    out.push(("special token strings", fill(&mut |s| {
-        s.push_str(*r7.pick(&["<eos>", "<bos>", "<pad>", "<unk>", "<0x41>", "<mask>", "<unused0>", "<start_of_turn>", "<", "eos>", " ", "a"]));
-    })));
+    out.push((
+        "special token strings",
+        fill(&mut |s| {
+            s.push_str(*r7.pick(&[
+                "<eos>",
+                "<bos>",
+                "<pad>",
+                "<unk>",
+                "<0x41>",
+                "<mask>",
+                "<unused0>",
+                "<start_of_turn>",
+                "<",
+                "eos>",
+                " ",
+                "a",
+            ]));
+        }),
+    ));
     out
 }
 
@@ -108,7 +139,12 @@ pub fn assert_cut_matches_whole(tok: &TextTokenizer, prompt: &str, label: &str, 
     assert_eq!(cut.ids, whole.ids, "{label} ({} bytes): kept ids differ", text.len());
     assert_eq!(cut.truncated(), whole.truncated(), "{label}");
     if whole.truncated() {
-        assert!(cut.full_len > tok.max_len() && cut.full_len <= whole.full_len, "{label}: {} vs {}", cut.full_len, whole.full_len);
+        assert!(
+            cut.full_len > tok.max_len() && cut.full_len <= whole.full_len,
+            "{label}: {} vs {}",
+            cut.full_len,
+            whole.full_len
+        );
     } else {
         assert_eq!(cut.full_len, whole.full_len, "{label}");
     }
@@ -141,4 +177,3 @@ fn tokens_of(tok: &TextTokenizer, text: &str) -> Vec<u32> {
     assert!(!t.truncated());
     t.ids
 }
-

@@ -82,7 +82,9 @@ fn main() -> ExitCode {
             };
             async_load::inserts(&dsn, kind, connections.unwrap_or(16), secs(60), n.unwrap_or(3000)).map(Some)
         }
-        "async-insert-ratio" => async_load::insert_ratio(&dsn, connections.unwrap_or(16), secs(30), 2, n.unwrap_or(3000)).map(Some),
+        "async-insert-ratio" => {
+            async_load::insert_ratio(&dsn, connections.unwrap_or(16), secs(30), 2, n.unwrap_or(3000)).map(Some)
+        }
         "async-drain" => {
             let (name, texts) = match word.as_deref() {
                 Some("docstrings") => ("docstrings", embeddinggemma_sql_tests::docstrings(n.unwrap_or(300))),
@@ -92,11 +94,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let model = std::env::var("EMBEDDINGGEMMA_MODEL_DIR").unwrap_or_else(|_| "/var/cache/embeddinggemma/embeddinggemma-300m".into());
+            let model = std::env::var("EMBEDDINGGEMMA_MODEL_DIR")
+                .unwrap_or_else(|_| "/var/cache/embeddinggemma/embeddinggemma-300m".into());
             async_load::drain(&dsn, name, &texts, std::path::Path::new(&model)).map(Some)
         }
         "async-queries" => match word.as_deref() {
-            Some("short") => async_load::queries_during_drain(&dsn, "short", &short_rows(n.unwrap_or(3000)), 20, false).map(Some),
+            Some("short") => {
+                async_load::queries_during_drain(&dsn, "short", &short_rows(n.unwrap_or(3000)), 20, false).map(Some)
+            }
             Some("docstrings") => {
                 let texts = embeddinggemma_sql_tests::docstrings(n.unwrap_or(300));
                 async_load::queries_during_drain(&dsn, "docstrings", &texts, 15, true).map(Some)
