@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/setup, demo, test and pg: where things live and how to install them.
 # Everything is idempotent: a step that finds its result in place does nothing.
 
@@ -28,8 +29,8 @@ ensure_debian_packages() {
     command -v cargo >/dev/null || die "no Rust toolchain: install one with rustup (https://rustup.rs), then run this again"
     local missing=() pkg
     # bindgen needs libclang; cargo-pgrx needs OpenSSL; the venvs need venv and pip; the
-    # metrics test scrapes prometheus-postgres-exporter.
-    for pkg in clang libclang-dev libssl-dev pkg-config sudo prometheus-postgres-exporter; do
+    # metrics test scrapes prometheus-postgres-exporter; scripts/lint runs shellcheck.
+    for pkg in clang libclang-dev libssl-dev pkg-config sudo prometheus-postgres-exporter shellcheck; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)

@@ -53,7 +53,7 @@ fn lock(fd: i32, byte: i64, kind: i32) -> bool {
 
 /// Whether another backend holds the waiting mark (our own lock never conflicts with us).
 fn others_waiting(fd: i32) -> bool {
-    fcntl_lock(fd, libc::F_OFD_GETLK, WAITING, libc::F_WRLCK as i32).is_some_and(|fl| fl.l_type != libc::F_UNLCK as i16)
+    fcntl_lock(fd, libc::F_OFD_GETLK, WAITING, libc::F_WRLCK).is_some_and(|fl| fl.l_type != libc::F_UNLCK as i16)
 }
 
 impl Drop for Slots {
@@ -61,7 +61,7 @@ impl Drop for Slots {
         FILE.with(|f| {
             if let Some(file) = f.get() {
                 for &byte in &self.held {
-                    lock(file.as_raw_fd(), byte, libc::F_UNLCK as i32);
+                    lock(file.as_raw_fd(), byte, libc::F_UNLCK);
                 }
             }
         });
@@ -83,7 +83,7 @@ struct WaitingMark(i32);
 
 impl Drop for WaitingMark {
     fn drop(&mut self) {
-        lock(self.0, WAITING, libc::F_UNLCK as i32);
+        lock(self.0, WAITING, libc::F_UNLCK);
     }
 }
 
@@ -100,7 +100,7 @@ pub fn acquire(want: usize, total: usize) -> Slots {
                     if held.len() == want {
                         break;
                     }
-                    if lock(fd, byte, libc::F_WRLCK as i32) {
+                    if lock(fd, byte, libc::F_WRLCK) {
                         held.push(byte);
                     }
                 }
@@ -108,7 +108,7 @@ pub fn acquire(want: usize, total: usize) -> Slots {
                     return Slots { held };
                 }
             }
-            if waiting.is_none() && lock(fd, WAITING, libc::F_RDLCK as i32) {
+            if waiting.is_none() && lock(fd, WAITING, libc::F_RDLCK) {
                 waiting = Some(WaitingMark(fd));
             }
             // SAFETY: waiting on our own latch from the backend's main thread.

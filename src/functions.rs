@@ -138,6 +138,7 @@ fn embeddinggemma_embed_batch_ids(
 }
 
 #[pg_extern(sql = "")]
+#[allow(clippy::type_complexity)] // pgrx spells a table's columns in the signature
 fn embeddinggemma_info() -> TableIterator<
     'static,
     (

@@ -73,10 +73,13 @@ struct Loaded {
     engine: Arc<Engine>,
 }
 
+/// A load's settings and where its engine will arrive.
+type PendingLoad = (LoadSettings, Receiver<Result<Engine, Error>>);
+
 thread_local! {
     static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
     /// A load an interrupt stopped waiting for: it goes on, and the next call picks it up.
-    static PENDING: RefCell<Option<(LoadSettings, Receiver<Result<Engine, Error>>)>> = const { RefCell::new(None) };
+    static PENDING: RefCell<Option<PendingLoad>> = const { RefCell::new(None) };
 }
 
 fn cores() -> usize {

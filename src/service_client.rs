@@ -85,12 +85,15 @@ fn connect() -> Result<Client, ServiceError> {
     Ok(client)
 }
 
+/// Polls `client` for a reply, up to the given time.
+type Poll<'a, R> = dyn Fn(&mut Client, Duration) -> Option<Result<R, ServiceError>> + 'a;
+
 /// One request on `client` (`send` queues it), waiting for its reply (`poll`) while serving
 /// interrupts, until `deadline` if one is given.
 fn request<R>(
     client: &mut Client,
     send: &dyn Fn(&mut Client) -> Result<(), ServiceError>,
-    poll: &dyn Fn(&mut Client, Duration) -> Option<Result<R, ServiceError>>,
+    poll: &Poll<R>,
     timeout: Option<Duration>,
 ) -> Result<R, ServiceError> {
     send(client)?;
@@ -111,10 +114,7 @@ fn request<R>(
 }
 
 /// A request to the service on this backend's connection.
-fn call<R>(
-    send: &dyn Fn(&mut Client) -> Result<(), ServiceError>,
-    poll: &dyn Fn(&mut Client, Duration) -> Option<Result<R, ServiceError>>,
-) -> Result<R, ServiceError> {
+fn call<R>(send: &dyn Fn(&mut Client) -> Result<(), ServiceError>, poll: &Poll<R>) -> Result<R, ServiceError> {
     let cached = CONNECTION.with(|c| c.borrow_mut().take());
     let reused = cached.is_some();
     let mut checkout = Checkout(Some(match cached {

@@ -399,7 +399,7 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) 
     if LEAVING.get() {
         return;
     }
-    let (slot, db) = ((arg.value() >> 32) as usize, pg_sys::Oid::from(arg.value() as u32));
+    let (slot, db) = ((arg.value() >> 32), pg_sys::Oid::from(arg.value() as u32));
     registry::release(slot);
     registry::want(db, registry::now_ms() + 1_000);
 }

@@ -732,7 +732,11 @@ fn embeddinggemma_async_trigger<'a>(
         if !is_null(new, target) {
             let (mut column, mut value, mut null) = (target as i32, pg_sys::Datum::from(0usize), true);
             // SAFETY: NEW of this relation; one column replaced by NULL in a copy.
-            row = unsafe { pg_sys::heap_modify_tuple_by_cols(new, desc, 1, &mut column, &mut value, &mut null) };
+            // `&mut`: PostgreSQL 15's signature takes mutable pointers (16 on, const).
+            #[allow(clippy::unnecessary_mut_passed)]
+            let modified =
+                unsafe { pg_sys::heap_modify_tuple_by_cols(new, desc, 1, &mut column, &mut value, &mut null) };
+            row = modified;
         }
     }
     // A chunk target is queued even without a text (its chunks go); a vector target only with one.

@@ -21,7 +21,7 @@ fn main() {
     // The longest prefix of whole characters that tokenizes to exactly 2048 ids, untruncated.
     let (mut lo, mut hi) = (0, long.len());
     while lo < hi {
-        let mid = (lo + hi + 1) / 2;
+        let mid = (lo + hi).div_ceil(2);
         let end = (0..=mid).rev().find(|&i| long.is_char_boundary(i)).unwrap();
         let t = &engine.tokenize(&[&long[..end]], "document").unwrap()[0];
         if t.full_len <= 2048 {

@@ -163,7 +163,7 @@ impl GemmaConfig {
                 raw.num_hidden_layers
             )));
         }
-        if raw.num_key_value_heads == 0 || raw.num_attention_heads % raw.num_key_value_heads != 0 {
+        if raw.num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(raw.num_key_value_heads) {
             return Err(bad("num_attention_heads must be a multiple of num_key_value_heads".into()));
         }
         let rope_theta_full = rope_theta(&raw, "full_attention", raw.rope_theta)

@@ -9,6 +9,7 @@
 //!   - no added token occurs in the text touching p, and
 //!   - no merge (A, B) exists with A a vocabulary token ending at p and B one starting at p
 //!     (in the normalized text).
+//!
 //! Every symbol BPE builds is a vocabulary token over a substring of the normalized text (byte
 //! fallback symbols never merge: checked at load), and a symbol spanning p would have been
 //! made by a merge of two symbols meeting at p. So no symbol spans p, and BPE on the part left

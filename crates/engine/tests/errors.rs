@@ -220,9 +220,12 @@ fn load_corrupted(file: &str, corrupt: impl FnOnce(&Path)) -> Error {
     Engine::load(dir.path(), &options).unwrap_err()
 }
 
+/// A file of the model directory, and how to corrupt it.
+type Corruption = (&'static str, Box<dyn FnOnce(&Path)>);
+
 #[test]
 fn corrupt_model_files_are_errors_naming_them() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>)> = vec![
+    let cases: Vec<Corruption> = vec![
         (
             "model.safetensors",
             Box::new(|p: &Path| {

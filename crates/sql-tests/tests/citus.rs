@@ -50,8 +50,11 @@ fn assert_on_workers(before: [i64; 3], what: &str) {
     assert!(d[1] > 0 && d[2] > 0, "{what}: a worker's service embedded nothing: {d:?}");
 }
 
+/// A row's key, text and vector.
+type VectorRow = (i64, Option<String>, Option<Vec<f32>>);
+
 /// Rows (id, text, vector) of `table` in the cluster, by id.
-fn vectors(c: &mut Client, table: &str, text: &str, vector: &str) -> Vec<(i64, Option<String>, Option<Vec<f32>>)> {
+fn vectors(c: &mut Client, table: &str, text: &str, vector: &str) -> Vec<VectorRow> {
     c.query(&format!("SELECT id::int8, {text}, {vector}::real[] FROM {table} ORDER BY id"), &[])
         .unwrap()
         .iter()
@@ -60,7 +63,7 @@ fn vectors(c: &mut Client, table: &str, text: &str, vector: &str) -> Vec<(i64, O
 }
 
 /// Every row's vector is single-node embed() of its text (NULL for a NULL text).
-fn assert_single_node_vectors(rows: &[(i64, Option<String>, Option<Vec<f32>>)], what: &str) {
+fn assert_single_node_vectors(rows: &[VectorRow], what: &str) {
     let mut single = connect();
     let texts: Vec<Option<String>> = rows.iter().map(|r| r.1.clone()).collect();
     let expected: Vec<Option<Vec<f32>>> = single

@@ -200,7 +200,7 @@ fn fill(rng: &mut Rng, s: &mut String, bytes: usize) {
             }
             2 => s.push(gen_char(rng, class)),
             3 => {
-                s.push_str(*rng.pick(&[
+                s.push_str(rng.pick::<&str>(&[
                     "the",
                     "quick",
                     "brown",
@@ -214,9 +214,9 @@ fn fill(rng: &mut Rng, s: &mut String, bytes: usize) {
                 ]));
                 s.push(*rng.pick(WHITESPACE));
             }
-            4 => s.push_str(*rng.pick(TRICKY)),
+            4 => s.push_str(rng.pick::<&str>(TRICKY)),
             _ => {
-                s.push_str(*rng.pick(TRICKY));
+                s.push_str(rng.pick::<&str>(TRICKY));
                 let c = rng.range(0, 10);
                 s.push(gen_char(rng, c));
             }
@@ -764,7 +764,7 @@ fn expr_case(rng: &mut Rng, cfg: &Config, facts: &Facts, index: u64) -> Case {
                 b.retain(|&x| x != 0);
             }
             if rng.chance(0.2) {
-                b.extend_from_slice(*rng.pick(&[
+                b.extend_from_slice(rng.pick::<&[u8]>(&[
                     &[0xC0u8, 0x80][..],
                     &[0xED, 0xA0, 0x80],
                     &[0xF4, 0x90, 0x80, 0x80],

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Manifest, Request};
+use embeddinggemma_engine::{DeviceChoice, Engine, EngineOptions, Request};
 use embeddinggemma_sql_tests::*;
 use postgres::{Client, NoTls};
 
@@ -90,9 +90,12 @@ fn every_reference_case_matches_through_the_service_and_in_process() {
     assert!(memory < 100.0, "backend holds {memory:.0} MB");
 }
 
+/// A statement's result and when it ended.
+type Ended = (Result<(), postgres::Error>, Instant);
+
 /// Starts `sql` on its own connection; returns the backend pid and the handle with its result
 /// and when it ended.
-fn in_background(sql: &'static str) -> (i32, thread::JoinHandle<(Result<(), postgres::Error>, Instant)>) {
+fn in_background(sql: &'static str) -> (i32, thread::JoinHandle<Ended>) {
     let mut c = connect_service();
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     (pid, thread::spawn(move || (c.batch_execute(sql), Instant::now())))

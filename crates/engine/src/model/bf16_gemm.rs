@@ -155,7 +155,7 @@ impl PackedBf16 {
 /// multiple of 32, at least k) in `out`, zero-padded.
 pub fn to_bf16_rows(x: &[f32], sx: usize, rows: usize, k: usize, out: &mut Vec<u16>, stride: usize) {
     assert!(supported(), "the bf16 kernel needs AVX512-BF16");
-    assert!(stride % 32 == 0 && stride >= k && (rows == 0 || (rows - 1) * sx + k <= x.len()));
+    assert!(stride.is_multiple_of(32) && stride >= k && (rows == 0 || (rows - 1) * sx + k <= x.len()));
     out.resize(rows * stride, 0);
     // SAFETY: checked just above.
     unsafe { convert_rows(x, sx, rows, k, out, stride) }

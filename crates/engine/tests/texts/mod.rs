@@ -52,8 +52,8 @@ pub fn texts(bytes: usize, seed: u64) -> Vec<(&'static str, String)> {
     out.push((
         "random words",
         fill(&mut |s| {
-            s.push_str(*rng.pick(&words));
-            s.push_str(*rng.pick(&[" ", " ", " ", "  ", "\n", ". "]));
+            s.push_str(rng.pick::<&str>(&words));
+            s.push_str(rng.pick::<&str>(&[" ", " ", " ", "  ", "\n", ". "]));
         }),
     ));
     out.push(("one letter", "a".repeat(bytes)));
@@ -113,7 +113,7 @@ pub fn texts(bytes: usize, seed: u64) -> Vec<(&'static str, String)> {
     out.push((
         "special token strings",
         fill(&mut |s| {
-            s.push_str(*r7.pick(&[
+            s.push_str(r7.pick::<&str>(&[
                 "<eos>",
                 "<bos>",
                 "<pad>",
