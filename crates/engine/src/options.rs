@@ -69,7 +69,7 @@ impl fmt::Display for Precision {
     }
 }
 
-/// Padded tokens per forward pass. Chosen by measurement (README, "Batching"): larger buckets
+/// Padded tokens per forward pass. Chosen by measurement (docs/performance.md): larger buckets
 /// stop paying once matrix products are big enough to keep both cores busy.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 256;
