@@ -76,7 +76,7 @@ ensure_cargo_pgrx() {
         cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked
     fi
     local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml versions=(--pg18 "$PG_CONFIG")
-    # Debian's PostgreSQL 15, where installed, for the pg15 build (build_for_pg15).
+    # Debian's PostgreSQL 15, where installed, for the pg15 check (check_for_pg15).
     [ -x "$PG15_CONFIG" ] && versions+=(--pg15 "$PG15_CONFIG")
     if ! grep -qs "pg18 = \"$PG_CONFIG\"" "$config" || { [ -x "$PG15_CONFIG" ] && ! grep -qs "pg15 = \"$PG15_CONFIG\"" "$config"; }; then
         say "cargo pgrx init ${versions[*]}"
@@ -166,10 +166,10 @@ pg_preload() {
     fi
 }
 
-# A build of the extension against Debian's PostgreSQL 15 (postgresql-server-dev-15): proves the
-# pg15 feature compiles. In the same target directory as the main build, so only pgrx and the
-# extension itself are compiled again.
-build_for_pg15() {
+# A check of the extension against Debian's PostgreSQL 15 (postgresql-server-dev-15): proves the
+# pg15 feature compiles. In scripts/lint's check-mode target directory, so only pgrx and the
+# extension itself are checked again.
+check_for_pg15() {
     # The server package alone ships pg_config too: the headers are what the build needs.
     if [ ! -x "$PG15_CONFIG" ] || [ ! -f "$("$PG15_CONFIG" --includedir-server)/postgres.h" ]; then
         say "installing Debian's postgresql-server-dev-15"
@@ -178,7 +178,8 @@ build_for_pg15() {
     fi
     ensure_cargo_pgrx
     say "building the extension for PostgreSQL 15 ($("$PG15_CONFIG" --version))"
-    (cd "$ROOT" && cargo build --release --lib --no-default-features --features pg15)
+    (cd "$ROOT" && CARGO_TARGET_DIR=${EMBEDDINGGEMMA_LINT_TARGET:-$EMBEDDINGGEMMA_CACHE/lint-target} \
+        cargo check --lib --no-default-features --features pg15)
 }
 
 pg_stop() {
