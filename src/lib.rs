@@ -3,33 +3,12 @@
 //! datum, per-backend model state.
 
 mod asynchronous;
-mod backfill;
-mod chunk_trigger;
-mod chunks;
-mod citus;
-mod columns;
-mod counters;
-mod cpu_slots;
-mod errors;
+mod embedding;
 mod functions;
-mod guc;
-mod in_process;
-mod model_info;
-mod progress;
-mod routing;
-mod row_trigger;
-mod service_client;
-mod service_state;
-mod sql_text;
-mod statement_trigger;
-mod stats;
+mod pg;
 mod supervisor;
-mod transaction_memory;
-mod trigger_order;
-mod trigger_renames;
 mod utility_hook;
-mod vector;
-mod worker;
+mod write;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -50,7 +29,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: the library is being loaded; the process has not started any thread of ours, and
     // PostgreSQL's processes are single-threaded: no other thread reads the environment.
     let confined = unsafe { embeddinggemma_engine::confine_candle_threads() };
-    guc::register();
+    pg::guc::register();
     utility_hook::install();
     supervisor::set_candle_confined(confined);
     supervisor::register();

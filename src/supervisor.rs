@@ -17,8 +17,8 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
 
-use crate::guc;
-use crate::service_state::{self, STATUS};
+use crate::embedding::service_state::{self, STATUS};
+use crate::pg::guc;
 
 /// From `_PG_init`: when preloading, reserve the status and register the supervisor.
 pub fn register() {

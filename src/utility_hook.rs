@@ -13,7 +13,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::asynchronous::database_ddl;
-use crate::{service_state, trigger_renames};
+use crate::embedding::service_state;
+use crate::write::trigger_renames;
 
 static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
 

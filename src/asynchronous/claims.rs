@@ -9,7 +9,8 @@
 
 use pgrx::pg_sys;
 
-use crate::sql_text::{self, text_param};
+use crate::pg::spi::text_param;
+use crate::pg::{catalog, spi};
 
 /// Entries one claim leases, at most: enough for the service to fill its passes.
 const CLAIM_ENTRIES: i64 = 1024;
@@ -17,11 +18,11 @@ const CLAIM_ENTRIES: i64 = 1024;
 const CLAIM_KEY_BYTES: i64 = 8 << 20;
 
 fn queue() -> String {
-    sql_text::extension_table("embeddinggemma_async_queue").0
+    catalog::extension_table("embeddinggemma_async_queue").0
 }
 
 fn targets() -> String {
-    sql_text::extension_table("embeddinggemma_async_targets").0
+    catalog::extension_table("embeddinggemma_async_targets").0
 }
 
 /// A queue entry claimed for a batch.
@@ -98,7 +99,7 @@ pub fn claim_interrupted(ids: &[i32]) -> Option<(i32, Claimed)> {
 /// Gives leases back untouched (no attempt counted): entries a batch left for later.
 pub fn give_back(ids: &[i64]) {
     if !ids.is_empty() {
-        sql_text::run(
+        spi::run(
             &format!("UPDATE {} SET leased = false WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()),
             &[text_param(ids.to_vec())],
         );
@@ -107,19 +108,16 @@ pub fn give_back(ids: &[i64]) {
 
 /// Every lease given back (the service down: nothing was tried).
 pub fn give_back_all() {
-    sql_text::run(&format!("UPDATE {} SET leased = false WHERE leased", queue()), &[]);
+    spi::run(&format!("UPDATE {} SET leased = false WHERE leased", queue()), &[]);
 }
 
 pub fn remove(ids: &[i64]) {
-    sql_text::run(
-        &format!("DELETE FROM {} WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()),
-        &[text_param(ids.to_vec())],
-    );
+    spi::run(&format!("DELETE FROM {} WHERE id OPERATOR(pg_catalog.=) ANY ($1)", queue()), &[text_param(ids.to_vec())]);
 }
 
 /// A failed attempt: tried again after 1, 2, 4, … seconds, until the target's limit.
 pub fn failed(ids: &[i64], error: &str) {
-    sql_text::run(
+    spi::run(
         &format!(
             "UPDATE {} SET leased = false, attempts = attempts OPERATOR(pg_catalog.+) 1, last_error = $2,
                     not_before = pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => pg_catalog.power(2, attempts)::pg_catalog.float8)
@@ -132,7 +130,7 @@ pub fn failed(ids: &[i64], error: &str) {
 
 /// Failed for good at once (the row cannot be processed however often it is tried).
 pub fn refused(ids: &[i64], error: &str) {
-    sql_text::run(
+    spi::run(
         &format!(
             "UPDATE {} q SET leased = false, last_error = $2,
                     attempts = (SELECT t.max_attempts FROM {} t WHERE t.id OPERATOR(pg_catalog.=) q.target_id)
@@ -148,7 +146,7 @@ pub fn refused(ids: &[i64], error: &str) {
 /// interrupted (embedded alone next); those interrupted before are kept apart as failed.
 pub fn recover_interrupted() {
     let (queue, targets) = (queue(), targets());
-    sql_text::run(
+    spi::run(
         &format!(
             "UPDATE {queue} q SET leased = false, interrupted = q.interrupted OPERATOR(pg_catalog.+) 1,
                     attempts = CASE WHEN q.interrupted OPERATOR(pg_catalog.>) 0
@@ -167,7 +165,7 @@ pub fn recover_interrupted() {
 /// targets with rows still to try.
 pub fn next_retry_in() -> Option<f64> {
     let (queue, targets) = (queue(), targets());
-    sql_text::one::<f64>(
+    spi::one::<f64>(
         &format!(
             "SELECT pg_catalog.date_part('epoch', pg_catalog.min(q.not_before) OPERATOR(pg_catalog.-) pg_catalog.now())
                FROM {queue} q JOIN {targets} t ON t.id OPERATOR(pg_catalog.=) q.target_id
@@ -180,7 +178,7 @@ pub fn next_retry_in() -> Option<f64> {
 /// Whether any entry could be claimed now (or a target is being scanned).
 pub fn work_due() -> bool {
     let (queue, targets) = (queue(), targets());
-    sql_text::one::<bool>(
+    spi::one::<bool>(
         &format!(
             "SELECT EXISTS (SELECT FROM {targets} WHERE scanning)
                  OR EXISTS (SELECT FROM {queue} q JOIN {targets} t ON t.id OPERATOR(pg_catalog.=) q.target_id

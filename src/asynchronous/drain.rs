@@ -1,113 +1,25 @@
-//! An asynchronous worker: started by the launcher for one database, it drains that database's
-//! queue for a while. Each round visits the targets in turn (one slow or locked target does not
-//! hold back the others): it claims a target's due entries, reads their current text, embeds
-//! them through the service (as background work, which interactive calls overtake), writes the
-//! vectors or chunks and removes the entries. Reads and writes run as the table's owner, one
-//! owner at a time (`owner`). A row whose text changed meanwhile is left for its newer entry; a
-//! row whose write fails is retried with backoff, then kept as failed, without holding back
-//! any other row. The worker leaves when its queue is empty, when its turn is over and another
-//! database waits, or when a DDL command needs its database.
+//! A worker's round over its database's queue: each round visits the targets in turn (one slow
+//! or locked target does not hold back the others): it claims a target's due entries, reads
+//! their current text, embeds them through the service (as background work, which interactive
+//! calls overtake), writes the vectors or chunks and removes the entries. Reads and writes run
+//! as the table's owner, one owner at a time (`owner`). A row whose text changed meanwhile is
+//! left for its newer entry; a row whose write fails is retried with backoff, then kept as
+//! failed, without holding back any other row.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use super::claims::{self, Claimed};
+use super::failure::{embedding_step, txn, Failure};
 use super::registry;
 use super::rows::{self, Found};
 use super::target::{targets, Target};
-use crate::routing;
+use crate::embedding;
 
-/// How long an idle worker sleeps between looks at its queue (a commit wakes it sooner).
-const IDLE_POLL: Duration = Duration::from_secs(1);
-/// How long a worker with nothing to do stays before it gives its slot up.
-const IDLE_EXIT: Duration = Duration::from_secs(5);
-/// How long a worker serves its database before it makes way for another that waits.
-const TURN: Duration = Duration::from_secs(30);
-/// How long an idle worker waits for the serving model's identity before it leaves anyway.
-const MODEL_WAIT: Duration = Duration::from_secs(60);
 /// How often the serving model's identity is read again.
 const MODEL_CHECK: Duration = Duration::from_secs(10);
-
-/// Runs `f` in a transaction of its own; an ERROR rolls it back and comes back as `Err`.
-fn txn<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    // SAFETY: a worker's top-level transaction, begun and ended here.
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let done = PgTryBuilder::new(AssertUnwindSafe(|| {
-        let r = f();
-        // SAFETY: ends the transaction begun above (an ERROR while committing is caught too).
-        unsafe {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        }
-        Ok(r)
-    }))
-    .catch_others(|e| Err(caught(e)))
-    .execute();
-    if done.is_err() {
-        // SAFETY: cleans up the failed transaction, as PostgreSQL's own workers do.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-    }
-    done
-}
-
-fn caught(e: pg_sys::panic::CaughtError) -> String {
-    match e {
-        pg_sys::panic::CaughtError::PostgresError(r) => r.message().to_string(),
-        pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-    }
-}
-
-/// Why a batch failed.
-enum Failure {
-    /// The service could not embed (down, restarting, its model failing to load): nothing to
-    /// hold against the rows, which go back to the queue untried.
-    Service(String),
-    /// Reading or writing the rows failed (the owner's triggers or constraints, a timeout), or
-    /// the model refused a text.
-    Rows(String),
-}
-
-impl From<String> for Failure {
-    fn from(e: String) -> Self {
-        Failure::Rows(e)
-    }
-}
-
-/// An ERROR of the embedding call: a text the model refuses (a data exception, a limit) is the
-/// row's; anything else is the service's.
-fn embedding_failure(e: pg_sys::panic::CaughtError) -> Failure {
-    let code = match &e {
-        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-            Some(r.sql_error_code())
-        }
-        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Some(ereport.sql_error_code()),
-    };
-    let class = code.map(|c| {
-        let sqlstate = c as u32;
-        // The two first characters of the SQLSTATE, as PGUNSIXBIT packs them.
-        ((sqlstate & 0x3F) as u8 + b'0', ((sqlstate >> 6) & 0x3F) as u8 + b'0')
-    });
-    let message = caught(e);
-    match class {
-        Some((b'2', b'2')) | Some((b'5', b'4')) => Failure::Rows(message),
-        _ => Failure::Service(message),
-    }
-}
-
-/// Runs the embedding step `f` (no transaction of its own is needed for a vector target).
-fn embedding<R>(f: impl FnOnce() -> R) -> Result<R, Failure> {
-    PgTryBuilder::new(AssertUnwindSafe(|| Ok(routing::in_background(f))))
-        .catch_others(|e| Err(embedding_failure(e)))
-        .execute()
-}
 
 /// What a batch wrote: rows, and the entries it is done with (not those it gave back for a
 /// later batch or refused).
@@ -117,7 +29,7 @@ struct Written {
 }
 
 /// What a round found to do.
-enum Round {
+pub(super) enum Round {
     Worked,
     Idle,
     NoTargets,
@@ -151,38 +63,28 @@ impl Batch {
     }
 }
 
-/// Why a worker leaves.
-enum Leave {
-    /// Nothing to do: it asks to be started again when a retry is due.
-    Idle,
-    /// Its turn is over, or it was stopped: it asks to be started again.
-    Again,
-    /// A DDL command needs the database: the command asks again when it is done.
-    Held,
-}
-
-struct Worker {
-    slot: usize,
-    db: pg_sys::Oid,
+pub(super) struct Worker {
+    pub(super) slot: usize,
+    pub(super) db: pg_sys::Oid,
     /// The serving model's identity, and when it was read.
-    model: Option<(crate::model_info::ModelInfo, Instant)>,
+    pub(super) model: Option<(crate::embedding::model_info::ModelInfo, Instant)>,
     /// The target whose turn comes first in the next round.
-    next: usize,
+    pub(super) next: usize,
 }
 
 impl Worker {
     /// The serving model's identity, read again every `MODEL_CHECK`; None while it cannot be
     /// had (the service loading its model: calls wait for it meanwhile).
-    fn serving_model(&mut self) -> Option<crate::model_info::ModelInfo> {
+    fn serving_model(&mut self) -> Option<crate::embedding::model_info::ModelInfo> {
         if self.model.as_ref().is_none_or(|(_, at)| at.elapsed() > MODEL_CHECK) {
-            let info = PgTryBuilder::new(AssertUnwindSafe(|| Some(routing::info()))).catch_others(|_| None).execute();
+            let info = PgTryBuilder::new(AssertUnwindSafe(|| Some(embedding::info()))).catch_others(|_| None).execute();
             self.model = info.map(|i| (i, Instant::now()));
         }
         self.model.as_ref().map(|(m, _)| m.clone())
     }
 
     /// One round: queue rows of targets being scanned, then a batch of each target in turn.
-    fn round(&mut self) -> Result<Round, String> {
+    pub(super) fn round(&mut self) -> Result<Round, String> {
         let targets = txn(targets)?;
         if targets.is_empty() {
             return Ok(Round::NoTargets);
@@ -359,7 +261,7 @@ impl Worker {
                     0
                 } else {
                     let chunks =
-                        txn(|| embedding(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
+                        txn(|| embedding_step(|| rows::embed_chunks(t, &keys, &texts))).map_err(Failure::Rows)??;
                     txn(|| rows::write_chunks(t, &keys, chunks))?
                 }
             }
@@ -380,148 +282,8 @@ impl Worker {
             return Ok(0);
         }
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vectors = embedding(|| routing::embed(&refs, &t.task, t.dim))?;
+        let vectors = embedding_step(|| embedding::embed(&refs, &t.task, t.dim))?;
         drop(refs);
         Ok(txn(|| rows::write_vectors(t, column, &live, &texts, &lens, &vectors))?)
-    }
-}
-
-thread_local! {
-    /// Set when the worker leaves on its own (`leave`): an exit without it (a FATAL, such as the
-    /// watchdog's) asks for a new worker.
-    static LEAVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// At process exit: a worker that did not leave on its own (a FATAL ended it) gives its slot up
-/// and asks for a new worker, which finds its entries leased and marks them interrupted.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
-    if LEAVING.get() {
-        return;
-    }
-    let (slot, db) = ((arg.value() >> 32), pg_sys::Oid::from(arg.value() as u32));
-    registry::release(slot);
-    registry::want(db, registry::now_ms() + 1_000);
-}
-
-/// Leaves for good: the slot goes first, so that a commit after the last look below finds no
-/// worker and asks the launcher for one.
-// proc_exit is `-> !` in some versions' bindings and not in others.
-#[allow(unreachable_code)]
-fn leave(slot: usize, db: pg_sys::Oid, why: Leave) -> ! {
-    LEAVING.set(true);
-    registry::release(slot);
-    match why {
-        Leave::Held => {}
-        Leave::Again => registry::want(db, registry::now_ms()),
-        Leave::Idle => {
-            match txn(|| super::target::installed().then(|| (claims::work_due(), claims::next_retry_in()))) {
-                Ok(Some((true, _))) => registry::want(db, registry::now_ms()),
-                Ok(Some((false, Some(secs)))) => {
-                    registry::want(db, registry::now_ms() + (secs.max(0.0) * 1000.0) as u64)
-                }
-                _ => {}
-            }
-        }
-    }
-    registry::notify_launcher();
-    // SAFETY: ends this worker process normally (it is never restarted by the postmaster).
-    unsafe { pg_sys::proc_exit(0) };
-    unreachable!("proc_exit returns not")
-}
-
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn embeddinggemma_async_worker_main(arg: pg_sys::Datum) {
-    let db = pg_sys::Oid::from(arg.value() as u32);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    let Some(slot) = registry::claim(db) else {
-        registry::notify_launcher();
-        return;
-    };
-    // SAFETY: registers a callback run as the process exits, with the slot and database packed
-    // in its argument.
-    unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(((slot as u64) << 32) | db.to_u32() as u64)) };
-    // Names in the SQL it runs never resolve through a user's objects.
-    // SAFETY: sets this worker's own setting, as SET would.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-    }
-    if let Err(e) = txn(|| {
-        if super::target::installed() {
-            claims::recover_interrupted()
-        }
-    }) {
-        pgrx::warning!("embeddinggemma async: {e}");
-    }
-    pgrx::log!("embeddinggemma async: worker of database {} started", db.to_u32());
-    let mut worker = Worker { slot, db, model: None, next: 0 };
-    let started = Instant::now();
-    let mut idle_since: Option<Instant> = None;
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        if registry::must_leave(slot) {
-            let _ = txn(claims::give_back_all);
-            leave(slot, db, Leave::Held);
-        }
-        let (wait, wakeable) = match worker.round() {
-            Ok(Round::Worked) => {
-                idle_since = None;
-                backoff = Duration::from_secs(1);
-                if started.elapsed() > TURN && registry::others_waiting(worker.db) {
-                    leave(slot, db, Leave::Again);
-                }
-                (Duration::ZERO, false)
-            }
-            Ok(Round::Idle) => {
-                // It stays until it has recorded the serving model (the service may be loading
-                // one), for a while.
-                let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
-                if idle >= IDLE_EXIT && (worker.model.is_some() || idle >= MODEL_WAIT) {
-                    leave(slot, db, Leave::Idle);
-                }
-                (IDLE_POLL, true)
-            }
-            Ok(Round::NoTargets) => leave(slot, db, Leave::Idle),
-            Err(e) => {
-                // The service down or restarting, a model that failed to load: nothing is
-                // lost (leases are given back), and the worker tries again.
-                pgrx::warning!("embeddinggemma async: {e}; trying again in {backoff:?}");
-                let _ = txn(claims::give_back_all);
-                worker.model = None;
-                let wait = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                // Writes do not cut a backoff short.
-                (wait, false)
-            }
-        };
-        registry::set_sleeping(slot, wakeable);
-        let deadline = Instant::now() + wait;
-        let running = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !BackgroundWorker::wait_latch(Some(left.max(Duration::from_millis(1)))) {
-                break false;
-            }
-            // Woken by a write (only while idle), by a DDL command, or the time is up.
-            if wakeable || registry::must_leave(slot) || Instant::now() >= deadline {
-                break true;
-            }
-        };
-        registry::set_sleeping(slot, false);
-        if !running {
-            // Stopped (pg_terminate_backend, shutdown): the launcher starts it again unless
-            // the server is shutting down.
-            leave(slot, db, Leave::Again);
-        }
-        if BackgroundWorker::sighup_received() {
-            // SAFETY: rereads the configuration, as PostgreSQL's own workers do.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
     }
 }

@@ -7,7 +7,9 @@
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation};
 
-use crate::sql_text::{self, ident, relation, text_param};
+use crate::pg::quote::{ident, relation};
+use crate::pg::spi::text_param;
+use crate::pg::{catalog, rights, spi};
 
 struct Followed {
     id: i32,
@@ -24,12 +26,12 @@ fn exists(oid: pg_sys::Oid) -> bool {
 
 /// The targets on `relations` (as their table or their chunk table).
 fn targets_on(relations: &[pg_sys::Oid]) -> Vec<Followed> {
-    let (targets, owner) = sql_text::extension_table("embeddinggemma_async_targets");
+    let (targets, owner) = catalog::extension_table("embeddinggemma_async_targets");
     let sql = format!(
         "SELECT id, relation::pg_catalog.oid, chunk_table::pg_catalog.oid, key_column, key_attnum, source, source_attnum, target, target_attnum
            FROM {targets} WHERE relation::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1) OR chunk_table::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1)"
     );
-    sql_text::as_role(owner, || {
+    rights::as_role(owner, || {
         pgrx::spi::Spi::connect_mut(|c| {
             let rows = c.update(sql.as_str(), None, &[text_param(relations.to_vec())])?;
             rows.map(|r| {
@@ -57,7 +59,7 @@ fn targets_on(relations: &[pg_sys::Oid]) -> Vec<Followed> {
 /// Removes target `id`: its trigger (if its table is still there), its row and its queue.
 fn remove(t: &Followed, why: &str) {
     if exists(t.relation) {
-        sql_text::run(
+        spi::run(
             &format!(
                 "DROP TRIGGER IF EXISTS {} ON {}",
                 ident(&format!("embeddinggemma_async_{}", t.id)),
@@ -66,11 +68,11 @@ fn remove(t: &Followed, why: &str) {
             &[],
         );
     }
-    let (targets, owner) = sql_text::extension_table("embeddinggemma_async_targets");
-    let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
-    sql_text::as_role(owner, || {
-        sql_text::run(&format!("DELETE FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(t.id)]);
-        sql_text::run(&format!("DELETE FROM {queue} WHERE target_id OPERATOR(pg_catalog.=) $1"), &[text_param(t.id)]);
+    let (targets, owner) = catalog::extension_table("embeddinggemma_async_targets");
+    let (queue, _) = catalog::extension_table("embeddinggemma_async_queue");
+    rights::as_role(owner, || {
+        spi::run(&format!("DELETE FROM {targets} WHERE id OPERATOR(pg_catalog.=) $1"), &[text_param(t.id)]);
+        spi::run(&format!("DELETE FROM {queue} WHERE target_id OPERATOR(pg_catalog.=) $1"), &[text_param(t.id)]);
     });
     pgrx::notice!("embeddinggemma: asynchronous target {} removed: {why}", t.id);
 }
@@ -99,7 +101,7 @@ fn embeddinggemma_async_follow(relations: Vec<pg_sys::Oid>) {
                     desc.get(*n as usize - 1).filter(|a| !a.attisdropped).map(|a| a.name().to_string())
                 }
                 // A target of 0.4.0 not yet numbered: by name.
-                _ => crate::columns::lookup_column(&rel, name).map(|a| a.name().to_string()),
+                _ => crate::pg::columns::lookup_column(&rel, name).map(|a| a.name().to_string()),
             };
             match current {
                 None => gone = Some(format!("its {what} column \"{name}\" was dropped")),
@@ -113,15 +115,15 @@ fn embeddinggemma_async_follow(relations: Vec<pg_sys::Oid>) {
             remove(&t, &why);
             continue;
         }
-        let (targets, owner) = sql_text::extension_table("embeddinggemma_async_targets");
+        let (targets, owner) = catalog::extension_table("embeddinggemma_async_targets");
         for (what, now) in renamed {
             let column = match what {
                 "key" => "key_column",
                 "source" => "source",
                 _ => "target",
             };
-            sql_text::as_role(owner, || {
-                sql_text::run(
+            rights::as_role(owner, || {
+                spi::run(
                     &format!("UPDATE {targets} SET {column} = $2 WHERE id OPERATOR(pg_catalog.=) $1"),
                     &[text_param(t.id), text_param(now)],
                 )

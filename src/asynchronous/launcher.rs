@@ -106,7 +106,7 @@ pub extern "C-unwind" fn embeddinggemma_async_launcher_main(_arg: pg_sys::Datum)
         let mut waiting = false;
         if !candidates.is_empty() {
             let existing = BackgroundWorker::transaction(databases);
-            let max = crate::guc::ASYNC_MAX_WORKERS.get().max(1) as usize;
+            let max = crate::pg::guc::ASYNC_MAX_WORKERS.get().max(1) as usize;
             for db in candidates {
                 if registry::workers() + starting.len() >= max {
                     waiting = true;

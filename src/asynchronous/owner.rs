@@ -38,8 +38,8 @@ impl Bounds {
     /// The superuser settings `embeddinggemma.async_statement_timeout` and `…_lock_timeout`.
     pub fn configured() -> Self {
         Bounds {
-            statement_ms: crate::guc::ASYNC_STATEMENT_TIMEOUT.get(),
-            lock_ms: crate::guc::ASYNC_LOCK_TIMEOUT.get(),
+            statement_ms: crate::pg::guc::ASYNC_STATEMENT_TIMEOUT.get(),
+            lock_ms: crate::pg::guc::ASYNC_LOCK_TIMEOUT.get(),
         }
     }
 }

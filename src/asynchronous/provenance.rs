@@ -2,11 +2,12 @@
 //! embeds them now, and the model its vectors came from.
 
 use super::target::Target;
-use crate::model_info::ModelInfo;
-use crate::sql_text::{self, text_param};
+use crate::embedding::model_info::ModelInfo;
+use crate::pg::spi::text_param;
+use crate::pg::{catalog, spi};
 
 fn targets_table() -> String {
-    sql_text::extension_table("embeddinggemma_async_targets").0
+    catalog::extension_table("embeddinggemma_async_targets").0
 }
 
 /// The model identity vectors of `t` get now, as the status view shows it.
@@ -27,7 +28,7 @@ pub fn record_batch(t: &Target, n: usize, rate: f64) {
         return;
     }
     let smoothed = t.rows_per_second.map_or(rate, |r| 0.7 * r + 0.3 * rate);
-    sql_text::run(
+    spi::run(
         &format!(
             "UPDATE {} SET embedded = embedded OPERATOR(pg_catalog.+) $2, last_embedded_at = pg_catalog.now(), rows_per_second = $3
               WHERE id OPERATOR(pg_catalog.=) $1",
@@ -42,7 +43,7 @@ pub fn record_serving(targets: &[Target], model: &ModelInfo) {
     for t in targets {
         let now = provenance(model, t);
         if t.serving.as_deref() != Some(now.as_str()) {
-            sql_text::run(
+            spi::run(
                 &format!("UPDATE {table} SET serving = $2::pg_catalog.jsonb WHERE id OPERATOR(pg_catalog.=) $1"),
                 &[text_param(t.id), text_param(now)],
             );
@@ -56,9 +57,9 @@ pub fn record_serving(targets: &[Target], model: &ModelInfo) {
 /// keep_existing has vectors it did not write, and no model until a re-embed.)
 pub fn settle_models(targets: &[Target]) {
     let table = targets_table();
-    let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
+    let (queue, _) = catalog::extension_table("embeddinggemma_async_queue");
     for t in targets.iter().filter(|t| t.model.is_none() && !t.scanning) {
-        sql_text::run(
+        spi::run(
             &format!(
                 "UPDATE {table} t SET model = t.serving WHERE t.id OPERATOR(pg_catalog.=) $1 AND t.serving IS NOT NULL AND NOT t.kept_existing
                     AND NOT EXISTS (SELECT FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id)"

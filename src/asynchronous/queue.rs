@@ -9,8 +9,8 @@ use std::ffi::CStr;
 
 use pgrx::{pg_sys, IntoDatum, PgSqlErrorCode, PgTupleDesc};
 
-use crate::errors::raise;
-use crate::sql_text;
+use crate::pg::errors::raise;
+use crate::pg::{catalog, rights};
 
 const QUEUE: &str = "embeddinggemma_async_queue";
 const SEQUENCE: &str = "embeddinggemma_async_queue_id_seq";
@@ -32,7 +32,7 @@ fn oids() -> (pg_sys::Oid, pg_sys::Oid) {
     if let Some((queue, sequence, _)) = OIDS.get().filter(|(queue, _, schema)| names_queue(*queue, *schema)) {
         return (queue, sequence);
     }
-    let (queue, sequence) = (sql_text::extension_relation(QUEUE), sql_text::extension_relation(SEQUENCE));
+    let (queue, sequence) = (catalog::extension_relation(QUEUE), catalog::extension_relation(SEQUENCE));
     // SAFETY: a syscache probe of the relation just found.
     OIDS.set(Some((queue, sequence, unsafe { pg_sys::get_rel_namespace(queue) })));
     (queue, sequence)
@@ -58,7 +58,7 @@ pub fn insert(target_id: i32, key_type: pg_sys::Oid, keys: &[(String, Vec<u8>)])
             for (i, a) in attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped) {
                 let value = match a.name() {
                     // nextval() checks the caller's rights on the sequence: the owner's are.
-                    "id" => sql_text::as_role(owner, || pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])).into_datum(),
+                    "id" => rights::as_role(owner, || pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])).into_datum(),
                     "target_id" => target_id.into_datum(),
                     "key" => key.as_str().into_datum(),
                     "key_bytes" => bytes.as_slice().into_datum(),
@@ -132,7 +132,7 @@ unsafe fn open_indexes(rel: pg_sys::Relation) -> Vec<(pg_sys::Relation, *mut pg_
                         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                         format!(
                             "embeddinggemma: an index on {} has expressions or a predicate",
-                            sql_text::display((*rel).rd_id)
+                            catalog::display((*rel).rd_id)
                         ),
                         "The extension's queue has plain indexes; drop the one added to it.",
                     )

@@ -14,7 +14,7 @@ use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, PgAtomic};
 
 /// Workers at once, at most (the upper bound of `embeddinggemma.async_max_workers`).
-pub const SLOTS: usize = 32;
+const SLOTS: usize = crate::pg::guc::ASYNC_WORKER_SLOTS;
 /// Databases waiting for a worker, at most; beyond it the launcher looks at every database.
 const WANTED: usize = 128;
 /// How long a worker asked to leave may take to notice the cancel before it is terminated.
@@ -281,7 +281,7 @@ pub fn hold_and_empty(db: pg_sys::Oid, time: Duration, wait: Duration) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
-        crate::worker::serve_interrupts();
+        crate::pg::interrupts::serve_interrupts();
     }
 }
 

@@ -6,11 +6,13 @@
 
 use super::owner::{as_owner, Bounds};
 use super::target::Target;
-use crate::chunk_trigger::ChunkBatch;
-use crate::columns::{check_columns, check_source, key_column};
-use crate::sql_text::{self, ident, relation, text_param};
-use crate::statement_trigger::Writing;
-use crate::vector;
+use crate::pg::columns::{check_columns, check_source, key_column};
+use crate::pg::quote::{ident, relation};
+use crate::pg::spi::text_param;
+use crate::pg::vector;
+use crate::pg::{quote, spi};
+use crate::write::chunk_settings::ChunkBatch;
+use crate::write::write_back::Writing;
 
 /// Text bytes one batch reads, at most (beyond its first row).
 const BATCH_TEXT_BYTES: i64 = 32 << 20;
@@ -39,14 +41,14 @@ pub enum Found {
 /// key's type, so that the writer's DateStyle, TimeZone or extra_float_digits never decide
 /// which row a key names.
 pub fn keys_in_worker_terms(t: &Target, claimed: &mut [super::claims::Claimed]) {
-    let documents = crate::columns::open_checked(t.relation);
+    let documents = crate::pg::columns::open_checked(t.relation);
     let key = key_column(&documents, &t.key);
     // A key type's receive and output functions can run the owner's code (a domain's CHECK).
     as_owner(t.owner(), Bounds::configured(), || {
         for c in claimed.iter_mut() {
             match c.bytes.take() {
                 Some((bytes, sent_as)) if sent_as == key.type_oid => {
-                    c.key = crate::columns::key_from_binary(&key, &bytes)
+                    c.key = crate::pg::columns::key_from_binary(&key, &bytes)
                 }
                 // The key column was retyped since: the text the writer queued.
                 _ => {}
@@ -57,7 +59,7 @@ pub fn keys_in_worker_terms(t: &Target, claimed: &mut [super::claims::Claimed]) 
 
 /// The current texts of `keys`, as the table's owner.
 pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
-    let documents = crate::columns::open_checked(t.relation);
+    let documents = crate::pg::columns::open_checked(t.relation);
     check_source(&documents, &t.source);
     let key = key_column(&documents, &t.key);
     let (prefix, limit, counted) = match t.column {
@@ -79,7 +81,7 @@ pub fn read(t: &Target, keys: &[String]) -> Vec<Found> {
                  WINDOW w AS (ORDER BY u.i)) x",
         k = ident(&t.key),
         s = ident(&t.source),
-        tbl = sql_text::table_rows(t.relation),
+        tbl = quote::table_rows(t.relation),
         kt = key.sql_type()
     );
     let mut found: Vec<Found> = keys.iter().map(|_| Found::Nothing).collect();
@@ -112,7 +114,7 @@ pub fn write_vectors(
     lens: &[i64],
     vectors: &[Vec<f32>],
 ) -> usize {
-    let documents = crate::columns::open_checked(t.relation);
+    let documents = crate::pg::columns::open_checked(t.relation);
     check_columns(&documents, &t.source, column, t.dim);
     let key = key_column(&documents, &t.key);
     let vector_type = documents
@@ -128,7 +130,7 @@ pub fn write_vectors(
           WHERE d.{k} OPERATOR(pg_catalog.=) u.k::{kt}
             AND pg_catalog.octet_length(d.{s}::pg_catalog.text) OPERATOR(pg_catalog.=) u.n
             AND pg_catalog.substr(d.{s}::pg_catalog.text, 1, {PREFIX_CHARS}) OPERATOR(pg_catalog.=) u.s",
-        tbl = sql_text::table_rows(t.relation),
+        tbl = quote::table_rows(t.relation),
         v = ident(column),
         k = ident(&t.key),
         s = ident(&t.source),
@@ -142,13 +144,13 @@ pub fn write_vectors(
             text_param(lens.to_vec()),
             vector::array_param(vectors, vector_type),
         ];
-        sql_text::run(&sql, &args)
+        spi::run(&sql, &args)
     })
 }
 
 /// The chunk rows of the documents `keys` with a text (cut and embedded; nothing written).
 pub fn embed_chunks(t: &Target, keys: &[String], texts: &[Option<String>]) -> ChunkBatch {
-    let documents = crate::columns::open_checked(t.relation);
+    let documents = crate::pg::columns::open_checked(t.relation);
     let settings = t.chunk_settings(&documents);
     let (live_keys, live_texts): (Vec<String>, Vec<Option<String>>) = keys
         .iter()
@@ -161,7 +163,7 @@ pub fn embed_chunks(t: &Target, keys: &[String], texts: &[Option<String>]) -> Ch
 
 /// Replaces the chunks of the documents `keys` with `chunks`, as the owner.
 pub fn write_chunks(t: &Target, keys: &[String], chunks: ChunkBatch) -> usize {
-    let documents = crate::columns::open_checked(t.relation);
+    let documents = crate::pg::columns::open_checked(t.relation);
     let settings = t.chunk_settings(&documents);
     as_owner(t.owner(), Bounds::configured(), || {
         let delete = format!(
@@ -170,7 +172,7 @@ pub fn write_chunks(t: &Target, keys: &[String], chunks: ChunkBatch) -> usize {
             ident(&settings.chunk_key),
             settings.key.sql_type()
         );
-        sql_text::run(&delete, &[text_param(keys.to_vec())]);
+        spi::run(&delete, &[text_param(keys.to_vec())]);
         pgrx::spi::Spi::connect_mut(|c| settings.insert_embedded(c, chunks));
     });
     keys.len()

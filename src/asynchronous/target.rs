@@ -4,9 +4,11 @@
 use pgrx::{pg_sys, PgRelation};
 
 use super::owner::{as_owner, Bounds};
-use crate::chunk_trigger::ChunkSettings;
-use crate::columns::key_column;
-use crate::sql_text::{self, ident, relation, text_param};
+use crate::pg::columns::key_column;
+use crate::pg::quote::{ident, relation};
+use crate::pg::spi::text_param;
+use crate::pg::{catalog, quote, spi};
+use crate::write::chunk_settings::ChunkSettings;
 
 /// Rows present at registration queued per transaction.
 const SCAN_ROWS: i64 = 10_000;
@@ -37,7 +39,7 @@ pub struct Target {
 /// its; an install not yet updated with `ALTER EXTENSION embeddinggemma UPDATE` is left alone).
 pub fn installed() -> bool {
     let sql = "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'embeddinggemma'";
-    match sql_text::one::<String>(sql, &[]) {
+    match spi::one::<String>(sql, &[]) {
         Some(version) if version == env!("CARGO_PKG_VERSION") => true,
         Some(version) => {
             pgrx::log!("embeddinggemma async: the extension is at version {version}, its library at {}: ALTER EXTENSION embeddinggemma UPDATE lets the worker drain", env!("CARGO_PKG_VERSION"));
@@ -52,7 +54,7 @@ pub fn targets() -> Vec<Target> {
     if !installed() {
         return Vec::new();
     }
-    let (targets, _) = sql_text::extension_table("embeddinggemma_async_targets");
+    let (targets, _) = catalog::extension_table("embeddinggemma_async_targets");
     let sql = format!(
         "SELECT id, relation::pg_catalog.oid, key_column, source, target, chunk_table::pg_catalog.oid, chunk_key, task, dim,
                 COALESCE(max_tokens, 0), COALESCE(overlap, 0), max_attempts, scanning, scan_all, scan_after,
@@ -107,7 +109,7 @@ impl Target {
     }
 
     pub fn owner(&self) -> pg_sys::Oid {
-        sql_text::relation_owner(self.relation)
+        catalog::relation_owner(self.relation)
     }
 
     /// The condition on a documents row `d` that it needs embedding when its target is scanned.
@@ -131,7 +133,7 @@ impl Target {
     /// Queues the next `SCAN_ROWS` rows present when the target was registered (or
     /// re-embedded), in key order after the last key done.
     pub fn scan(&self) {
-        let documents = crate::columns::open_checked(self.relation);
+        let documents = crate::pg::columns::open_checked(self.relation);
         let key = key_column(&documents, &self.key);
         let k = ident(&self.key);
         let after = match self.scan_after {
@@ -140,7 +142,7 @@ impl Target {
         };
         let sql = format!(
             "SELECT d.{k}::pg_catalog.text FROM {} d WHERE {}{after} ORDER BY d.{k} USING OPERATOR(pg_catalog.<) LIMIT {SCAN_ROWS}",
-            sql_text::table_rows(self.relation),
+            quote::table_rows(self.relation),
             self.scan_filter(&documents)
         );
         let keys: Vec<String> = as_owner(self.owner(), Bounds::configured(), || {
@@ -151,16 +153,16 @@ impl Target {
             })
             .expect("SPI reports errors as ERRORs")
         });
-        let (queue, _) = sql_text::extension_table("embeddinggemma_async_queue");
-        let (targets, _) = sql_text::extension_table("embeddinggemma_async_targets");
-        sql_text::run(
+        let (queue, _) = catalog::extension_table("embeddinggemma_async_queue");
+        let (targets, _) = catalog::extension_table("embeddinggemma_async_targets");
+        spi::run(
             &format!(
                 "INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k"
             ),
             &[text_param(self.id), text_param(keys.clone())],
         );
         let done = (keys.len() as i64) < SCAN_ROWS;
-        sql_text::run(
+        spi::run(
             &format!(
                 "UPDATE {targets} SET scanning = NOT $2, scan_all = scan_all AND NOT $2, scan_after = CASE WHEN $2 THEN NULL ELSE $3 END
                   WHERE id OPERATOR(pg_catalog.=) $1"

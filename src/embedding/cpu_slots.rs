@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 
 use pgrx::pg_sys;
 
-use crate::errors::raise;
+use crate::pg::errors::raise;
 
 /// Relative to the data directory, a backend's working directory.
 const LOCK_FILE: &str = "pg_stat_tmp/embeddinggemma.threads";

@@ -1,61 +1,19 @@
 //! `embeddinggemma_statement_trigger()`: a bulk write embeds the new or changed texts of the
 //! whole statement together (`embed_batch`'s batches), then writes the vectors back by key.
 
-use std::cell::RefCell;
-
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
-use crate::columns::{check_columns, check_key};
-use crate::errors::raise;
-use crate::functions::{CHUNK_BYTES, CHUNK_TEXTS};
-use crate::sql_text::{ident, relation, text_param};
-use crate::{routing, vector};
+use crate::embedding;
+use crate::embedding::texts::{WINDOW_BYTES, WINDOW_TEXTS};
+use crate::pg::columns::{check_columns, check_key};
+use crate::pg::errors::raise;
+use crate::pg::quote::{ident, relation};
+use crate::pg::spi::text_param;
+use crate::pg::vector;
+use crate::write::write_back::{write_back_sql, writing, Writing};
 
 const USAGE: &str = "CREATE TRIGGER docs_embed AFTER INSERT ON docs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');";
-
-thread_local! {
-    /// Relations this backend's write paths are writing vectors into right now. The writes
-    /// fire the statement trigger again; it then re-embeds only rows whose text changed. The
-    /// extension's own state: no setting or SQL an ordinary role can run reaches it.
-    static WRITING: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Marks `relation` as being written by the extension until dropped (an ERROR unwinding too).
-pub struct Writing(pg_sys::Oid);
-
-impl Writing {
-    pub fn start(relation: pg_sys::Oid) -> Writing {
-        WRITING.with(|w| w.borrow_mut().push(relation));
-        Writing(relation)
-    }
-}
-
-impl Drop for Writing {
-    fn drop(&mut self) {
-        WRITING.with(|w| {
-            let mut w = w.borrow_mut();
-            if let Some(i) = w.iter().rposition(|&r| r == self.0) {
-                w.remove(i);
-            }
-        });
-    }
-}
-
-pub fn writing(relation: pg_sys::Oid) -> bool {
-    WRITING.with(|w| w.borrow().contains(&relation))
-}
-
-/// `UPDATE` of `table`'s `target` from text keys and vectors (parameters $1 and $2).
-pub fn write_back_sql(table: &str, target: &str, key: &str, key_type: &str) -> String {
-    format!(
-        "UPDATE {table} t SET {target} = u.v
-           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2)) AS u(k, v)
-          WHERE t.{key} OPERATOR(pg_catalog.=) u.k::{key_type}",
-        target = ident(target),
-        key = ident(key),
-    )
-}
 
 #[pg_trigger(sql = "")]
 fn embeddinggemma_statement_trigger<'a>(
@@ -151,13 +109,13 @@ fn embeddinggemma_statement_trigger<'a>(
         if clear.expect("SPI reports errors as ERRORs") == Some(true) {
             client.update(cleared.as_str(), None, &[]).expect("SPI reports errors as ERRORs");
         }
-        // Rows come a chunk at a time, so a COPY of millions holds one chunk's vectors.
+        // Rows come a window at a time, so a COPY of millions holds one window's vectors.
         let mut cursor = client.open_cursor(changed.as_str(), &[]);
         loop {
             let mut keys = Vec::new();
             let mut texts = Vec::new();
             let mut bytes = 0;
-            while keys.len() < CHUNK_TEXTS && bytes < CHUNK_BYTES {
+            while keys.len() < WINDOW_TEXTS && bytes < WINDOW_BYTES {
                 let rows = cursor.fetch(64).expect("SPI reports errors as ERRORs");
                 if rows.is_empty() {
                     break;
@@ -175,7 +133,7 @@ fn embeddinggemma_statement_trigger<'a>(
                 break;
             }
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let vectors = routing::embed(&refs, task, dim);
+            let vectors = embedding::embed(&refs, task, dim);
             let args = [text_param(keys), vector::array_param(&vectors, vector_type)];
             client.update(write.as_str(), None, &args).expect("SPI reports errors as ERRORs");
         }

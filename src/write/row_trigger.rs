@@ -4,10 +4,11 @@
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
-use crate::columns::{check_columns, source_text};
-use crate::errors::raise;
-use crate::routing;
-use crate::vector::PgVector;
+use crate::embedding;
+use crate::pg::columns::{check_columns, source_text};
+use crate::pg::errors::raise;
+use crate::pg::vector::PgVector;
+use crate::pg::{catalog, quote};
 
 const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
 
@@ -54,7 +55,7 @@ fn embeddinggemma_trigger<'a>(
     };
     // SAFETY: the relation and trigger PostgreSQL fires.
     if let Some(later) =
-        unsafe { crate::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) }
+        unsafe { crate::write::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) }
     {
         let ours = trigger.name()?;
         raise(
@@ -62,9 +63,9 @@ fn embeddinggemma_trigger<'a>(
             format!("embeddinggemma_trigger(): BEFORE trigger \"{later}\" fires after \"{ours}\" and may change the text it embedded"),
             format!(
                 "Triggers fire in name order: rename the embedding trigger to fire last (ALTER TRIGGER {} ON {} RENAME TO {}), or embed from an AFTER trigger: embeddinggemma_statement_trigger, or an asynchronous target.",
-                crate::sql_text::ident(ours),
-                crate::sql_text::display(relation.oid()),
-                crate::sql_text::ident(&format!("zz_{ours}"))
+                quote::ident(ours),
+                catalog::display(relation.oid()),
+                quote::ident(&format!("zz_{ours}"))
             ),
         )
     }
@@ -80,7 +81,7 @@ fn embeddinggemma_trigger<'a>(
     if old_text.is_some_and(|old| old == text) {
         return Ok(Some(row));
     }
-    let vector = text.map(|t| PgVector::from_slice(&routing::embed(&[&t], task, dim)[0]));
+    let vector = text.map(|t| PgVector::from_slice(&embedding::embed(&[&t], task, dim)[0]));
     row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));
     Ok(Some(row))
 }

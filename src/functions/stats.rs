@@ -2,7 +2,7 @@
 
 use pgrx::prelude::*;
 
-use crate::{counters, in_process, service_client, service_state};
+use crate::embedding::{counters, in_process, service_client, service_state};
 
 /// Resident anonymous memory of this backend, from /proc/self/status.
 fn anon_bytes() -> Option<i64> {

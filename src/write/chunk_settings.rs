@@ -1,19 +1,18 @@
-//! `embeddinggemma_chunk_trigger()`: keeps a chunk table in step with its documents, row by
-//! row; and its settings, which the chunk backfill reads from the trigger so both cut alike.
+//! A chunk trigger's settings (its arguments, checked against its tables), which the chunk
+//! backfill and asynchronous chunk targets share so that all cut alike; and writing chunk rows.
 
-use std::ffi::CStr;
-
-use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
 
-use crate::chunks::{ChunkRows, Cut};
-use crate::columns::{check_columns, check_key, check_source, key_text, source_text, KeyColumn, SourceColumn};
-use crate::errors::raise;
-use crate::functions::Texts;
-use crate::sql_text::{self, ident, param, relation, text_param};
-use crate::vector;
+use crate::embedding::chunking::{ChunkRows, Cut};
+use crate::embedding::texts::Texts;
+use crate::pg::catalog;
+use crate::pg::columns::{check_columns, check_key, check_source, KeyColumn, SourceColumn};
+use crate::pg::errors::raise;
+use crate::pg::quote::{ident, relation};
+use crate::pg::spi::text_param;
+use crate::pg::vector;
 
-const USAGE: &str = "CREATE TRIGGER docs_chunks AFTER INSERT OR UPDATE OR DELETE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'doc_chunks', 'doc_id' [, max_tokens [, overlap [, task [, dim]]]]);";
+pub(super) const USAGE: &str = "CREATE TRIGGER docs_chunks AFTER INSERT OR UPDATE OR DELETE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'doc_chunks', 'doc_id' [, max_tokens [, overlap [, task [, dim]]]]);";
 const CHUNK_TABLE_HINT: &str = "CREATE TABLE doc_chunks (doc_id bigint REFERENCES docs ON DELETE CASCADE ON UPDATE CASCADE, chunk int, start_offset int, end_offset int, body text, embedding vector(768), PRIMARY KEY (doc_id, chunk));";
 
 /// A chunk trigger's arguments, checked against its tables.
@@ -31,7 +30,7 @@ pub struct ChunkSettings {
     pub vector_type: pg_sys::Oid,
 }
 
-fn misuse(what: impl Into<String>, hint: &str) -> ! {
+pub(super) fn misuse(what: impl Into<String>, hint: &str) -> ! {
     raise(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, what, hint)
 }
 
@@ -43,13 +42,13 @@ fn misuse(what: impl Into<String>, hint: &str) -> ! {
 /// beside this one (chunk and documents tables co-located by the document key).
 pub fn resolve_chunk_table(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
     let named = resolve_name(documents, name)?;
-    let Some((shard, _)) = crate::citus::shard_of(documents) else { return Some(named) };
-    if !crate::citus::is_distributed(named) {
+    let Some((shard, _)) = crate::pg::citus::shard_of(documents) else { return Some(named) };
+    if !crate::pg::citus::is_distributed(named) {
         return Some(named);
     }
-    Some(crate::citus::colocated_shard(shard, named).unwrap_or_else(|why| {
+    Some(crate::pg::citus::colocated_shard(shard, named).unwrap_or_else(|why| {
         misuse(
-            format!("embeddinggemma: the chunk table of shard {}: {why}", sql_text::display(documents)),
+            format!("embeddinggemma: the chunk table of shard {}: {why}", catalog::display(documents)),
             "Distribute the chunk table by the document key, co-located with the documents: SELECT create_distributed_table('doc_chunks', 'doc_id', colocate_with => 'docs');",
         )
     }))
@@ -63,9 +62,9 @@ fn resolve_name(documents: pg_sys::Oid, name: &str) -> Option<pg_sys::Oid> {
         [table] => {
             // SAFETY: a catalog lookup of an existing relation's schema.
             let schema = unsafe { pg_sys::get_rel_namespace(documents) };
-            sql_text::relation_in(schema, table)
+            catalog::relation_in(schema, table)
         }
-        [schema, table] => sql_text::relation_in(sql_text::schema_oid(schema)?, table),
+        [schema, table] => catalog::relation_in(catalog::schema_oid(schema)?, table),
         _ => None,
     }
 }
@@ -128,7 +127,7 @@ impl ChunkSettings {
         let Some(chunk_table) = resolve_chunk_table(documents.oid(), &args[2]) else {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                format!("embeddinggemma: chunk table {} does not exist in the schema of {}", args[2], sql_text::display(documents.oid())),
+                format!("embeddinggemma: chunk table {} does not exist in the schema of {}", args[2], catalog::display(documents.oid())),
                 format!("An unqualified chunk table is looked up in the schema of the documents' table; name another schema as schema.table. {CHUNK_TABLE_HINT}"),
             )
         };
@@ -149,13 +148,13 @@ impl ChunkSettings {
         dim: i32,
     ) -> ChunkSettings {
         let key = check_key(documents, key);
-        let chunks = crate::columns::open_checked(chunk_table);
+        let chunks = crate::pg::columns::open_checked(chunk_table);
         check_columns(&chunks, "body", "embedding", dim);
         for column in [chunk_key, "chunk", "start_offset", "end_offset"] {
             if !chunks.tuple_desc().iter().any(|a| !a.attisdropped && a.name() == column) {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                    format!("embeddinggemma: chunk table {} has no column \"{column}\"", sql_text::display(chunk_table)),
+                    format!("embeddinggemma: chunk table {} has no column \"{column}\"", catalog::display(chunk_table)),
                     format!("A chunk table has the columns {}, chunk, start_offset, end_offset, body and embedding: {CHUNK_TABLE_HINT}", ident(chunk_key)),
                 )
             }
@@ -210,7 +209,7 @@ impl ChunkSettings {
             batch.ends.push(end);
             batch.bodies.push(body);
             batch.vectors.push(vector.expect("embed_chunks rows have vectors"));
-            if batch.keys.len() == crate::functions::CHUNK_TEXTS {
+            if batch.keys.len() == crate::embedding::texts::WINDOW_TEXTS {
                 batch.insert(client, &sql, self.vector_type);
             }
         }
@@ -236,11 +235,11 @@ impl ChunkSettings {
         batch
     }
 
-    /// Inserts chunk rows made by `embedded_chunks`, `CHUNK_TEXTS` at a time.
+    /// Inserts chunk rows made by `embedded_chunks`, `WINDOW_TEXTS` at a time.
     pub fn insert_embedded(&self, client: &mut pgrx::spi::SpiClient<'_>, mut rows: ChunkBatch) {
         let sql = self.insert_sql();
         while !rows.keys.is_empty() {
-            let n = rows.keys.len().min(crate::functions::CHUNK_TEXTS);
+            let n = rows.keys.len().min(crate::embedding::texts::WINDOW_TEXTS);
             let mut part = ChunkBatch {
                 keys: rows.keys.drain(..n).collect(),
                 chunks: rows.chunks.drain(..n).collect(),
@@ -281,124 +280,4 @@ impl ChunkBatch {
         ];
         client.update(sql, None, &args).expect("SPI reports errors as ERRORs");
     }
-}
-
-/// The chunk triggers on `documents` (enabled or not) that write `chunk_table`: their
-/// arguments, by trigger name.
-pub fn triggers_writing(documents: &PgRelation, chunk_table: pg_sys::Oid) -> Vec<Vec<String>> {
-    // SAFETY: the relation's trigger descriptor, NULL when it has none; its arrays have the
-    // lengths it states.
-    let mut found: Vec<(String, Vec<String>)> = unsafe {
-        let Some(desc) = documents.trigdesc.as_ref() else { return Vec::new() };
-        std::slice::from_raw_parts(desc.triggers, desc.numtriggers as usize)
-            .iter()
-            .filter(|t| !t.tgisinternal && is_chunk_trigger(t.tgfoid))
-            .map(|t| {
-                let args = (0..t.tgnargs as usize)
-                    .map(|i| CStr::from_ptr(*t.tgargs.add(i)).to_string_lossy().into_owned())
-                    .collect();
-                (CStr::from_ptr(t.tgname).to_string_lossy().into_owned(), args)
-            })
-            .collect()
-    };
-    found.sort();
-    found
-        .into_iter()
-        .map(|(_, args)| args)
-        .filter(|args: &Vec<String>| {
-            args.len() >= 3 && resolve_chunk_table(documents.oid(), &args[2]) == Some(chunk_table)
-        })
-        .collect()
-}
-
-/// Whether `function` is this extension's `embeddinggemma_chunk_trigger()`.
-fn is_chunk_trigger(function: pg_sys::Oid) -> bool {
-    // SAFETY: catalog lookups by OID.
-    unsafe {
-        let name = pg_sys::get_func_name(function);
-        !name.is_null()
-            && CStr::from_ptr(name) == c"embeddinggemma_chunk_trigger"
-            && pg_sys::get_func_namespace(function) == sql_text::extension_schema(c"embeddinggemma")
-    }
-}
-
-/// The key of `tuple`, as a parameter of the key's type.
-///
-/// # Safety
-/// `tuple` must be a valid tuple of the relation with descriptor `desc`.
-unsafe fn key_param<'a>(
-    tuple: *mut pg_sys::HeapTupleData,
-    desc: pg_sys::TupleDesc,
-    key: &KeyColumn,
-) -> pgrx::datum::DatumWithOid<'a> {
-    // SAFETY: per this function's contract.
-    let datum = unsafe { pgrx::heap_getattr_raw(tuple, key.attno, desc) };
-    match datum {
-        Some(d) => param(d, key.type_oid),
-        None => pgrx::datum::DatumWithOid::null_oid(key.type_oid),
-    }
-}
-
-#[pg_trigger(sql = "")]
-fn embeddinggemma_chunk_trigger<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByRust>>, pgrx::PgTriggerError> {
-    if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when()?, PgTriggerWhen::After) {
-        misuse("embeddinggemma_chunk_trigger() must be fired AFTER INSERT OR UPDATE OR DELETE … FOR EACH ROW", USAGE)
-    }
-    let op = trigger.op()?;
-    let documents = trigger.relation()?;
-    let s = ChunkSettings::parse(&documents, &trigger.extra_args()?);
-    let data = trigger.trigger_data();
-    let desc = documents.rd_att;
-    // SAFETY: PostgreSQL hands a row trigger valid tuples of tg_relation (tg_newtuple only on
-    // UPDATE), and the columns were checked against that relation above.
-    let (old, new) = match op {
-        PgTriggerOperation::Insert => (None, Some(data.tg_trigtuple)),
-        PgTriggerOperation::Update => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
-        PgTriggerOperation::Delete => (Some(data.tg_trigtuple), None),
-        PgTriggerOperation::Truncate => misuse("embeddinggemma_chunk_trigger() does not handle TRUNCATE", USAGE),
-    };
-    let text = |t: *mut pg_sys::HeapTupleData| unsafe { source_text(t, desc, &s.source_column) };
-    let key = |t: *mut pg_sys::HeapTupleData| unsafe { key_text(t, desc, &s.key) };
-    let (text_changed, key_changed) = match (old, new) {
-        (Some(o), Some(n)) => (text(o) != text(n), key(o) != key(n)),
-        _ => (true, true),
-    };
-    if !text_changed && !key_changed {
-        return Ok(None);
-    }
-    let chunks = relation(s.chunk_table);
-    let ck = ident(&s.chunk_key);
-    Spi::connect_mut(|client| {
-        // SAFETY: valid tuples of the trigger's relation (above).
-        let param_of = |t: *mut pg_sys::HeapTupleData| unsafe { key_param(t, desc, &s.key) };
-        match (old, new) {
-            (Some(o), Some(n)) if !text_changed => {
-                // Only the key changed: the chunks move with it (a foreign key with ON UPDATE
-                // CASCADE has moved them already).
-                let sql = format!("UPDATE {chunks} SET {ck} = $2 WHERE {ck} OPERATOR(pg_catalog.=) $1");
-                client.update(sql.as_str(), None, &[param_of(o), param_of(n)]).expect("SPI reports errors as ERRORs");
-            }
-            _ => {
-                // The document's old chunks go: under its old key, and under its new one, where
-                // a foreign key's ON UPDATE CASCADE has moved them.
-                let delete = format!("DELETE FROM {chunks} WHERE {ck} OPERATOR(pg_catalog.=) $1");
-                let gone = match (old, new) {
-                    (Some(o), Some(n)) if key_changed => vec![o, n],
-                    (Some(o), _) => vec![o],
-                    (None, _) => vec![],
-                };
-                for t in gone {
-                    client.update(delete.as_str(), None, &[param_of(t)]).expect("SPI reports errors as ERRORs");
-                }
-                if let Some(n) = new {
-                    if let (Some(k), Some(body)) = (key(n), text(n)) {
-                        s.insert_chunks(client, &[k], &[Some(body)]);
-                    }
-                }
-            }
-        }
-    });
-    Ok(None)
 }

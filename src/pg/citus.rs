@@ -5,18 +5,19 @@
 
 use pgrx::pg_sys;
 
-use crate::sql_text::{self, param};
+use crate::pg::spi::param;
+use crate::pg::{catalog, spi};
 
 /// Whether Citus's catalogs are there.
 pub fn installed() -> bool {
-    sql_text::relation_in(pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE), "pg_dist_partition").is_some()
+    catalog::relation_in(pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE), "pg_dist_partition").is_some()
 }
 
 /// Whether `relation` is a hash-distributed table (on the coordinator, or a worker's copy of
 /// its metadata) — not one of its shards.
 pub fn is_distributed(relation: pg_sys::Oid) -> bool {
     installed()
-        && sql_text::one::<bool>(
+        && spi::one::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition p
                              WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1 AND p.partmethod OPERATOR(pg_catalog.=) 'h')",
             &[param(relation, pg_sys::REGCLASSOID)],
@@ -28,24 +29,24 @@ pub fn is_distributed(relation: pg_sys::Oid) -> bool {
 fn shard_relation(table: pg_sys::Oid, shard: i64) -> Option<pg_sys::Oid> {
     // shard_name() gives the name quoted, qualified where the schema is not public; the shard
     // is in its table's schema, so the last part is the name.
-    let name = sql_text::one::<Vec<String>>(
+    let name = spi::one::<Vec<String>>(
         "SELECT pg_catalog.parse_ident(pg_catalog.shard_name($1, $2))",
         &[param(table, pg_sys::REGCLASSOID), param(shard, pg_sys::INT8OID)],
     )?;
     // SAFETY: a catalog lookup of an existing relation's schema.
     let schema = unsafe { pg_sys::get_rel_namespace(table) };
-    sql_text::relation_in(schema, name.last()?)
+    catalog::relation_in(schema, name.last()?)
 }
 
 /// If `relation` is a shard: its shard id and its distributed table.
 pub fn shard_of(relation: pg_sys::Oid) -> Option<(i64, pg_sys::Oid)> {
-    let name = sql_text::relation_name(relation);
+    let name = catalog::relation_name(relation);
     // Shard names end in _<shard id> (a long table name is shortened before it).
     let id: i64 = name.rsplit_once('_')?.1.parse().ok()?;
     if !installed() {
         return None;
     }
-    let table = sql_text::one::<pg_sys::Oid>(
+    let table = spi::one::<pg_sys::Oid>(
         "SELECT s.logicalrelid::pg_catalog.oid FROM pg_catalog.pg_dist_shard s WHERE s.shardid OPERATOR(pg_catalog.=) $1",
         &[param(id, pg_sys::INT8OID)],
     )?;
@@ -55,7 +56,7 @@ pub fn shard_of(relation: pg_sys::Oid) -> Option<(i64, pg_sys::Oid)> {
 /// The shard of the distributed table `table` that is co-located with shard `shard` (of
 /// another table), if the two tables are co-located; it lives on the same node.
 pub fn colocated_shard(shard: i64, table: pg_sys::Oid) -> Result<pg_sys::Oid, String> {
-    let peer = sql_text::one::<i64>(
+    let peer = spi::one::<i64>(
         "SELECT s2.shardid
            FROM pg_catalog.pg_dist_shard s1
            JOIN pg_catalog.pg_dist_partition p1 ON p1.logicalrelid OPERATOR(pg_catalog.=) s1.logicalrelid
@@ -66,9 +67,9 @@ pub fn colocated_shard(shard: i64, table: pg_sys::Oid) -> Result<pg_sys::Oid, St
           WHERE s1.shardid OPERATOR(pg_catalog.=) $1",
         &[param(shard, pg_sys::INT8OID), param(table, pg_sys::REGCLASSOID)],
     )
-    .ok_or_else(|| format!("{} is not co-located with the documents' table", sql_text::display(table)))?;
+    .ok_or_else(|| format!("{} is not co-located with the documents' table", catalog::display(table)))?;
     shard_relation(table, peer)
-        .ok_or_else(|| format!("shard {peer} of {} is not on this node", sql_text::display(table)))
+        .ok_or_else(|| format!("shard {peer} of {} is not on this node", catalog::display(table)))
 }
 
 /// Runs `f` with `search_path = pg_catalog, pg_temp`, restored after, as a function's SET
@@ -104,7 +105,7 @@ pub fn on_every_shard(table: pg_sys::Oid, command: &str) -> Vec<(i64, bool, Opti
             let rows = c.update(
                 "SELECT r.shardid, r.success, r.result FROM pg_catalog.run_command_on_shards($1, $2) r ORDER BY r.shardid",
                 None,
-                &[param(table, pg_sys::REGCLASSOID), sql_text::text_param(command.to_string())],
+                &[param(table, pg_sys::REGCLASSOID), spi::text_param(command.to_string())],
             )?;
             rows.map(|r| Ok((r.get::<i64>(1)?.unwrap_or_default(), r.get::<bool>(2)?.unwrap_or(false), r.get::<String>(3)?)))
                 .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()

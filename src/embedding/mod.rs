@@ -1,9 +1,26 @@
-//! Where a call runs: the one place that decides between the cluster's service and this
-//! backend's own model (its two peers, `service_client` and `in_process`). A call is computed
-//! by a model whose path, checksums, device and dtype are the session's effective settings,
-//! wherever those come from (file, ALTER SYSTEM, database, role, startup option, SET): by the
-//! service when they equal its own (it checks again on every request), otherwise in this
-//! backend (`service = auto`) or not at all (`service = on`: an ERROR saying why).
+//! Embedding texts with the session's model (`embed`, `chunk`, `info`), and what it takes:
+//! the model in this backend (`in_process`, with `threads`, `cpu_slots`, `transaction_memory`)
+//! or the cluster's service (`service_client`, `service_state`); texts held for a call and their
+//! windows (`texts`), documents cut into chunks (`chunking`); `counters`, `model_info`.
+//!
+//! This module decides where a call runs, the one place that chooses between the cluster's
+//! service and this backend's own model (its two peers, `service_client` and `in_process`). A
+//! call is computed by a model whose path, checksums, device and dtype are the session's
+//! effective settings, wherever those come from (file, ALTER SYSTEM, database, role, startup
+//! option, SET): by the service when they equal its own (it checks again on every request),
+//! otherwise in this backend (`service = auto`) or not at all (`service = on`: an ERROR saying
+//! why).
+
+pub mod chunking;
+pub mod counters;
+mod cpu_slots;
+pub mod in_process;
+pub mod model_info;
+pub mod service_client;
+pub mod service_state;
+pub mod texts;
+mod threads;
+mod transaction_memory;
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -12,10 +29,11 @@ use std::time::{Duration, Instant};
 use embeddinggemma_engine::Chunk;
 use pgrx::PgSqlErrorCode;
 
-use crate::errors::{raise, service_settings_hint};
-use crate::model_info::ModelInfo;
-use crate::service_state::{self, key_hash, STATUS};
-use crate::{counters, guc, in_process, service_client, worker};
+use crate::pg::errors::{raise, service_settings_hint};
+use crate::pg::guc;
+use crate::pg::interrupts::serve_interrupts;
+use model_info::ModelInfo;
+use service_state::{key_hash, STATUS};
 
 /// How long a session whose settings differ from the service's waits for the service to take
 /// them up (a reload the supervisor has yet to act on), once per difference.
@@ -64,7 +82,7 @@ fn service_key() -> Option<String> {
         let deadline = Instant::now() + SETTLE;
         while theirs() != ours && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
-            worker::serve_interrupts();
+            serve_interrupts();
         }
         SETTLED.set((theirs(), ours));
     }

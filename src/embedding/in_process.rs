@@ -11,9 +11,10 @@ use std::time::Instant;
 use embeddinggemma_engine::{Chunk, DeviceChoice, Engine, EngineOptions, Error, Manifest, Precision, Request};
 use pgrx::PgSqlErrorCode;
 
-use crate::errors::{raise, raise_bad_cut, raise_engine, setup_hint};
-use crate::model_info::ModelInfo;
-use crate::{counters, cpu_slots, guc, transaction_memory, worker};
+use crate::embedding::model_info::ModelInfo;
+use crate::embedding::{counters, cpu_slots, threads, transaction_memory};
+use crate::pg::errors::{raise, raise_bad_cut, raise_engine, setup_hint};
+use crate::pg::guc;
 
 /// The settings a loaded engine was built from; any change means a reload.
 #[derive(Clone, PartialEq, Eq)]
@@ -104,9 +105,9 @@ fn load(settings: &LoadSettings) -> Engine {
         if slot.as_ref().is_none_or(|(s, _)| s != settings) {
             let s = settings.clone();
             let threads = cores();
-            *slot = Some((settings.clone(), worker::spawn_detached(move || pool(threads)?.install(|| s.load()))));
+            *slot = Some((settings.clone(), threads::spawn_detached(move || pool(threads)?.install(|| s.load()))));
         }
-        let result = worker::wait(&slot.as_ref().expect("set above").1);
+        let result = threads::wait(&slot.as_ref().expect("set above").1);
         *slot = None;
         result.unwrap_or_else(|e| raise_engine(e))
     })
@@ -143,12 +144,12 @@ fn total_threads() -> usize {
 /// Cuts `text` into chunks for `task` (tokenizing only, on one CPU slot); raises an ERROR on
 /// failure.
 pub fn chunk(text: &str, task: &str, max_tokens: usize, overlap: usize) -> Vec<Chunk> {
-    worker::finish_unfinished();
+    threads::finish_unfinished();
     with_engine(|engine| {
         let slots = cpu_slots::acquire(1, total_threads());
         let (engine, task, text) = (engine.clone(), task.to_string(), text.to_string());
         let result =
-            worker::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
+            threads::run(move |stop| engine.chunk(&text, &task, max_tokens, overlap, &|| stop.load(Ordering::Relaxed)));
         drop(slots);
         result.unwrap_or_else(|e| match e {
             Error::InvalidOption(_) => raise_bad_cut(e),
@@ -167,9 +168,9 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         0 => total,
         n => n as usize,
     };
-    worker::finish_unfinished();
+    threads::finish_unfinished();
     with_engine(|engine| {
-        // Only a call's worker shares the engine, and the last one has finished.
+        // Only a call's thread shares the engine, and the last one has finished.
         if let Some(engine) = Arc::get_mut(engine) {
             engine.set_batch_limits(max_batch_tokens, embeddinggemma_engine::DEFAULT_MAX_BATCH_SIZE);
             engine.set_memory_limit(max_call_memory);
@@ -183,7 +184,7 @@ pub fn embed(texts: &[&str], task: &str, dim: i32) -> Vec<Vec<f32>> {
         let threads = slots.count();
         let (engine, task, texts) =
             (engine.clone(), task.to_string(), texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
-        let result = worker::run(move |stop| {
+        let result = threads::run(move |stop| {
             let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
             let request = Request { task: &task, dim, truncate };
             engine.embed_in(&pool(threads)?, &texts, &request, &|| stop.load(Ordering::Relaxed))

@@ -7,9 +7,9 @@ use std::num::NonZeroUsize;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
 
-use crate::errors::raise;
-use crate::sql_text;
-use crate::vector::vector_type_oid;
+use crate::pg::errors::raise;
+use crate::pg::vector::vector_type_oid;
+use crate::pg::{catalog, quote, spi};
 
 const TEXT_TYPES: [pg_sys::Oid; 3] = [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::BPCHAROID];
 
@@ -110,7 +110,7 @@ pub unsafe fn source_text(
 
 /// Opens `tbl` for the checks, locked to the end of the transaction; raises an ERROR if it does not exist.
 pub fn open_checked(tbl: pg_sys::Oid) -> PgRelation {
-    sql_text::relation_name(tbl);
+    catalog::relation_name(tbl);
     // SAFETY: the relation exists (checked above) and is opened with a lock held to the end of
     // the transaction.
     unsafe { PgRelation::with_lock(tbl, pg_sys::AccessShareLock as pg_sys::LOCKMODE) }
@@ -139,7 +139,7 @@ impl KeyColumn {
     /// The key's type with its modifier, schema-qualified, for casts of key values: `char(2)`
     /// stays `char(2)` (a bare `character` is char(1), which would cut 'ab' to 'a').
     pub fn sql_type(&self) -> String {
-        sql_text::type_with_modifier(self.type_oid, self.typmod)
+        quote::type_with_modifier(self.type_oid, self.typmod)
     }
 }
 
@@ -147,7 +147,7 @@ impl KeyColumn {
 /// own (one key column, no predicate): two rows with one key, or rows with none, would be
 /// mixed up or lost when vectors are written back by key.
 pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
-    let table = sql_text::display(relation.oid());
+    let table = catalog::display(relation.oid());
     let found = key_column(relation, key);
     let column =
         relation.tuple_desc().iter().find(|a| a.attnum as usize == found.attno.get()).copied().expect("found above");
@@ -155,12 +155,12 @@ pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
                    WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid
                      AND i.indnkeyatts OPERATOR(pg_catalog.=) 1 AND i.indpred IS NULL
                      AND i.indkey[0] OPERATOR(pg_catalog.=) $2)";
-    let args = [sql_text::param(relation.oid(), pg_sys::REGCLASSOID), sql_text::text_param(column.attnum)];
-    if !sql_text::one::<bool>(unique, &args).unwrap_or(false) {
+    let args = [spi::param(relation.oid(), pg_sys::REGCLASSOID), spi::text_param(column.attnum)];
+    if !spi::one::<bool>(unique, &args).unwrap_or(false) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
             format!("embeddinggemma: key column \"{key}\" of table {table} is not unique"),
-            format!("Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON {table} ({});", sql_text::ident(key)),
+            format!("Name a column with a unique index (e.g. the primary key), or add one: CREATE UNIQUE INDEX ON {table} ({});", quote::ident(key)),
         )
     }
     if !column.attnotnull {
@@ -169,7 +169,7 @@ pub fn check_key(relation: &PgRelation, key: &str) -> KeyColumn {
             format!("embeddinggemma: key column \"{key}\" of table {table} allows NULL"),
             format!(
                 "Rows with a NULL key could not be told apart: ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL;",
-                sql_text::ident(key)
+                quote::ident(key)
             ),
         )
     }
@@ -184,7 +184,7 @@ pub fn key_column(relation: &PgRelation, key: &str) -> KeyColumn {
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             format!(
                 "embeddinggemma: key column \"{key}\" does not exist in table {}",
-                sql_text::display(relation.oid())
+                catalog::display(relation.oid())
             ),
             "The first argument names a unique key of the table, e.g. its primary key.",
         )

@@ -8,6 +8,8 @@ use pgrx::datum::Datum;
 use pgrx::prelude::*;
 use pgrx::{impl_sql_translatable, pg_sys};
 
+use crate::pg::catalog;
+
 /// pgvector's limit on dimensions.
 const VECTOR_MAX_DIM: usize = 16000;
 
@@ -44,7 +46,7 @@ impl IntoDatum for PgVector {
 /// The OID of pgvector's `vector` type, in the schema the `vector` extension lives in.
 /// Looked up each time: the extension can be dropped and created again within a session.
 pub fn vector_type_oid() -> pg_sys::Oid {
-    let schema = crate::sql_text::extension_schema(c"vector");
+    let schema = catalog::extension_schema(c"vector");
     // SAFETY: a catalog lookup by name and schema.
     unsafe {
         pg_sys::GetSysCacheOid(

@@ -6,7 +6,9 @@
 
 use pgrx::pg_sys;
 
-use crate::sql_text::{self, literal, text_param};
+use crate::pg::quote::literal;
+use crate::pg::spi::text_param;
+use crate::pg::{catalog, quote, spi};
 
 /// One of our triggers: where it is and what it was given.
 struct OurTrigger {
@@ -59,7 +61,7 @@ fn our_triggers() -> Vec<OurTrigger> {
 fn installed_schema() -> Option<pg_sys::Oid> {
     // SAFETY: a catalog lookup, missing_ok.
     let extension = unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) };
-    (extension != pg_sys::InvalidOid).then(|| sql_text::extension_schema(c"embeddinggemma"))
+    (extension != pg_sys::InvalidOid).then(|| catalog::extension_schema(c"embeddinggemma"))
 }
 
 /// `relation` and every partition or inheritance child under it (a rename recurses to them).
@@ -67,7 +69,7 @@ fn family(relation: pg_sys::Oid) -> Vec<pg_sys::Oid> {
     let sql = "WITH RECURSIVE f(oid) AS (SELECT $1::pg_catalog.oid UNION
                  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN f ON i.inhparent OPERATOR(pg_catalog.=) f.oid)
                SELECT pg_catalog.array_agg(oid) FROM f";
-    sql_text::one::<Vec<pg_sys::Oid>>(sql, &[text_param(relation)]).unwrap_or_default()
+    spi::one::<Vec<pg_sys::Oid>>(sql, &[text_param(relation)]).unwrap_or_default()
 }
 
 /// A pending rewrite: the trigger and its new arguments.
@@ -92,7 +94,7 @@ pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrit
         }
         // A chunk trigger names its chunk table's key column.
         if t.function == "embeddinggemma_chunk_trigger" && args.len() >= 4 && args[3] == old {
-            let chunk_table = crate::chunk_trigger::resolve_chunk_table(t.table, &args[2]);
+            let chunk_table = crate::write::chunk_settings::resolve_chunk_table(t.table, &args[2]);
             if chunk_table.is_some_and(|c| family.contains(&c)) {
                 args[3] = new.to_string();
             }
@@ -108,14 +110,14 @@ pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrit
 pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
     let mut out = Vec::new();
     for t in our_triggers().into_iter().filter(|t| t.function == "embeddinggemma_chunk_trigger" && t.args.len() >= 3) {
-        if crate::chunk_trigger::resolve_chunk_table(t.table, &t.args[2]) != Some(relation) {
+        if crate::write::chunk_settings::resolve_chunk_table(t.table, &t.args[2]) != Some(relation) {
             continue;
         }
         let mut args = t.args.clone();
         // Qualified as before: a bare name is looked up in the documents' schema.
-        args[2] = match crate::chunk_trigger::parse_ident(&args[2]).as_deref() {
-            Some([schema, _]) => format!("{}.{}", sql_text::ident(schema), sql_text::ident(new)),
-            _ => sql_text::ident(new),
+        args[2] = match crate::write::chunk_settings::parse_ident(&args[2]).as_deref() {
+            Some([schema, _]) => format!("{}.{}", quote::ident(schema), quote::ident(new)),
+            _ => quote::ident(new),
         };
         out.push(Rewrite { trigger: t.oid, function: t.function, args });
     }
@@ -126,7 +128,7 @@ pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
 fn owns(table: pg_sys::Oid) -> bool {
     let sql =
         "SELECT pg_catalog.pg_has_role(relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1";
-    sql_text::one::<bool>(sql, &[text_param(table)]) == Some(true)
+    spi::one::<bool>(sql, &[text_param(table)]) == Some(true)
 }
 
 /// After the rename: each trigger made again with its new arguments (same name, events,
@@ -134,16 +136,16 @@ fn owns(table: pg_sys::Oid) -> bool {
 /// touched (that would act with its owner's rights): a WARNING says it now fails.
 pub fn apply(rewrites: Vec<Rewrite>) {
     for r in rewrites {
-        let table = sql_text::one::<pg_sys::Oid>(
+        let table = spi::one::<pg_sys::Oid>(
             "SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
             &[text_param(r.trigger)],
         );
         let Some(table) = table else { continue };
         if !owns(table) {
-            crate::errors::warn(
+            crate::pg::errors::warn(
                 format!(
                     "embeddinggemma: a trigger on {}, owned by another role, names what was renamed and will fail",
-                    sql_text::display(table)
+                    catalog::display(table)
                 ),
                 format!(
                     "Its owner can create it again calling {}({}).",
@@ -153,8 +155,7 @@ pub fn apply(rewrites: Vec<Rewrite>) {
             );
             continue;
         }
-        let Some(definition) =
-            sql_text::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)])
+        let Some(definition) = spi::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)])
         else {
             continue;
         };
@@ -167,7 +168,7 @@ pub fn apply(rewrites: Vec<Rewrite>) {
         let head = &head[..at - "CREATE TRIGGER ".len()];
         let args = r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
         let sql = format!("CREATE OR REPLACE TRIGGER {head}{marker}{}({args})", &call[..open]);
-        sql_text::run(&sql, &[]);
+        spi::run(&sql, &[]);
         pgrx::notice!(
             "embeddinggemma: trigger {} now calls {}({args})",
             head.split(' ').next().unwrap_or_default(),
@@ -186,15 +187,16 @@ pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
             && column_args(&t.function).iter().any(|&i| t.args.get(i).is_some_and(|a| a == column));
         let chunk_key = t.function == "embeddinggemma_chunk_trigger"
             && t.args.get(3).is_some_and(|a| a == column)
-            && crate::chunk_trigger::resolve_chunk_table(t.table, &t.args[2]).is_some_and(|c| family.contains(&c));
+            && crate::write::chunk_settings::resolve_chunk_table(t.table, &t.args[2])
+                .is_some_and(|c| family.contains(&c));
         if own || chunk_key {
-            let name = sql_text::one::<String>(
+            let name = spi::one::<String>(
                 "SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
                 &[text_param(t.oid)],
             )
             .unwrap_or_default();
-            crate::errors::warn(
-                format!("embeddinggemma: trigger \"{name}\" on {} names the dropped column \"{column}\": every write of the table now fails", sql_text::display(t.table)),
+            crate::pg::errors::warn(
+                format!("embeddinggemma: trigger \"{name}\" on {} names the dropped column \"{column}\": every write of the table now fails", catalog::display(t.table)),
                 "Drop the trigger, or create it again naming existing columns.",
             );
         }
@@ -209,8 +211,8 @@ pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
     for t in our_triggers().into_iter().filter(|t| family.contains(&t.table)) {
         let source = if t.function == "embeddinggemma_trigger" { 0 } else { 1 };
         if t.args.get(source).is_some_and(|a| a == column) {
-            crate::errors::warn(
-                format!("embeddinggemma: column \"{column}\" of {} was retyped: vectors its {} kept may no longer match the texts", sql_text::display(t.table), t.function),
+            crate::pg::errors::warn(
+                format!("embeddinggemma: column \"{column}\" of {} was retyped: vectors its {} kept may no longer match the texts", catalog::display(t.table), t.function),
                 "UPDATE … SET the vector column to NULL, then CALL embeddinggemma_backfill(…) to embed them again.",
             );
         }

@@ -10,10 +10,10 @@ use embeddinggemma_engine::service::{CallStats, Client, ErrorKind, Opened, Servi
 use embeddinggemma_engine::Chunk;
 use pgrx::PgSqlErrorCode;
 
-use crate::errors::{raise, raise_bad_cut};
-use crate::model_info::ModelInfo;
-use crate::service_state::{SOCKET, STATUS};
-use crate::worker;
+use crate::embedding::model_info::ModelInfo;
+use crate::embedding::service_state::{SOCKET, STATUS};
+use crate::pg::errors::{raise, raise_bad_cut};
+use crate::pg::interrupts::{serve_interrupts, WaitEvent};
 
 /// How the waiting backend blocks on the socket between looks at its interrupts.
 const POLL: Duration = Duration::from_millis(5);
@@ -38,7 +38,7 @@ fn raise_service(e: ServiceError) -> ! {
     use PgSqlErrorCode::*;
     let message = format!("embeddinggemma: {}", e.message);
     let (code, hint) = match e.kind {
-        ErrorKind::ModelFile => (ERRCODE_UNDEFINED_FILE, crate::errors::setup_hint().to_string()),
+        ErrorKind::ModelFile => (ERRCODE_UNDEFINED_FILE, crate::pg::errors::setup_hint().to_string()),
         ErrorKind::Checksum => (ERRCODE_DATA_CORRUPTED, "Fetch the model again with ./scripts/fetch-model, or fix embeddinggemma.model_checksums, then SELECT pg_reload_conf().".into()),
         ErrorKind::UnknownTask => (ERRCODE_INVALID_PARAMETER_VALUE, "Pass one of the listed task names, or 'none' for raw text.".into()),
         ErrorKind::InvalidDim => (ERRCODE_INVALID_PARAMETER_VALUE, "Matryoshka dimensions are the first values of the full vector, normalised again.".into()),
@@ -47,7 +47,7 @@ fn raise_service(e: ServiceError) -> ! {
         ErrorKind::Device => (ERRCODE_FEATURE_NOT_SUPPORTED, "Set embeddinggemma.device = 'cpu' in postgresql.conf, or install a build with CUDA on a machine with a GPU.".into()),
         ErrorKind::OutOfMemory => (ERRCODE_OUT_OF_MEMORY, "Embed fewer or shorter texts per call; a superuser sets embeddinggemma.max_call_memory.".into()),
         ErrorKind::Unavailable | ErrorKind::Cancelled => (ERRCODE_CONNECTION_FAILURE, unavailable_hint()),
-        ErrorKind::ModelMismatch => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, crate::errors::service_settings_hint().into()),
+        ErrorKind::ModelMismatch => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, crate::pg::errors::service_settings_hint().into()),
         ErrorKind::Tokenizer | ErrorKind::Inference | ErrorKind::Internal | ErrorKind::Protocol => {
             (ERRCODE_INTERNAL_ERROR, "This is a bug in embeddinggemma; please report it with the input that caused it.".into())
         }
@@ -70,7 +70,7 @@ impl Checkout {
 /// process is there to listen, then checks that it answers.
 fn connect() -> Result<Client, ServiceError> {
     let deadline = Instant::now() + START_WAIT;
-    let _event = worker::WaitEvent::start();
+    let _event = WaitEvent::start();
     let mut client = loop {
         match Client::open(Path::new(SOCKET)) {
             Ok(Opened::Connected(c)) => break c,
@@ -79,7 +79,7 @@ fn connect() -> Result<Client, ServiceError> {
             Err(_) => {}
         }
         std::thread::sleep(POLL);
-        worker::serve_interrupts();
+        serve_interrupts();
     };
     request(&mut client, &|c| c.send_ping(), &|c, t| c.poll_pong(t), Some(ANSWER_TIMEOUT))?;
     Ok(client)
@@ -98,7 +98,7 @@ fn request<R>(
 ) -> Result<R, ServiceError> {
     send(client)?;
     let deadline = timeout.map(|t| Instant::now() + t);
-    let _event = worker::WaitEvent::start();
+    let _event = WaitEvent::start();
     loop {
         if let Some(reply) = poll(client, POLL) {
             return reply;
@@ -109,7 +109,7 @@ fn request<R>(
                 message: format!("embedding service: no answer within {timeout:?}"),
             });
         }
-        worker::serve_interrupts();
+        serve_interrupts();
     }
 }
 
@@ -172,7 +172,7 @@ pub fn stats() -> Result<String, String> {
             Opened::Connected(c) => break c,
             Opened::Busy if Instant::now() < deadline => {
                 std::thread::sleep(POLL);
-                worker::serve_interrupts();
+                serve_interrupts();
             }
             Opened::Busy => return Err("embedding service: it accepts no connection".into()),
         }

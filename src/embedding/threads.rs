@@ -10,26 +10,20 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use embeddinggemma_engine::with_signals_blocked;
-use pgrx::pg_sys;
+
+use crate::pg::errors::raise;
+use crate::pg::interrupts::{serve_interrupts, WaitEvent};
 
 /// How often the waiting backend looks for interrupts.
 const POLL: Duration = Duration::from_millis(5);
 
-/// Serves interrupts if any are pending: raises their ERROR (or exits on FATAL).
-pub fn serve_interrupts() {
-    // SAFETY: a volatile read of a sig_atomic_t flag set by signal handlers.
-    if unsafe { std::ptr::read_volatile(&raw const pg_sys::InterruptPending) } != 0 {
-        pg_sys::check_for_interrupts!();
-    }
-}
-
 thread_local! {
-    /// A worker an interrupt left behind: it stops at its next check (within a layer).
+    /// A thread an interrupt left behind: it stops at its next check (within a layer).
     static UNFINISHED: RefCell<Option<JoinHandle<()>>> = const { RefCell::new(None) };
 }
 
-/// Waits, serving interrupts, until a worker an earlier interrupt left behind has stopped:
-/// a backend runs one worker at a time.
+/// Waits, serving interrupts, until a thread an earlier interrupt left behind has stopped:
+/// a backend runs one such thread at a time.
 pub fn finish_unfinished() {
     while let Some(handle) = UNFINISHED.with(|u| u.borrow_mut().take()) {
         if handle.is_finished() {
@@ -42,7 +36,7 @@ pub fn finish_unfinished() {
     }
 }
 
-/// The running worker; dropped before it has finished (an ERROR unwinding), it tells the work
+/// The running thread; dropped before it has finished (an ERROR unwinding), it tells the work
 /// to stop and leaves it to finish on its own, so the ERROR is not held up by the work.
 struct Running {
     stop: Arc<AtomicBool>,
@@ -78,30 +72,11 @@ pub fn run<R: Send + 'static>(work: impl FnOnce(&AtomicBool) -> R + Send + 'stat
 }
 
 fn no_thread(e: std::io::Error) -> ! {
-    crate::errors::raise(
+    raise(
         pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
         format!("embeddinggemma: cannot start a thread: {e}"),
         "The server is out of threads or memory; try again later.",
     )
-}
-
-/// Reports the wait in pg_stat_activity (wait_event_type 'Extension') while it lasts; an
-/// ERROR's cleanup clears it too.
-pub struct WaitEvent;
-
-impl WaitEvent {
-    pub fn start() -> WaitEvent {
-        // SAFETY: sets this backend's own wait-event slot.
-        unsafe { pg_sys::pgstat_report_wait_start(pg_sys::PG_WAIT_EXTENSION) };
-        WaitEvent
-    }
-}
-
-impl Drop for WaitEvent {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { pg_sys::pgstat_report_wait_end() };
-    }
 }
 
 /// Waits for a result on `rx`, serving interrupts meanwhile.
@@ -111,8 +86,8 @@ pub fn wait<R>(rx: &Receiver<R>) -> R {
         match rx.recv_timeout(POLL) {
             Ok(result) => return result,
             Err(RecvTimeoutError::Timeout) => serve_interrupts(),
-            // The worker panicked before sending its result.
-            Err(RecvTimeoutError::Disconnected) => crate::errors::raise(
+            // The thread panicked before sending its result.
+            Err(RecvTimeoutError::Disconnected) => raise(
                 pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
                 "embeddinggemma: the worker thread failed",
                 "This is a bug in embeddinggemma; please report it.",

@@ -5,6 +5,10 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use embeddinggemma_engine::{DeviceChoice, Precision, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_MEMORY};
 use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
+/// The upper bound of `embeddinggemma.async_max_workers`: the asynchronous workers' slots in
+/// shared memory.
+pub const ASYNC_WORKER_SLOTS: usize = 32;
+
 /// Where `scripts/fetch-model` puts the model.
 pub const DEFAULT_MODEL_PATH: &CStr = c"/var/cache/embeddinggemma/embeddinggemma-300m";
 
@@ -196,7 +200,7 @@ pub fn register() {
         c"Set in postgresql.conf. Each takes a max_worker_processes slot while it drains.",
         &ASYNC_MAX_WORKERS,
         1,
-        crate::asynchronous::registry::SLOTS as i32,
+        ASYNC_WORKER_SLOTS as i32,
         GucContext::Sighup,
         GucFlags::default(),
     );

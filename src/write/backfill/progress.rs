@@ -1,11 +1,14 @@
-//! Backfill progress rows (`embeddinggemma_backfill_progress`): written only here, with the
-//! rights of the table's owner (the extension's owner) after checking that the caller may
-//! write the table being backfilled, so no role can forge or alter another's progress.
+//! Where a backfill run stands: computed after each batch, shown in its NOTICE, and recorded in
+//! the progress rows (`embeddinggemma_backfill_progress`). Those are written only here, with the
+//! rights of the table's owner (the extension's owner) after checking that the caller may write
+//! the table being backfilled, so no role can forge or alter another's progress.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::sql_text::{self, param, text_param};
+use super::run::{Kind, Run};
+use crate::pg::spi::{param, text_param};
+use crate::pg::{catalog, rights, spi};
 
 /// Identifies one run's row: its table and columns, its session and start.
 pub struct RunKey {
@@ -28,7 +31,7 @@ pub struct Standing {
 }
 
 fn table() -> (String, pg_sys::Oid) {
-    sql_text::extension_table("embeddinggemma_backfill_progress")
+    catalog::extension_table("embeddinggemma_backfill_progress")
 }
 
 impl RunKey {
@@ -51,7 +54,7 @@ impl RunKey {
                 AND NOT (pid OPERATOR(pg_catalog.=) $4 AND started_at OPERATOR(pg_catalog.=) $5)"
         );
         let args = self.args();
-        sql_text::as_role(owner, || sql_text::one::<i64>(&sql, &args).unwrap_or(0))
+        rights::as_role(owner, || spi::one::<i64>(&sql, &args).unwrap_or(0))
     }
 
     /// Records the start of a run.
@@ -61,11 +64,11 @@ impl RunKey {
             "INSERT INTO {progress} (relation, source, target, pid, started_at, updated_at, rows_done, rows_remaining, owner)
              VALUES ($1, $2, $3, $4, $5, pg_catalog.clock_timestamp(), 0, $6, $7::pg_catalog.name)"
         );
-        let user = sql_text::role_name(sql_text::current_role());
+        let user = catalog::role_name(rights::current_role());
         let mut args = self.args();
         args.push(text_param(remaining));
         args.push(text_param(user));
-        sql_text::as_role(owner, || sql_text::run(&sql, &args));
+        rights::as_role(owner, || spi::run(&sql, &args));
     }
 
     /// Records where the run stands, in the transaction of the batch it just did.
@@ -88,7 +91,57 @@ impl RunKey {
             text_param(s.note.clone()),
             text_param(s.finished),
         ]);
-        sql_text::as_role(owner, || sql_text::run(&sql, &args));
+        rights::as_role(owner, || spi::run(&sql, &args));
+    }
+}
+
+impl Run {
+    pub(super) fn standing(&mut self) -> Standing {
+        if !self.finished {
+            // Counting the table after every batch would cost more than the batch: subtract
+            // what every run on these columns did since this one started.
+            let all_done = self.key.others_done() + self.done;
+            self.remaining = (self.initial - (all_done - self.others_at_start)).max(0);
+        }
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let eta = match (self.finished, self.remaining) {
+            (_, 0) => Some(0.0),
+            (true, _) => None,
+            (false, left) => Some(left as f64 / rate.max(1e-9)),
+        };
+        Standing {
+            done: self.done,
+            remaining: self.remaining,
+            rows_per_second: rate,
+            eta_seconds: eta,
+            finished: self.finished,
+            note: self.note.clone(),
+        }
+    }
+
+    pub(super) fn message(&self, s: &Standing) -> String {
+        let name = self.name();
+        let unit = match self.kind {
+            Kind::Vectors { .. } => "rows",
+            Kind::Chunks { .. } => "documents",
+        };
+        let table = catalog::display(self.key.relation);
+        let elapsed = self.started.elapsed().as_secs();
+        let clock = |secs: u64| format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+        if s.finished {
+            let verb = if matches!(self.kind, Kind::Vectors { .. }) { "embedded" } else { "chunked" };
+            let left = match &s.note {
+                Some(note) => note.clone(),
+                None => format!("{} left", s.remaining),
+            };
+            format!("{name} {table}: finished, {} {unit} {verb} by this run in {}, {left}", s.done, clock(elapsed))
+        } else {
+            let eta = s.eta_seconds.map_or("unknown".into(), |e| clock(e as u64));
+            format!(
+                "{name} {table}: {} {unit} done, {} remaining, {:.1} {unit}/s, ETA {eta}",
+                s.done, s.remaining, s.rows_per_second
+            )
+        }
     }
 }
 

@@ -5,6 +5,8 @@ use std::ffi::CStr;
 
 use pgrx::pg_sys;
 
+use crate::pg::spi;
+
 /// The first enabled BEFORE ROW trigger of `rel` that fires after `ours` on any of `events`
 /// (`TRIGGER_TYPE_INSERT` / `_UPDATE` bits), by name. The extension's own triggers (another
 /// target of the same text) set only vectors and do not count.
@@ -38,8 +40,5 @@ pub unsafe fn later_before_trigger(rel: pg_sys::Relation, ours: *const pg_sys::T
 fn same_library(a: pg_sys::Oid, b: pg_sys::Oid) -> bool {
     let sql = "SELECT a.prolang OPERATOR(pg_catalog.=) b.prolang AND a.probin OPERATOR(pg_catalog.=) b.probin
                  FROM pg_catalog.pg_proc a, pg_catalog.pg_proc b WHERE a.oid OPERATOR(pg_catalog.=) $1 AND b.oid OPERATOR(pg_catalog.=) $2";
-    crate::sql_text::one::<bool>(
-        sql,
-        &[crate::sql_text::param(a, pg_sys::OIDOID), crate::sql_text::param(b, pg_sys::OIDOID)],
-    ) == Some(true)
+    spi::one::<bool>(sql, &[spi::param(a, pg_sys::OIDOID), spi::param(b, pg_sys::OIDOID)]) == Some(true)
 }
