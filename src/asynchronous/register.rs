@@ -29,7 +29,7 @@ pub(super) fn require_service() {
 fn check_task_and_dim(task: &str, dim: i32) {
     embedding::check_request(task, dim);
     // While the service still loads its model, the worker checks each request instead.
-    let Some(model) = PgTryBuilder::new(|| Some(embedding::info())).catch_others(|_| None).execute() else { return };
+    let Some(model) = crate::pg::subtransaction::try_in_subtransaction(embedding::info) else { return };
     if task != "none" && !model.tasks.iter().any(|t| t == task) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,

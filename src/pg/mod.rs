@@ -11,4 +11,5 @@ pub mod interrupts;
 pub mod quote;
 pub mod rights;
 pub mod spi;
+pub mod subtransaction;
 pub mod vector;
