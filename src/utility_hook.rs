@@ -1,6 +1,6 @@
 //! The extension's utility hook (installed when the library loads): DDL the extension follows.
-//! - Renames of a column or a table that synchronous triggers name (`trigger_renames`); a
-//!   dropped column they name gets a WARNING.
+//! - Renames of a column, a table or a schema, and a table moved to another schema, that
+//!   synchronous triggers name (`trigger_renames`); a dropped column they name gets a WARNING.
 //! - A partition attached to a table with asynchronous targets: its rows are queued.
 //! - A source column retyped (its texts may be rewritten by `USING` without any row trigger):
 //!   asynchronous targets re-embed it, synchronous triggers get a WARNING.
@@ -70,6 +70,22 @@ unsafe fn before(node: *mut pg_sys::Node) -> After {
     // SAFETY: per the contract; each cast follows the node's tag.
     unsafe {
         match (*node).type_ {
+            pg_sys::NodeTag::T_RenameStmt
+                if (*(node as *mut pg_sys::RenameStmt)).renameType == pg_sys::ObjectType::OBJECT_SCHEMA =>
+            {
+                let stmt = node as *mut pg_sys::RenameStmt;
+                if let (Some(old), Some(new)) = (text((*stmt).subname), text((*stmt).newname)) {
+                    after.rewrites = trigger_renames::schema_renamed(&old, &new);
+                }
+            }
+            pg_sys::NodeTag::T_AlterObjectSchemaStmt => {
+                let stmt = node as *mut pg_sys::AlterObjectSchemaStmt;
+                if (*stmt).objectType == pg_sys::ObjectType::OBJECT_TABLE {
+                    if let (Some(relation), Some(schema)) = (relation_of((*stmt).relation), text((*stmt).newschema)) {
+                        after.rewrites = trigger_renames::table_moved(relation, &schema);
+                    }
+                }
+            }
             pg_sys::NodeTag::T_RenameStmt => {
                 let stmt = node as *mut pg_sys::RenameStmt;
                 let (Some(relation), Some(new)) = (relation_of((*stmt).relation), text((*stmt).newname)) else {

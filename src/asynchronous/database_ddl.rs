@@ -48,7 +48,12 @@ unsafe fn emptied_database(node: *mut pg_sys::Node) -> Option<String> {
         match (*node).type_ {
             pg_sys::NodeTag::T_DropdbStmt => text((*(node as *mut pg_sys::DropdbStmt)).dbname),
             pg_sys::NodeTag::T_CreatedbStmt => option_name((*(node as *mut pg_sys::CreatedbStmt)).options, c"template"),
-            pg_sys::NodeTag::T_AlterDatabaseStmt => text((*(node as *mut pg_sys::AlterDatabaseStmt)).dbname),
+            // Only SET TABLESPACE needs the database empty (CONNECTION LIMIT, ALLOW_CONNECTIONS,
+            // IS_TEMPLATE do not).
+            pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                let stmt = node as *mut pg_sys::AlterDatabaseStmt;
+                option_name((*stmt).options, c"tablespace").and(text((*stmt).dbname))
+            }
             pg_sys::NodeTag::T_RenameStmt => {
                 let stmt = node as *mut pg_sys::RenameStmt;
                 ((*stmt).renameType == pg_sys::ObjectType::OBJECT_DATABASE).then(|| text((*stmt).subname)).flatten()

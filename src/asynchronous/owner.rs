@@ -183,3 +183,31 @@ pub fn as_owner<R>(role: pg_sys::Oid, bounds: Bounds, f: impl FnOnce() -> R) -> 
     };
     f()
 }
+
+/// Raises an ERROR when a table the worker writes for a target on `relation` — its partitions
+/// or children, the chunk table and its own — has an owner other than `relation`'s: the
+/// owner's write through the parent would fire that role's triggers with the owner's rights,
+/// whenever that role inserts a row.
+pub fn require_one_owner(relation: pg_sys::Oid, chunk_table: Option<pg_sys::Oid>) {
+    use crate::pg::{catalog, errors::raise, spi};
+    let owner = catalog::relation_owner(relation);
+    let mut tables = catalog::family(relation);
+    tables.extend(chunk_table.map(catalog::family).unwrap_or_default());
+    let sql = "SELECT c.oid FROM pg_catalog.pg_class c
+                WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1) AND c.relowner OPERATOR(pg_catalog.<>) $2 LIMIT 1";
+    let args = [spi::text_param(tables), spi::param(owner, pg_sys::OIDOID)];
+    if let Some(other) = spi::one::<pg_sys::Oid>(sql, &args) {
+        raise(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "embeddinggemma: {} is not owned by the owner of {}: the asynchronous worker writes as that owner and does not write through it",
+                catalog::display(other),
+                catalog::display(relation)
+            ),
+            format!(
+                "Give it the same owner (ALTER TABLE {} OWNER TO …) or detach it; its target's rows are retried, then kept in embeddinggemma_async_failures.",
+                catalog::display(other)
+            ),
+        )
+    }
+}

@@ -61,7 +61,7 @@ pub fn settle_models(targets: &[Target]) {
     for t in targets.iter().filter(|t| t.model.is_none() && !t.scanning) {
         spi::run(
             &format!(
-                "UPDATE {table} t SET model = t.serving WHERE t.id OPERATOR(pg_catalog.=) $1 AND t.serving IS NOT NULL AND NOT t.kept_existing
+                "UPDATE {table} t SET model = t.serving WHERE t.id OPERATOR(pg_catalog.=) $1 AND t.serving IS NOT NULL AND NOT t.kept_existing AND NOT t.scanning
                     AND NOT EXISTS (SELECT FROM {queue} q WHERE q.target_id OPERATOR(pg_catalog.=) t.id)"
             ),
             &[text_param(t.id)],

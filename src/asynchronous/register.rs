@@ -111,6 +111,7 @@ fn register(
 ) -> i32 {
     check_plain_table(rel);
     require_current_sql();
+    super::owner::require_one_owner(rel.oid(), chunks.map(|c| c.chunk_table));
     // The queue and the targets live in each node's own tables; a distributed table's rows are
     // written on the workers, whose triggers would not find a target registered here.
     if crate::pg::citus::is_distributed(rel.oid()) || crate::pg::citus::shard_of(rel.oid()).is_some() {

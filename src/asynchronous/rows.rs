@@ -114,6 +114,7 @@ pub fn write_vectors(
     lens: &[i64],
     vectors: &[Vec<f32>],
 ) -> usize {
+    super::owner::require_one_owner(t.relation, None);
     let documents = crate::pg::columns::open_checked(t.relation);
     check_columns(&documents, &t.source, column, t.dim);
     let key = key_column(&documents, &t.key);
@@ -163,6 +164,7 @@ pub fn embed_chunks(t: &Target, keys: &[String], texts: &[Option<String>]) -> Ch
 
 /// Replaces the chunks of the documents `keys` with `chunks`, as the owner.
 pub fn write_chunks(t: &Target, keys: &[String], chunks: ChunkBatch) -> usize {
+    super::owner::require_one_owner(t.relation, t.chunk_table);
     let documents = crate::pg::columns::open_checked(t.relation);
     let settings = t.chunk_settings(&documents);
     as_owner(t.owner(), Bounds::configured(), || {

@@ -13,6 +13,7 @@ use crate::write::chunk_settings::ChunkSettings;
 /// Rows present at registration queued per transaction.
 const SCAN_ROWS: i64 = 10_000;
 
+#[derive(Clone)]
 pub struct Target {
     pub id: i32,
     pub relation: pg_sys::Oid,
@@ -133,6 +134,28 @@ impl Target {
     /// Queues the next `SCAN_ROWS` rows present when the target was registered (or
     /// re-embedded), in key order after the last key done.
     pub fn scan(&self) {
+        let (targets, _) = catalog::extension_table("embeddinggemma_async_targets");
+        // The scan state as it is now, locked to the end of this transaction: a registration,
+        // re-embed or attached partition that restarts the scan meanwhile is not overwritten
+        // below. Locked by such a command's open transaction: next round.
+        let sql = format!(
+            "SELECT scan_all, scan_after FROM {targets}
+              WHERE id OPERATOR(pg_catalog.=) $1 AND scanning FOR UPDATE SKIP LOCKED"
+        );
+        let state = pgrx::spi::Spi::connect_mut(|c| {
+            let rows = c.update(&sql, Some(1), &[text_param(self.id)])?;
+            if rows.is_empty() {
+                return Ok::<_, pgrx::spi::SpiError>(None);
+            }
+            let row = rows.first();
+            Ok(Some((row.get::<bool>(1)?.unwrap_or(false), row.get::<String>(2)?)))
+        })
+        .expect("SPI reports errors as ERRORs");
+        let Some((scan_all, scan_after)) = state else { return };
+        Target { scan_all, scan_after, ..self.clone() }.scan_locked(&targets);
+    }
+
+    fn scan_locked(&self, targets: &str) {
         let documents = crate::pg::columns::open_checked(self.relation);
         let key = key_column(&documents, &self.key);
         let k = ident(&self.key);
@@ -154,7 +177,6 @@ impl Target {
             .expect("SPI reports errors as ERRORs")
         });
         let (queue, _) = catalog::extension_table("embeddinggemma_async_queue");
-        let (targets, _) = catalog::extension_table("embeddinggemma_async_targets");
         spi::run(
             &format!(
                 "INSERT INTO {queue} (target_id, key) SELECT $1, k FROM pg_catalog.unnest($2::pg_catalog.text[]) AS k"

@@ -161,18 +161,28 @@ pub fn partition_attached(partition: pg_sys::Oid) {
     }
     let (targets, owner) = targets_table();
     let sql = format!(
-        "SELECT id, target FROM {targets}
+        "SELECT id, target, relation::pg_catalog.oid, chunk_table::pg_catalog.oid FROM {targets}
           WHERE relation::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (SELECT relid FROM pg_catalog.pg_partition_ancestors($1))"
     );
-    let found: Vec<(i32, Option<String>)> = rights::as_role(owner, || {
+    type Found = (i32, Option<String>, pg_sys::Oid, Option<pg_sys::Oid>);
+    let found: Vec<Found> = rights::as_role(owner, || {
         pgrx::spi::Spi::connect(|c| {
             let rows = c.select(&sql, None, &[param(partition, pg_sys::REGCLASSOID)])?;
-            rows.map(|r| Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<String>(2)?)))
-                .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+            rows.map(|r| {
+                Ok((
+                    r.get::<i32>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                    r.get(3)?.unwrap_or_default(),
+                    r.get(4)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
         })
         .expect("SPI reports errors as ERRORs")
     });
-    for (id, target) in found {
+    for (id, target, relation, chunk_table) in found {
+        // The worker would write the partition's rows as the target table's owner.
+        super::owner::require_one_owner(relation, chunk_table);
         // Read as the role attaching the partition (it owns the partition).
         let brought = target.is_some_and(|v| {
             let sql = format!(

@@ -4,8 +4,9 @@
 //! table the trigger fires on only.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
+use std::ops::Not;
 
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode, PgTupleDesc};
@@ -45,6 +46,9 @@ struct Columns {
 
 thread_local! {
     static TARGETS: RefCell<HashMap<i32, TriggerTarget>> = RefCell::new(HashMap::new());
+    /// (target table, partition) pairs `covers` found in the transaction it names.
+    static COVERED: RefCell<(pg_sys::TransactionId, HashSet<(pg_sys::Oid, pg_sys::Oid)>)> =
+        RefCell::new((pg_sys::InvalidTransactionId, HashSet::new()));
 }
 
 thread_local! {
@@ -64,13 +68,32 @@ fn wake_at_commit() {
 
 /// Whether a trigger firing on `relid` serves a target on `relation`: the same table, or one of
 /// its partitions (the trigger on a partitioned table is cloned to each, present and future).
+/// Answers are kept for the transaction (a statement writing many rows of a partition asks
+/// once; a DETACH drops the partition's clone of the trigger anyway).
 fn covers(relation: pg_sys::Oid, relid: pg_sys::Oid) -> bool {
     if relation == relid {
         return true;
     }
+    // SAFETY: this transaction's id (the trigger writes the queue: it needs one anyway).
+    let xid = unsafe { pg_sys::GetTopTransactionId() };
+    let known = COVERED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != xid {
+            *c = (xid, HashSet::new());
+        }
+        c.1.contains(&(relation, relid))
+    });
+    if known {
+        return true;
+    }
     let sql =
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a WHERE a.relid OPERATOR(pg_catalog.=) $2)";
-    spi::one::<bool>(sql, &[param(relid, pg_sys::REGCLASSOID), param(relation, pg_sys::REGCLASSOID)]) == Some(true)
+    let covered =
+        spi::one::<bool>(sql, &[param(relid, pg_sys::REGCLASSOID), param(relation, pg_sys::REGCLASSOID)]) == Some(true);
+    if covered {
+        COVERED.with(|c| c.borrow_mut().1.insert((relation, relid)));
+    }
+    covered
 }
 
 /// Forgets the cached target `id` (dropped).
@@ -236,13 +259,14 @@ fn embeddinggemma_async_trigger<'a>(
     // SAFETY: the relation and trigger PostgreSQL fires.
     let unknown = generated
         || unsafe {
-            crate::write::trigger_order::later_before_trigger(
+            crate::write::trigger_order::later_before_triggers(
                 rel,
                 data.tg_trigger,
                 pg_sys::TRIGGER_TYPE_INSERT | pg_sys::TRIGGER_TYPE_UPDATE,
             )
         }
-        .is_some();
+        .is_empty()
+        .not();
     let (text_changed, old_key) = match old {
         Some(old) => (generated || text(old) != text(new), key_of(old).filter(|k| Some(k) != new_key.as_ref())),
         None => (true, None),

@@ -114,3 +114,11 @@ pub fn relation_owner(oid: pg_sys::Oid) -> pg_sys::Oid {
     // SAFETY: an existing relation (checked above), opened to read its owner.
     unsafe { (*pgrx::PgRelation::open(oid).rd_rel).relowner }
 }
+
+/// `relation` and every partition or inheritance child under it, at any depth.
+pub fn family(relation: pg_sys::Oid) -> Vec<pg_sys::Oid> {
+    let sql = "WITH RECURSIVE f(oid) AS (SELECT $1::pg_catalog.oid UNION
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN f ON i.inhparent OPERATOR(pg_catalog.=) f.oid)
+               SELECT pg_catalog.array_agg(oid) FROM f";
+    super::spi::one::<Vec<pg_sys::Oid>>(sql, &[super::spi::text_param(relation)]).unwrap_or_default()
+}

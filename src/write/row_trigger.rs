@@ -54,18 +54,18 @@ fn embeddinggemma_trigger<'a>(
         pg_sys::TRIGGER_TYPE_INSERT
     };
     // SAFETY: the relation and trigger PostgreSQL fires.
-    if let Some(later) =
-        unsafe { crate::write::trigger_order::later_before_trigger(data.tg_relation, data.tg_trigger, events) }
-    {
+    let later =
+        unsafe { crate::write::trigger_order::later_before_triggers(data.tg_relation, data.tg_trigger, events) };
+    if let (Some(first), Some(last)) = (later.first(), later.last()) {
         let ours = trigger.name()?;
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("embeddinggemma_trigger(): BEFORE trigger \"{later}\" fires after \"{ours}\" and may change the text it embedded"),
+            format!("embeddinggemma_trigger(): BEFORE trigger \"{first}\" fires after \"{ours}\" and may change the text it embedded"),
             format!(
                 "Triggers fire in name order: rename the embedding trigger to fire last (ALTER TRIGGER {} ON {} RENAME TO {}), or embed from an AFTER trigger: embeddinggemma_statement_trigger, or an asynchronous target.",
                 quote::ident(ours),
                 catalog::display(relation.oid()),
-                quote::ident(&format!("zz_{ours}"))
+                quote::ident(&format!("{last}_{ours}"))
             ),
         )
     }

@@ -64,24 +64,17 @@ fn installed_schema() -> Option<pg_sys::Oid> {
     (extension != pg_sys::InvalidOid).then(|| catalog::extension_schema(c"embeddinggemma"))
 }
 
-/// `relation` and every partition or inheritance child under it (a rename recurses to them).
-fn family(relation: pg_sys::Oid) -> Vec<pg_sys::Oid> {
-    let sql = "WITH RECURSIVE f(oid) AS (SELECT $1::pg_catalog.oid UNION
-                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN f ON i.inhparent OPERATOR(pg_catalog.=) f.oid)
-               SELECT pg_catalog.array_agg(oid) FROM f";
-    spi::one::<Vec<pg_sys::Oid>>(sql, &[text_param(relation)]).unwrap_or_default()
-}
-
-/// A pending rewrite: the trigger and its new arguments.
+/// A pending rewrite: the trigger, the arguments it has, and its new ones.
 pub struct Rewrite {
     trigger: pg_sys::Oid,
     function: String,
+    old: Vec<String>,
     args: Vec<String>,
 }
 
 /// Before `ALTER TABLE relation RENAME COLUMN old TO new`: the triggers to rewrite after it.
 pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrite> {
-    let family = family(relation);
+    let family = catalog::family(relation);
     let mut out = Vec::new();
     for t in our_triggers() {
         let mut args = t.args.clone();
@@ -100,7 +93,7 @@ pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrit
             }
         }
         if args != t.args {
-            out.push(Rewrite { trigger: t.oid, function: t.function, args });
+            out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
         }
     }
     out
@@ -119,7 +112,42 @@ pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
             Some([schema, _]) => format!("{}.{}", quote::ident(schema), quote::ident(new)),
             _ => quote::ident(new),
         };
-        out.push(Rewrite { trigger: t.oid, function: t.function, args });
+        out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
+    }
+    out
+}
+
+/// Before `ALTER TABLE relation SET SCHEMA schema`: chunk triggers naming it as their chunk
+/// table name it in its new schema (a bare name would find another table of the old one).
+pub fn table_moved(relation: pg_sys::Oid, schema: &str) -> Vec<Rewrite> {
+    let name = catalog::relation_name(relation);
+    chunk_triggers_on(|table, arg| {
+        (crate::write::chunk_settings::resolve_chunk_table(table, arg) == Some(relation))
+            .then(|| format!("{}.{}", quote::ident(schema), quote::ident(&name)))
+    })
+}
+
+/// Before `ALTER SCHEMA old RENAME TO new`: chunk triggers naming a chunk table as `old.table`.
+pub fn schema_renamed(old: &str, new: &str) -> Vec<Rewrite> {
+    chunk_triggers_on(|table, arg| match crate::write::chunk_settings::parse_ident(arg).as_deref() {
+        Some([schema, name])
+            if schema == old && crate::write::chunk_settings::resolve_chunk_table(table, arg).is_some() =>
+        {
+            Some(format!("{}.{}", quote::ident(new), quote::ident(name)))
+        }
+        _ => None,
+    })
+}
+
+/// Chunk triggers whose chunk table argument `rename` gives a new text for.
+fn chunk_triggers_on(rename: impl Fn(pg_sys::Oid, &str) -> Option<String>) -> Vec<Rewrite> {
+    let mut out = Vec::new();
+    for t in our_triggers().into_iter().filter(|t| t.function == "embeddinggemma_chunk_trigger" && t.args.len() >= 3) {
+        if let Some(new) = rename(t.table, &t.args[2]) {
+            let mut args = t.args.clone();
+            args[2] = new;
+            out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
+        }
     }
     out
 }
@@ -131,16 +159,42 @@ fn owns(table: pg_sys::Oid) -> bool {
     spi::one::<bool>(sql, &[text_param(table)]) == Some(true)
 }
 
+/// Arguments as `pg_get_triggerdef` ends a definition with them: `('a', 'b')`, each quoted by
+/// `simple_quote_literal`.
+fn rendered_args(args: &[String]) -> String {
+    // SAFETY: reads a GUC variable of this backend.
+    let doubles_backslash = !unsafe { pg_sys::standard_conforming_strings };
+    let quoted = args.iter().map(|a| {
+        let mut q = String::with_capacity(a.len() + 2);
+        q.push('\'');
+        for ch in a.chars() {
+            if ch == '\'' || (ch == '\\' && doubles_backslash) {
+                q.push(ch);
+            }
+            q.push(ch);
+        }
+        q.push('\'');
+        q
+    });
+    format!("({})", quoted.collect::<Vec<_>>().join(", "))
+}
+
 /// After the rename: each trigger made again with its new arguments (same name, events,
-/// condition and table), and a NOTICE saying so. A trigger on a table of another role is not
-/// touched (that would act with its owner's rights): a WARNING says it now fails.
+/// condition and table), as its table's owner, and a NOTICE saying so. The definition
+/// PostgreSQL prints is cut exactly where its known arguments begin (they are a table owner's
+/// text: never searched for keywords). A trigger on a table of a role the current one is not a
+/// member of is not touched: a WARNING says it now fails.
 pub fn apply(rewrites: Vec<Rewrite>) {
     for r in rewrites {
+        let found = spi::one::<String>(
+            "SELECT t.tgname::pg_catalog.text FROM pg_catalog.pg_trigger t WHERE t.oid OPERATOR(pg_catalog.=) $1",
+            &[text_param(r.trigger)],
+        );
         let table = spi::one::<pg_sys::Oid>(
             "SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
             &[text_param(r.trigger)],
         );
-        let Some(table) = table else { continue };
+        let (Some(name), Some(table)) = (found, table) else { continue };
         if !owns(table) {
             crate::pg::errors::warn(
                 format!(
@@ -159,21 +213,20 @@ pub fn apply(rewrites: Vec<Rewrite>) {
         else {
             continue;
         };
-        let marker = " EXECUTE FUNCTION ";
-        let (Some(head), Some(at)) = (definition.strip_prefix("CREATE TRIGGER "), definition.rfind(marker)) else {
+        let Some(head) =
+            definition.strip_suffix(&rendered_args(&r.old)).and_then(|call| call.strip_prefix("CREATE TRIGGER "))
+        else {
             continue;
         };
-        let call = &definition[at + marker.len()..];
-        let Some(open) = call.find('(') else { continue };
-        let head = &head[..at - "CREATE TRIGGER ".len()];
         let args = r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
-        let sql = format!("CREATE OR REPLACE TRIGGER {head}{marker}{}({args})", &call[..open]);
-        spi::run(&sql, &[]);
-        pgrx::notice!(
-            "embeddinggemma: trigger {} now calls {}({args})",
-            head.split(' ').next().unwrap_or_default(),
-            r.function
-        );
+        let sql = format!("CREATE OR REPLACE TRIGGER {head}({args})");
+        let owner = spi::one::<pg_sys::Oid>(
+            "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+            &[text_param(table)],
+        )
+        .unwrap_or_default();
+        crate::pg::rights::as_role(owner, || spi::run(&sql, &[]));
+        pgrx::notice!("embeddinggemma: trigger {} now calls {}({args})", quote::ident(&name), r.function);
     }
 }
 
@@ -181,7 +234,7 @@ pub fn apply(rewrites: Vec<Rewrite>) {
 /// (PostgreSQL does not track trigger arguments): a WARNING names the trigger to drop or make
 /// again.
 pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
-    let family = family(relation);
+    let family = catalog::family(relation);
     for t in our_triggers() {
         let own = family.contains(&t.table)
             && column_args(&t.function).iter().any(|&i| t.args.get(i).is_some_and(|a| a == column));
@@ -207,7 +260,7 @@ pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
 /// without firing any row trigger, so the vectors a synchronous trigger keeps from that column
 /// may be stale: a WARNING names the way to refill them.
 pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
-    let family = family(relation);
+    let family = catalog::family(relation);
     for t in our_triggers().into_iter().filter(|t| family.contains(&t.table)) {
         let source = if t.function == "embeddinggemma_trigger" { 0 } else { 1 };
         if t.args.get(source).is_some_and(|a| a == column) {

@@ -2,7 +2,9 @@
 //! as a test (issue 26): a domain key's CHECK run as the superuser, owner code that swallows
 //! its timeout, DDL hooks moved by roles that may not run the DDL, entries lost past a batch's
 //! budget, retyped keys, failures shown past row-level security, advisory locks left held, a
-//! terminated launcher, a dropped database's worker started again.
+//! terminated launcher, a dropped database's worker started again; and the second red team's
+//! (DDL followed): a partition of another owner written with the target owner's rights, rows
+//! of an attached partition lost to a scan that overwrote the restart.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -315,4 +317,98 @@ fn a_terminated_launcher_comes_back() {
         assert!(Instant::now() < deadline, "the launcher did not come back");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A partition (or a chunk table) owned by another role than the target's table: the worker
+/// writes through the parent as the parent's owner, which would fire that role's triggers with
+/// the owner's rights, whenever that role inserts a row. Refused at ATTACH; a later change of
+/// owner makes the worker refuse to write (the rows fail), never run the trigger.
+#[test]
+fn a_partition_of_another_owner_is_never_written_with_the_targets_rights() {
+    let _settings = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut admin = connect();
+    role(&mut admin, "atk_tenant");
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS atk_parts, atk_tenant_part CASCADE;
+             DROP FUNCTION IF EXISTS atk_tenant_escalate();
+             CREATE TABLE atk_parts (id int PRIMARY KEY, body text, v vector(768)) PARTITION BY RANGE (id);
+             CREATE TABLE atk_parts_low PARTITION OF atk_parts FOR VALUES FROM (0) TO (100);
+             SELECT embeddinggemma_async('atk_parts', 'body', 'v');
+             CREATE TABLE atk_tenant_part (id int NOT NULL, body text, v vector(768));
+             ALTER TABLE atk_tenant_part OWNER TO atk_tenant;",
+        )
+        .unwrap();
+    let (code, message, hint) = expect_error(
+        &mut admin,
+        "ALTER TABLE atk_parts ATTACH PARTITION atk_tenant_part FOR VALUES FROM (100) TO (200)",
+    );
+    assert_eq!(code, "42501", "{message}");
+    assert!(hint.is_some_and(|h| h.contains("OWNER TO")), "{message}");
+    // Made by the owner, then handed to the tenant.
+    admin
+        .batch_execute(
+            "CREATE TABLE atk_parts_high PARTITION OF atk_parts FOR VALUES FROM (100) TO (200);
+             ALTER TABLE atk_parts_high OWNER TO atk_tenant;
+             UPDATE embeddinggemma_async_targets SET max_attempts = 1 WHERE relation = 'atk_parts'::regclass;",
+        )
+        .unwrap();
+    let mut tenant = connect_as("atk_tenant");
+    tenant
+        .batch_execute(
+            "CREATE FUNCTION public.atk_tenant_escalate() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN EXECUTE 'ALTER ROLE atk_tenant SUPERUSER'; RETURN NEW; END $$;
+             CREATE TRIGGER escalate BEFORE UPDATE ON atk_parts_high FOR EACH ROW EXECUTE FUNCTION public.atk_tenant_escalate();
+             INSERT INTO atk_parts_high VALUES (150, 'a tenant row', NULL);",
+        )
+        .unwrap();
+    assert!(wait(&mut admin, "atk_parts", "120 s"));
+    let superuser: bool =
+        admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'atk_tenant'", &[]).unwrap().get(0);
+    assert!(!superuser, "the worker ran a partition owner's trigger with the target owner's rights");
+    let failed: String = admin
+        .query_one(
+            "SELECT coalesce(string_agg(DISTINCT error, '; '), '') FROM embeddinggemma_async_failures
+              WHERE table_name = 'atk_parts'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(failed.contains("not owned by the owner"), "{failed}");
+    admin
+        .batch_execute(
+            "SELECT embeddinggemma_async_drop('atk_parts', 'v'); DROP TABLE atk_parts, atk_tenant_part;
+             DROP FUNCTION atk_tenant_escalate();",
+        )
+        .unwrap();
+}
+
+/// Partitions attached one after another while the worker scans for the first: each attach
+/// restarts the scan, and the worker's end of a scan never overwrites a restart it did not see.
+#[test]
+fn rows_of_partitions_attached_while_the_worker_scans_are_all_embedded() {
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS atk_scan CASCADE;
+             CREATE TABLE atk_scan (k int PRIMARY KEY, body text, v vector(768)) PARTITION BY RANGE (k);
+             CREATE TABLE atk_scan_0 PARTITION OF atk_scan FOR VALUES FROM (0) TO (10);
+             SELECT embeddinggemma_async('atk_scan', 'body', 'v');",
+        )
+        .unwrap();
+    for i in 1..=4 {
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE atk_scan_{i} (k int NOT NULL, body text, v vector(768));
+                 INSERT INTO atk_scan_{i} VALUES ({a}, 'attached row {a}'), ({b}, 'attached row {b}');
+                 ALTER TABLE atk_scan ATTACH PARTITION atk_scan_{i} FOR VALUES FROM ({a}) TO ({c});",
+                a = i * 10,
+                b = i * 10 + 1,
+                c = i * 10 + 10
+            ))
+            .unwrap();
+    }
+    assert!(wait(&mut admin, "atk_scan", "120 s"));
+    assert_eq!(wrong(&mut admin, "atk_scan"), 0, "rows of an attached partition were left without a vector");
+    admin.batch_execute("SELECT embeddinggemma_async_drop('atk_scan', 'v'); DROP TABLE atk_scan").unwrap();
 }

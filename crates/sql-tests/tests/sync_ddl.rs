@@ -184,3 +184,106 @@ fn the_row_trigger_refuses_to_fire_before_a_trigger_that_may_change_the_text() {
     assert_eq!(wrong(&mut c, "sz_docs", "body", "v"), 0, "the text as stored was not embedded");
     c.batch_execute("DROP TABLE sz_docs; DROP FUNCTION sz_compose()").unwrap();
 }
+
+/// A trigger of an ordinary role whose arguments are made to look like the end of a trigger
+/// definition, naming a superuser's chunk table: the superuser's rename rewrites it, as its
+/// owner, with the arguments as data (red team: they were read as SQL and ran as the superuser).
+#[test]
+fn a_rename_never_runs_a_triggers_arguments_as_sql() {
+    let mut admin = connect();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sx_mallory') THEN CREATE ROLE sx_mallory LOGIN; END IF; END $$;
+             ALTER ROLE sx_mallory NOSUPERUSER;
+             DROP SCHEMA IF EXISTS sx_mal CASCADE;
+             CREATE SCHEMA sx_mal AUTHORIZATION sx_mallory;
+             DROP TABLE IF EXISTS sx_chunks, sx_chunks2;
+             CREATE TABLE sx_chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                     PRIMARY KEY (doc_id, chunk));",
+        )
+        .unwrap();
+    let mut mallory = connect_as("sx_mallory");
+    mallory
+        .batch_execute(
+            "CREATE TABLE sx_mal.docs (id int PRIMARY KEY, body text);
+             CREATE TRIGGER t_inj AFTER INSERT OR UPDATE OR DELETE ON sx_mal.docs FOR EACH ROW
+               EXECUTE FUNCTION public.embeddinggemma_chunk_trigger(
+                 '); ALTER ROLE sx_mallory SUPERUSER; --', 'id', 'public.sx_chunks', 'doc_id', 'X EXECUTE FUNCTION Y(');",
+        )
+        .unwrap();
+    admin
+        .batch_execute(
+            "ALTER TABLE sx_chunks RENAME COLUMN doc_id TO document; ALTER TABLE sx_chunks RENAME TO sx_chunks2",
+        )
+        .unwrap();
+    let superuser: bool =
+        admin.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'sx_mallory'", &[]).unwrap().get(0);
+    assert!(!superuser, "a trigger's arguments ran as SQL with the renaming superuser's rights");
+    let args: String =
+        admin.query_one("SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 't_inj'", &[]).unwrap().get(0);
+    assert!(args.contains("public.sx_chunks2") && args.contains("document"), "the trigger did not follow: {args}");
+    assert!(args.contains("ALTER ROLE sx_mallory SUPERUSER"), "the argument text was changed: {args}");
+    admin.batch_execute("DROP SCHEMA sx_mal CASCADE; DROP TABLE sx_chunks2").unwrap();
+}
+
+/// `ALTER TABLE … SET SCHEMA` and `ALTER SCHEMA … RENAME` of a chunk table are followed: a bare
+/// name would otherwise find a table another role creates in the old schema.
+#[test]
+fn a_chunk_table_moved_to_another_schema_is_followed() {
+    let (mut c, notices) = connect_collecting_notices(&dsn());
+    c.batch_execute(
+        "DROP SCHEMA IF EXISTS sm_a, sm_b, sm_c CASCADE;
+         CREATE SCHEMA sm_a; CREATE SCHEMA sm_b;
+         CREATE TABLE sm_a.docs (id int PRIMARY KEY, body text);
+         CREATE TABLE sm_a.chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768),
+                                   PRIMARY KEY (doc_id, chunk));
+         CREATE TRIGGER chunked AFTER INSERT OR UPDATE OR DELETE ON sm_a.docs FOR EACH ROW
+           EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', 'chunks', 'doc_id');
+         ALTER TABLE sm_a.chunks SET SCHEMA sm_b;
+         CREATE TABLE sm_a.chunks (doc_id int, chunk int, start_offset int, end_offset int, body text, embedding vector(768));
+         INSERT INTO sm_a.docs VALUES (1, 'a document after the move');
+         ALTER SCHEMA sm_b RENAME TO sm_c;
+         INSERT INTO sm_a.docs VALUES (2, 'a document after the schema rename');",
+    )
+    .unwrap();
+    let captured: i64 = c.query_one("SELECT count(*) FROM sm_a.chunks", &[]).unwrap().get(0);
+    assert_eq!(captured, 0, "chunks went to a table of the old schema");
+    let followed: i64 = c.query_one("SELECT count(DISTINCT doc_id) FROM sm_c.chunks", &[]).unwrap().get(0);
+    assert_eq!(followed, 2, "the moved chunk table did not get the chunks");
+    assert!(
+        notices.lock().unwrap().iter().filter(|n| n.contains("now calls")).count() >= 2,
+        "{:?}",
+        notices.lock().unwrap()
+    );
+    c.batch_execute("DROP SCHEMA sm_a, sm_c CASCADE").unwrap();
+}
+
+/// Triggers that cannot change the text do not make the row trigger refuse a write:
+/// `suppress_redundant_updates_trigger` (PostgreSQL's docs name it to fire last), a trigger that
+/// fires only on replicas, a disabled one.
+#[test]
+fn the_row_trigger_accepts_later_triggers_that_cannot_change_the_text() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sq_docs;
+         CREATE TABLE sq_docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE OR REPLACE FUNCTION sq_shout() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN NEW.body := upper(NEW.body); RETURN NEW; END $$;
+         CREATE TRIGGER embed BEFORE INSERT OR UPDATE ON sq_docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v');
+         CREATE TRIGGER z_min_update BEFORE UPDATE ON sq_docs FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger();
+         CREATE TRIGGER z_replica BEFORE INSERT OR UPDATE ON sq_docs FOR EACH ROW EXECUTE FUNCTION sq_shout();
+         ALTER TABLE sq_docs ENABLE REPLICA TRIGGER z_replica;
+         CREATE TRIGGER z_disabled BEFORE INSERT OR UPDATE ON sq_docs FOR EACH ROW EXECUTE FUNCTION sq_shout();
+         ALTER TABLE sq_docs DISABLE TRIGGER z_disabled;
+         INSERT INTO sq_docs (id, body) VALUES (1, 'quiet words');
+         UPDATE sq_docs SET body = 'other quiet words' WHERE id = 1;",
+    )
+    .unwrap();
+    assert_eq!(wrong(&mut c, "sq_docs", "body", "v"), 0);
+    // Fires always: it may change the text.
+    c.batch_execute("ALTER TABLE sq_docs ENABLE ALWAYS TRIGGER z_replica").unwrap();
+    let (code, message, hint) = expect_error(&mut c, "INSERT INTO sq_docs (id, body) VALUES (2, 'loud')");
+    assert_eq!(code, "0A000", "{message}");
+    assert!(hint.is_some_and(|h| h.contains("z_replica_embed")), "{message}");
+    c.batch_execute("DROP TABLE sq_docs; DROP FUNCTION sq_shout()").unwrap();
+}
