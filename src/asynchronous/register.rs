@@ -142,16 +142,36 @@ fn register(
         text_param(keep_stale),
         text_param(keep_existing),
     ];
-    let exists = format!("SELECT EXISTS (SELECT FROM {targets} WHERE relation OPERATOR(pg_catalog.=) $1 AND target OPERATOR(pg_catalog.=) $2)");
-    let same = [param(rel.oid(), pg_sys::REGCLASSOID), text_param(target.to_string())];
-    let taken = rights::as_role(owner, || spi::one::<bool>(&exists, &same));
-    if taken == Some(true) {
+    // One target per column: a target on a partition and one on its parent would both write
+    // the same column, each with its own task.
+    let mut related = crate::pg::catalog::family(rel.oid());
+    related.extend(
+        spi::one::<Vec<pg_sys::Oid>>(
+            "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_ancestors($1)",
+            &[param(rel.oid(), pg_sys::REGCLASSOID)],
+        )
+        .unwrap_or_default(),
+    );
+    let exists = format!(
+        "SELECT relation::pg_catalog.oid FROM {targets}
+          WHERE relation::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1) AND target OPERATOR(pg_catalog.=) $2 LIMIT 1"
+    );
+    let same = [text_param(related), text_param(target.to_string())];
+    if let Some(holder) = rights::as_role(owner, || spi::one::<pg_sys::Oid>(&exists, &same)) {
         raise(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-            format!("embeddinggemma: {} already has an asynchronous target {target}", catalog::display(rel.oid())),
+            if holder == rel.oid() {
+                format!("embeddinggemma: {} already has an asynchronous target {target}", catalog::display(holder))
+            } else {
+                format!(
+                    "embeddinggemma: an asynchronous target on {} already writes column {target} of rows of {}",
+                    catalog::display(holder),
+                    catalog::display(rel.oid())
+                )
+            },
             format!(
                 "SELECT embeddinggemma_async_drop({}, {}) first to register it anew.",
-                quote::literal(&catalog::display(rel.oid())),
+                quote::literal(&catalog::display(holder)),
                 quote::literal(target)
             ),
         )

@@ -184,6 +184,23 @@ fn rows_of_an_attached_partition_are_queued() {
     c.batch_execute("SELECT embeddinggemma_async_drop('da_docs', 'v'); DROP TABLE da_docs").unwrap();
 }
 
+/// One target per column: a partition's own target and its parent's would both write it.
+#[test]
+fn a_column_a_parents_target_writes_cannot_have_a_second_target() {
+    let mut c = connect();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS dd_docs CASCADE;
+         CREATE TABLE dd_docs (id int PRIMARY KEY, body text, v vector(768)) PARTITION BY RANGE (id);
+         CREATE TABLE dd_part PARTITION OF dd_docs FOR VALUES FROM (0) TO (100);
+         SELECT embeddinggemma_async('dd_part', 'body', 'v', 'query');",
+    )
+    .unwrap();
+    let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('dd_docs', 'body', 'v')");
+    assert_eq!(code, "42710", "{message}");
+    assert!(message.contains("dd_part") && hint.is_some_and(|h| h.contains("embeddinggemma_async_drop")), "{message}");
+    c.batch_execute("SELECT embeddinggemma_async_drop('dd_part', 'v'); DROP TABLE dd_docs").unwrap();
+}
+
 /// `ALTER COLUMN … TYPE … USING` rewrites texts without firing a row trigger: the target
 /// embeds every row again.
 #[test]
