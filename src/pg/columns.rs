@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, PgRelation, PgSqlErrorCode};
 
 use crate::pg::errors::raise;
-use crate::pg::vector::vector_type_oid;
+use crate::pg::vector::{is_target_type, vector_type_oid};
 use crate::pg::{catalog, quote, spi};
 
 const TEXT_TYPES: [pg_sys::Oid; 3] = [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::BPCHAROID];
@@ -70,18 +70,19 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
     let source_column = check_source(relation, source);
     let table = relation.name().to_string();
     let dst = find_column(relation, target, "target");
-    if dst.atttypid != vector_type_oid() {
+    if !is_target_type(dst.atttypid) {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("embeddinggemma: target column \"{target}\" of \"{table}\" is {}, not vector", type_name(dst.atttypid, dst.atttypmod)),
-            format!("The target must be a vector({dim}) column, e.g. ALTER TABLE {table} ADD COLUMN embedding vector({dim});"),
+            format!("embeddinggemma: target column \"{target}\" of \"{table}\" is {}, not vector or halfvec", type_name(dst.atttypid, dst.atttypmod)),
+            format!("The target must be a vector({dim}) or halfvec({dim}) column, e.g. ALTER TABLE {table} ADD COLUMN embedding vector({dim});"),
         )
     }
     if dst.atttypmod > 0 && dst.atttypmod != dim {
         raise(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
             format!(
-                "embeddinggemma: target column \"{target}\" of \"{table}\" is vector({}), but dim is {dim}",
+                "embeddinggemma: target column \"{target}\" of \"{table}\" is {}({}), but dim is {dim}",
+                if dst.atttypid == vector_type_oid() { "vector" } else { "halfvec" },
                 dst.atttypmod
             ),
             "Pass the column's dimension as the trigger's dim argument, or change the column type.",

@@ -7,7 +7,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use crate::embedding;
 use crate::pg::columns::{check_columns, source_text};
 use crate::pg::errors::raise;
-use crate::pg::vector::PgVector;
+use crate::pg::vector::{PgHalfvec, PgVector};
 use crate::pg::{catalog, quote};
 
 const USAGE: &str = "CREATE TRIGGER … BEFORE INSERT OR UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v' [, task [, dim]]);";
@@ -81,7 +81,16 @@ fn embeddinggemma_trigger<'a>(
     if old_text.is_some_and(|old| old == text) {
         return Ok(Some(row));
     }
-    let vector = text.map(|t| PgVector::from_slice(&embedding::embed(&[&t], task, dim)[0]));
-    row.set_by_name(target, vector).unwrap_or_else(|e| misuse(&e.to_string()));
+    let values = text.map(|t| embedding::embed(&[&t], task, dim).swap_remove(0));
+    let halfvec = relation
+        .tuple_desc()
+        .iter()
+        .any(|a| !a.attisdropped && a.name() == target.as_str() && a.atttypid == crate::pg::vector::halfvec_type_oid());
+    let set = if halfvec {
+        row.set_by_name(target, values.map(|v| PgHalfvec::from_slice(&v)))
+    } else {
+        row.set_by_name(target, values.map(|v| PgVector::from_slice(&v)))
+    };
+    set.unwrap_or_else(|e| misuse(&e.to_string()));
     Ok(Some(row))
 }

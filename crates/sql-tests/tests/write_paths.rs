@@ -145,6 +145,51 @@ fn statement_trigger_embeds_300_docstrings_in_few_passes() {
     assert!(checked >= 20);
     assert_eq!(c.query_one("SELECT count(*) FROM st_docs WHERE v IS NULL", &[]).unwrap().get::<_, i64>(0), 0);
 
+    // Retrieval with halfvec (issue 29): top-10 of 50 queries through an HNSW index over the
+    // vectors in half precision, against exact search over the float ones.
+    c.batch_execute(
+        "ALTER TABLE st_docs ADD COLUMN h halfvec(768);
+         UPDATE st_docs SET h = v::halfvec;
+         CREATE INDEX st_docs_h ON st_docs USING hnsw (h halfvec_cosine_ops);
+         DROP TABLE IF EXISTS st_queries;
+         CREATE TABLE st_queries AS SELECT id, embed(left(body, 80), 'query') AS q FROM st_docs WHERE id >= 100 AND id < 150;",
+    )
+    .unwrap();
+    let mut found = 0i64;
+    for row in c.query("SELECT q::text FROM st_queries", &[]).unwrap() {
+        let q: String = row.get(0);
+        let mut t = c.transaction().unwrap();
+        t.batch_execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        let exact: Vec<i64> = t
+            .query("SELECT id FROM st_docs ORDER BY v <=> $1::text::vector LIMIT 10", &[&q])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        t.commit().unwrap();
+        let mut t = c.transaction().unwrap();
+        t.batch_execute("SET LOCAL enable_seqscan = off").unwrap();
+        let plan: String = t
+            .query("EXPLAIN SELECT id FROM st_docs ORDER BY h <=> $1::text::halfvec LIMIT 10", &[&q])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        assert!(plan.contains("st_docs_h"), "the halfvec search did not use its index: {plan}");
+        let approximate: Vec<i64> = t
+            .query("SELECT id FROM st_docs ORDER BY h <=> $1::text::halfvec LIMIT 10", &[&q])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        t.commit().unwrap();
+        found += exact.iter().filter(|id| approximate.contains(id)).count() as i64;
+    }
+    let recall = found as f64 / 500.0;
+    eprintln!("halfvec HNSW recall@10 against exact vector search, 50 queries over 300 docstrings: {recall:.3}");
+    assert!(recall >= 0.99, "halfvec recall@10 {recall:.3}");
+    c.batch_execute("DROP TABLE st_queries; DROP INDEX st_docs_h; ALTER TABLE st_docs DROP COLUMN h").unwrap();
+
     // An UPDATE re-embeds only rows whose text changed, in one pass.
     c.batch_execute("SELECT embeddinggemma_stats_reset(); UPDATE st_docs SET body = 'changed ' || id WHERE id < 5; UPDATE st_docs SET id = id WHERE id >= 5;").unwrap();
     assert_eq!((stat::<i64>(&mut c, "texts"), stat::<i64>(&mut c, "forward_passes")), (5, 1));
