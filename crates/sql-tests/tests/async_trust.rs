@@ -692,6 +692,55 @@ fn a_target_registered_while_the_worker_is_busy_is_served_too() {
     assert_eq!(done, BIG);
 }
 
+/// The window of the issue's reproduction, held open: the worker has read its targets for a
+/// round and is stopped (scanning another target's table, which a session holds locked) when a
+/// new target is registered and its rows queued. 0.4.0 then claimed the new target's entries in
+/// that round without a target to give them to, and left them leased for ever.
+#[test]
+fn a_target_registered_between_a_rounds_start_and_its_claims_is_served() {
+    let _alone = alone();
+    let mut c = connect();
+    forget(&mut c, "tr_mid_a");
+    forget(&mut c, "tr_mid_b");
+    let _cleanup = Cleanup(|c: &mut Client| {
+        forget(c, "tr_mid_a");
+        forget(c, "tr_mid_b");
+    });
+    c.batch_execute(
+        "DROP TABLE IF EXISTS tr_mid_a, tr_mid_b;
+         CREATE TABLE tr_mid_a (id bigint PRIMARY KEY, body text, v vector(768));
+         CREATE TABLE tr_mid_b (id bigint PRIMARY KEY, body text, v vector(768));
+         INSERT INTO tr_mid_a VALUES (1, 'a row of the first target');
+         SELECT embeddinggemma_async('tr_mid_a', 'body', 'v');",
+    )
+    .unwrap();
+    assert!(wait(&mut c, "tr_mid_a", "v", "120 s"));
+    // The first target's scan (restarted by a re-embed) waits for this lock: the round has read
+    // its targets and not yet claimed.
+    let mut holder = connect();
+    holder.batch_execute("BEGIN; LOCK TABLE tr_mid_a IN ACCESS EXCLUSIVE MODE").unwrap();
+    c.batch_execute("SELECT embeddinggemma_async_reembed('tr_mid_a', 'v')").unwrap();
+    poll_until("the worker waits for the first target's table", secs(30), || {
+        c.query_one(
+            "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                             WHERE NOT l.granted AND l.relation = 'tr_mid_a'::regclass
+                               AND a.backend_type LIKE 'embeddinggemma async%' AND a.backend_type <> 'embeddinggemma async launcher')",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    c.batch_execute(
+        "SELECT embeddinggemma_async('tr_mid_b', 'body', 'v');
+         INSERT INTO tr_mid_b VALUES (1, 'a row of the target registered mid-round'), (2, 'and another');",
+    )
+    .unwrap();
+    holder.batch_execute("COMMIT").unwrap();
+    assert!(wait(&mut c, "tr_mid_b", "v", "120 s"), "a target registered mid-round was never served");
+    assert_eq!(stale_vectors(&mut c, "tr_mid_b"), 0);
+    assert!(wait(&mut c, "tr_mid_a", "v", "120 s"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Worker slots
 
