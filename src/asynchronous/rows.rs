@@ -116,14 +116,8 @@ pub fn write_vectors(
 ) -> usize {
     super::owner::require_one_owner(t.relation, None);
     let documents = crate::pg::columns::open_checked(t.relation);
-    check_columns(&documents, &t.source, column, t.dim);
+    let vector_type = check_columns(&documents, &t.source, column, t.dim).target_type;
     let key = key_column(&documents, &t.key);
-    let vector_type = documents
-        .tuple_desc()
-        .iter()
-        .find(|a| !a.attisdropped && a.name() == column)
-        .map(|a| a.atttypid)
-        .expect("checked");
     let sql = format!(
         "UPDATE {tbl} d SET {v} = u.v
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]),

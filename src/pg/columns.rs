@@ -64,9 +64,16 @@ pub fn check_source(relation: &PgRelation, source: &str) -> SourceColumn {
     }
 }
 
+/// The columns `check_columns` passed: the text column, and the target's type (`vector` or
+/// `halfvec`), which decides how vectors are written to it.
+pub struct CheckedColumns {
+    pub source: SourceColumn,
+    pub target_type: pg_sys::Oid,
+}
+
 /// Raises an ERROR naming the column unless `source` is a text column (text, varchar, char or
-/// a domain over one) and `target` a `vector` column that can hold `dim` values.
-pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) -> SourceColumn {
+/// a domain over one) and `target` a `vector` or `halfvec` column that can hold `dim` values.
+pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32) -> CheckedColumns {
     let source_column = check_source(relation, source);
     let table = relation.name().to_string();
     let dst = find_column(relation, target, "target");
@@ -88,7 +95,7 @@ pub fn check_columns(relation: &PgRelation, source: &str, target: &str, dim: i32
             "Pass the column's dimension as the trigger's dim argument, or change the column type.",
         )
     }
-    source_column
+    CheckedColumns { source: source_column, target_type: dst.atttypid }
 }
 
 /// The source text of `tuple` as `::text` gives it (char(n) without its padding).

@@ -107,16 +107,6 @@ fn pgvector_type(name: &std::ffi::CStr) -> pg_sys::Oid {
     }
 }
 
-/// `values` as a datum of `element` (`vector` or `halfvec`), palloc'd in the current memory
-/// context.
-pub fn datum_of(values: &[f32], element: pg_sys::Oid) -> pg_sys::Datum {
-    if element != pg_sys::InvalidOid && element == halfvec_type_oid() {
-        pg_sys::Datum::from(PgHalfvec::from_slice(values).0.as_ptr())
-    } else {
-        pg_sys::Datum::from(PgVector::from_slice(values).0.as_ptr())
-    }
-}
-
 unsafe impl BoxRet for PgVector {
     unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
         match self.into_datum() {
@@ -132,7 +122,18 @@ impl_sql_translatable!(PgVector, "vector");
 /// `vectors` as a `vector[]` or `halfvec[]` SQL parameter (`element` is the target column's
 /// type), palloc'd in the current memory context.
 pub fn array_param<'a>(vectors: &[Vec<f32>], element: pg_sys::Oid) -> pgrx::datum::DatumWithOid<'a> {
-    let mut datums: Vec<pg_sys::Datum> = vectors.iter().map(|v| datum_of(v, element)).collect();
+    // Once per batch: the type's lookup reads the catalog.
+    let half = element != pg_sys::InvalidOid && element == halfvec_type_oid();
+    let mut datums: Vec<pg_sys::Datum> = vectors
+        .iter()
+        .map(|v| {
+            if half {
+                pg_sys::Datum::from(PgHalfvec::from_slice(v).0.as_ptr())
+            } else {
+                pg_sys::Datum::from(PgVector::from_slice(v).0.as_ptr())
+            }
+        })
+        .collect();
     // SAFETY: `datums` are valid varlenas of type `element`, whose storage properties
     // come from its catalog entry; construct_array copies them into a new array.
     unsafe {

@@ -149,7 +149,7 @@ impl ChunkSettings {
     ) -> ChunkSettings {
         let key = check_key(documents, key);
         let chunks = crate::pg::columns::open_checked(chunk_table);
-        check_columns(&chunks, "body", "embedding", dim);
+        let vector_type = check_columns(&chunks, "body", "embedding", dim).target_type;
         for column in [chunk_key, "chunk", "start_offset", "end_offset"] {
             if !chunks.tuple_desc().iter().any(|a| !a.attisdropped && a.name() == column) {
                 raise(
@@ -160,12 +160,6 @@ impl ChunkSettings {
             }
         }
         let source_column = check_source(documents, source);
-        let vector_type = chunks
-            .tuple_desc()
-            .iter()
-            .find(|a| !a.attisdropped && a.name() == "embedding")
-            .map(|a| a.atttypid)
-            .expect("checked");
         ChunkSettings {
             key,
             source: source.to_string(),

@@ -37,7 +37,8 @@ fn embeddinggemma_trigger<'a>(
         Some(Err(_)) => misuse(&format!("dim {:?} is not a number", args[3])),
     };
     let relation = trigger.relation()?;
-    let column = check_columns(&relation, source, target, dim);
+    let checked = check_columns(&relation, source, target, dim);
+    let column = checked.source;
     // A generated column is computed after BEFORE triggers: NEW does not hold its text yet.
     if relation.tuple_desc().get(column.attno.get() - 1).is_some_and(|a| a.attgenerated != 0) {
         raise(
@@ -82,11 +83,7 @@ fn embeddinggemma_trigger<'a>(
         return Ok(Some(row));
     }
     let values = text.map(|t| embedding::embed(&[&t], task, dim).swap_remove(0));
-    let halfvec = relation
-        .tuple_desc()
-        .iter()
-        .any(|a| !a.attisdropped && a.name() == target.as_str() && a.atttypid == crate::pg::vector::halfvec_type_oid());
-    let set = if halfvec {
+    let set = if checked.target_type == crate::pg::vector::halfvec_type_oid() {
         row.set_by_name(target, values.map(|v| PgHalfvec::from_slice(&v)))
     } else {
         row.set_by_name(target, values.map(|v| PgVector::from_slice(&v)))

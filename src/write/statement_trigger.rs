@@ -60,7 +60,7 @@ fn embeddinggemma_statement_trigger<'a>(
         )
     }
     let rel = trigger.relation()?;
-    check_columns(&rel, source, target, dim);
+    let vector_type = check_columns(&rel, source, target, dim).target_type;
     let key_column = check_key(&rel, key);
     let relid = rel.oid();
     let table = relation(relid);
@@ -94,12 +94,6 @@ fn embeddinggemma_statement_trigger<'a>(
         "UPDATE {table} t SET {t} = NULL FROM {new_rows} n WHERE t.{k} OPERATOR(pg_catalog.=) n.{k} AND {text_gone}"
     );
     let write = write_back_sql(&table, target, key, &key_column.sql_type());
-    let vector_type = rel
-        .tuple_desc()
-        .iter()
-        .find(|a| !a.attisdropped && a.name() == target.as_str())
-        .map(|a| a.atttypid)
-        .expect("checked");
 
     Spi::connect_mut(|client| {
         // SAFETY: the trigger's own TriggerData, so that its transition tables can be queried.

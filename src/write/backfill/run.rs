@@ -276,13 +276,7 @@ impl Run {
     fn embed_batch(&mut self, source: &str, target: &str, task: &str, dim: i32) -> i64 {
         let leaf = self.leaves[self.leaf];
         let rel = open_checked(leaf);
-        check_columns(&rel, source, target, dim);
-        let vector_type = rel
-            .tuple_desc()
-            .iter()
-            .find(|a| !a.attisdropped && a.name() == target)
-            .map(|a| a.atttypid)
-            .expect("checked");
+        let vector_type = check_columns(&rel, source, target, dim).target_type;
         let rows = self.claim(&format!("d.{}::pg_catalog.text", ident(source)));
         if rows.is_empty() {
             return 0;
