@@ -133,8 +133,7 @@ fn requeue(id: i32) {
 /// rewritten the texts without firing the trigger, so targets embedding that column embed every
 /// row again.
 pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
-    // SAFETY: a catalog lookup, missing_ok.
-    if unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) } == pg_sys::InvalidOid {
+    if !catalog::extension_installed(c"embeddinggemma") {
         return;
     }
     let (targets, owner) = targets_table();
@@ -155,8 +154,7 @@ pub fn source_retyped(relation: pg_sys::Oid, column: &str) {
 /// without chunks). Vectors the partition brought are kept, and the status view then names no
 /// model for the target, as with `keep_existing`.
 pub fn partition_attached(partition: pg_sys::Oid) {
-    // SAFETY: a catalog lookup, missing_ok.
-    if unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) } == pg_sys::InvalidOid {
+    if !catalog::extension_installed(c"embeddinggemma") {
         return;
     }
     let (targets, owner) = targets_table();

@@ -44,6 +44,12 @@ pub fn schema_oid(name: &str) -> Option<pg_sys::Oid> {
 }
 
 /// The schema of extension `name`.
+/// Whether extension `name` is installed in this database (DDL hooks run without it too).
+pub fn extension_installed(name: &CStr) -> bool {
+    // SAFETY: a catalog lookup, missing_ok.
+    unsafe { pg_sys::get_extension_oid(name.as_ptr(), true) != pg_sys::InvalidOid }
+}
+
 pub fn extension_schema(name: &CStr) -> pg_sys::Oid {
     // SAFETY: catalog lookups; get_extension_oid(missing_ok = false) raises when not installed.
     unsafe {

@@ -42,8 +42,12 @@ pub unsafe fn later_before_triggers(rel: pg_sys::Relation, ours: *const pg_sys::
 }
 
 /// Whether C functions `a` and `b` come from the same library (asked only when a later trigger
-/// exists: the common case costs no catalog lookup).
+/// exists: a table without one costs no catalog lookup).
 fn same_library(a: pg_sys::Oid, b: pg_sys::Oid) -> bool {
+    // Two targets through one trigger function (the common case) need no lookup.
+    if a == b {
+        return true;
+    }
     let sql = "SELECT a.prolang OPERATOR(pg_catalog.=) b.prolang AND a.probin OPERATOR(pg_catalog.=) b.probin
                  FROM pg_catalog.pg_proc a, pg_catalog.pg_proc b WHERE a.oid OPERATOR(pg_catalog.=) $1 AND b.oid OPERATOR(pg_catalog.=) $2";
     crate::pg::spi::one::<bool>(

@@ -13,6 +13,7 @@ use crate::pg::{catalog, quote, spi};
 /// One of our triggers: where it is and what it was given.
 struct OurTrigger {
     oid: pg_sys::Oid,
+    name: String,
     table: pg_sys::Oid,
     function: String,
     args: Vec<String>,
@@ -33,7 +34,7 @@ fn column_args(function: &str) -> &'static [usize] {
 /// them).
 fn our_triggers() -> Vec<OurTrigger> {
     let Some(schema) = installed_schema() else { return Vec::new() };
-    let sql = "SELECT t.oid, t.tgrelid, p.proname::pg_catalog.text, t.tgargs
+    let sql = "SELECT t.oid, t.tgrelid, p.proname::pg_catalog.text, t.tgargs, t.tgname::pg_catalog.text
                  FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
                 WHERE p.pronamespace OPERATOR(pg_catalog.=) $1 AND NOT t.tgisinternal
                   AND t.tgconstraint OPERATOR(pg_catalog.=) 0 AND t.tgparentid OPERATOR(pg_catalog.=) 0
@@ -48,6 +49,7 @@ fn our_triggers() -> Vec<OurTrigger> {
             args.pop();
             Ok(OurTrigger {
                 oid: r.get(1)?.unwrap_or_default(),
+                name: r.get(5)?.unwrap_or_default(),
                 table: r.get(2)?.unwrap_or_default(),
                 function: r.get(3)?.unwrap_or_default(),
                 args,
@@ -59,16 +61,12 @@ fn our_triggers() -> Vec<OurTrigger> {
 }
 
 fn installed_schema() -> Option<pg_sys::Oid> {
-    // SAFETY: a catalog lookup, missing_ok.
-    let extension = unsafe { pg_sys::get_extension_oid(c"embeddinggemma".as_ptr(), true) };
-    (extension != pg_sys::InvalidOid).then(|| catalog::extension_schema(c"embeddinggemma"))
+    catalog::extension_installed(c"embeddinggemma").then(|| catalog::extension_schema(c"embeddinggemma"))
 }
 
 /// A pending rewrite: the trigger, the arguments it has, and its new ones.
 pub struct Rewrite {
-    trigger: pg_sys::Oid,
-    function: String,
-    old: Vec<String>,
+    trigger: OurTrigger,
     args: Vec<String>,
 }
 
@@ -93,7 +91,7 @@ pub fn column_renamed(relation: pg_sys::Oid, old: &str, new: &str) -> Vec<Rewrit
             }
         }
         if args != t.args {
-            out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
+            out.push(Rewrite { trigger: t, args });
         }
     }
     out
@@ -112,7 +110,7 @@ pub fn table_renamed(relation: pg_sys::Oid, new: &str) -> Vec<Rewrite> {
             Some([schema, _]) => format!("{}.{}", quote::ident(schema), quote::ident(new)),
             _ => quote::ident(new),
         };
-        out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
+        out.push(Rewrite { trigger: t, args });
     }
     out
 }
@@ -146,7 +144,7 @@ fn chunk_triggers_on(rename: impl Fn(pg_sys::Oid, &str) -> Option<String>) -> Ve
         if let Some(new) = rename(t.table, &t.args[2]) {
             let mut args = t.args.clone();
             args[2] = new;
-            out.push(Rewrite { trigger: t.oid, function: t.function, old: t.args, args });
+            out.push(Rewrite { trigger: t, args });
         }
     }
     out
@@ -185,48 +183,34 @@ fn rendered_args(args: &[String]) -> String {
 /// text: never searched for keywords). A trigger on a table of a role the current one is not a
 /// member of is not touched: a WARNING says it now fails.
 pub fn apply(rewrites: Vec<Rewrite>) {
-    for r in rewrites {
-        let found = spi::one::<String>(
-            "SELECT t.tgname::pg_catalog.text FROM pg_catalog.pg_trigger t WHERE t.oid OPERATOR(pg_catalog.=) $1",
-            &[text_param(r.trigger)],
-        );
-        let table = spi::one::<pg_sys::Oid>(
-            "SELECT tgrelid FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
-            &[text_param(r.trigger)],
-        );
-        let (Some(name), Some(table)) = (found, table) else { continue };
-        if !owns(table) {
+    for Rewrite { trigger: t, args } in rewrites {
+        if !owns(t.table) {
             crate::pg::errors::warn(
                 format!(
                     "embeddinggemma: a trigger on {}, owned by another role, names what was renamed and will fail",
-                    catalog::display(table)
+                    catalog::display(t.table)
                 ),
                 format!(
                     "Its owner can create it again calling {}({}).",
-                    r.function,
-                    r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ")
+                    t.function,
+                    args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ")
                 ),
             );
             continue;
         }
-        let Some(definition) = spi::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(r.trigger)])
+        let Some(definition) = spi::one::<String>("SELECT pg_catalog.pg_get_triggerdef($1)", &[text_param(t.oid)])
         else {
             continue;
         };
         let Some(head) =
-            definition.strip_suffix(&rendered_args(&r.old)).and_then(|call| call.strip_prefix("CREATE TRIGGER "))
+            definition.strip_suffix(&rendered_args(&t.args)).and_then(|call| call.strip_prefix("CREATE TRIGGER "))
         else {
             continue;
         };
-        let args = r.args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
+        let args = args.iter().map(|a| literal(a)).collect::<Vec<_>>().join(", ");
         let sql = format!("CREATE OR REPLACE TRIGGER {head}({args})");
-        let owner = spi::one::<pg_sys::Oid>(
-            "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
-            &[text_param(table)],
-        )
-        .unwrap_or_default();
-        crate::pg::rights::as_role(owner, || spi::run(&sql, &[]));
-        pgrx::notice!("embeddinggemma: trigger {} now calls {}({args})", quote::ident(&name), r.function);
+        crate::pg::rights::as_role(catalog::relation_owner(t.table), || spi::run(&sql, &[]));
+        pgrx::notice!("embeddinggemma: trigger {} now calls {}({args})", quote::ident(&t.name), t.function);
     }
 }
 
@@ -243,11 +227,7 @@ pub fn column_dropped(relation: pg_sys::Oid, column: &str) {
             && crate::write::chunk_settings::resolve_chunk_table(t.table, &t.args[2])
                 .is_some_and(|c| family.contains(&c));
         if own || chunk_key {
-            let name = spi::one::<String>(
-                "SELECT tgname::pg_catalog.text FROM pg_catalog.pg_trigger WHERE oid OPERATOR(pg_catalog.=) $1",
-                &[text_param(t.oid)],
-            )
-            .unwrap_or_default();
+            let name = &t.name;
             crate::pg::errors::warn(
                 format!("embeddinggemma: trigger \"{name}\" on {} names the dropped column \"{column}\": every write of the table now fails", catalog::display(t.table)),
                 "Drop the trigger, or create it again naming existing columns.",
