@@ -12,6 +12,8 @@ CARGO_PGRX_VERSION=0.18.1
 # Debian's own PostgreSQL 15 (postgresql-server-dev-15), for a second server version's build.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 export EMBEDDINGGEMMA_CACHE=${EMBEDDINGGEMMA_CACHE:-/var/cache/embeddinggemma}
+# Where cargo builds (.ci/run keeps it in the cache, so a fresh clone reuses the last build).
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 MODEL_DIR=$EMBEDDINGGEMMA_CACHE/embeddinggemma-300m
 # The server runs as this unprivileged user (PostgreSQL refuses root).
 PG_USER=${EMBEDDINGGEMMA_PG_USER:-embeddinggemma}
@@ -110,7 +112,7 @@ install_extension() {
     # The engine's binary, which the service (shared_preload_libraries) runs as `serve`.
     (cd "$ROOT" && cargo build --release -p embeddinggemma-engine --bin embeddinggemma \
         ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
-    as_root install -m 0755 "$ROOT/target/release/embeddinggemma" "$("$PG_CONFIG" --bindir)/embeddinggemma"
+    as_root install -m 0755 "$TARGET_DIR/release/embeddinggemma" "$("$PG_CONFIG" --bindir)/embeddinggemma"
     # Install scripts of earlier versions, so an install can start at one and be upgraded.
     as_root cp "$ROOT"/sql/history/*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 }
