@@ -12,6 +12,8 @@ CARGO_PGRX_VERSION=0.18.1
 # Debian's own PostgreSQL 15 (postgresql-server-dev-15), for a second server version's build.
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 export EMBEDDINGGEMMA_CACHE=${EMBEDDINGGEMMA_CACHE:-/var/cache/embeddinggemma}
+# Debian 13's PostgreSQL 17 in a root of its own (scripts/versions), through a wrapper.
+PG17_CONFIG=$EMBEDDINGGEMMA_CACHE/pg-config-wrappers/pg17/pg_config
 # Where cargo builds (.ci/run keeps it in the cache, so a fresh clone reuses the last build).
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 MODEL_DIR=$EMBEDDINGGEMMA_CACHE/embeddinggemma-300m
@@ -72,17 +74,32 @@ ensure_reference_venv() {
     fi
 }
 
+# ensure_cargo_pgrx [MAJOR PG_CONFIG]...: cargo-pgrx installed and initialised for the
+# PostgreSQL 18 here, Debian's 15 and the Debian 13 root's 17 where present, the pairs given,
+# and whatever it knew already.
+# shellcheck disable=SC2120  # scripts/package passes its version
 ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $CARGO_PGRX_VERSION\$"; then
         say "installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes)"
         cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked
     fi
-    local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml versions=(--pg18 "$PG_CONFIG")
-    # Debian's PostgreSQL 15, where installed, for the pg15 check (check_for_pg15).
-    [ -x "$PG15_CONFIG" ] && versions+=(--pg15 "$PG15_CONFIG")
-    if ! grep -qs "pg18 = \"$PG_CONFIG\"" "$config" || { [ -x "$PG15_CONFIG" ] && ! grep -qs "pg15 = \"$PG15_CONFIG\"" "$config"; }; then
-        say "cargo pgrx init ${versions[*]}"
-        cargo pgrx init "${versions[@]}" >/dev/null
+    local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml stale=0 major path args=()
+    local -A want=()
+    while read -r major path; do want[$major]=$path; done < <(sed -n 's/^pg\([0-9]*\) = "\(.*\)"$/\1 \2/p' "$config" 2>/dev/null)
+    [ -z "${PG_CONFIG:-}" ] || want[18]=$PG_CONFIG
+    [ ! -x "$PG15_CONFIG" ] || want[15]=$PG15_CONFIG
+    [ ! -x "$PG17_CONFIG" ] || want[17]=$PG17_CONFIG
+    while [ $# -ge 2 ]; do
+        want[$1]=$2
+        shift 2
+    done
+    for major in "${!want[@]}"; do
+        grep -qs "^pg$major = \"${want[$major]}\"\$" "$config" || stale=1
+        args+=("--pg$major" "${want[$major]}")
+    done
+    if [ "$stale" = 1 ]; then
+        say "cargo pgrx init ${args[*]}"
+        cargo pgrx init "${args[@]}" >/dev/null
     fi
 }
 
@@ -166,22 +183,6 @@ pg_preload() {
     if ! as_root grep -q "^shared_preload_libraries = 'embeddinggemma'" "$data/postgresql.auto.conf"; then
         echo "shared_preload_libraries = 'embeddinggemma'" | as_pg_user tee -a "$data/postgresql.auto.conf" >/dev/null
     fi
-}
-
-# A check of the extension against Debian's PostgreSQL 15 (postgresql-server-dev-15): proves the
-# pg15 feature compiles. In scripts/lint's check-mode target directory, so only pgrx and the
-# extension itself are checked again.
-check_for_pg15() {
-    # The server package alone ships pg_config too: the headers are what the build needs.
-    if [ ! -x "$PG15_CONFIG" ] || [ ! -f "$("$PG15_CONFIG" --includedir-server)/postgres.h" ]; then
-        say "installing Debian's postgresql-server-dev-15"
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-server-dev-15 >/dev/null
-    fi
-    ensure_cargo_pgrx
-    say "building the extension for PostgreSQL 15 ($("$PG15_CONFIG" --version))"
-    (cd "$ROOT" && CARGO_TARGET_DIR=${EMBEDDINGGEMMA_LINT_TARGET:-$EMBEDDINGGEMMA_CACHE/lint-target} \
-        cargo check --lib --no-default-features --features pg15)
 }
 
 pg_stop() {

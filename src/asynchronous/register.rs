@@ -195,14 +195,14 @@ fn register(
     id
 }
 
-// The relation's primary key index, if any (InvalidOid otherwise); PostgreSQL 17 added the
-// deferrable_ok argument (a deferrable key is no key for us).
-#[cfg(not(any(feature = "pg15", feature = "pg16")))]
+// The relation's primary key index, if any (InvalidOid otherwise); PostgreSQL 18 added the
+// deferrable_ok argument (a deferrable key is no key for us; before 18 none is returned).
+#[cfg(not(any(feature = "pg15", feature = "pg16", feature = "pg17")))]
 fn primary_key_index(rel: &PgRelation) -> pg_sys::Oid {
     // SAFETY: an open relation.
     unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr(), false) }
 }
-#[cfg(any(feature = "pg15", feature = "pg16"))]
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
 fn primary_key_index(rel: &PgRelation) -> pg_sys::Oid {
     // SAFETY: an open relation.
     unsafe { pg_sys::RelationGetPrimaryKeyIndex(rel.as_ptr()) }

@@ -245,8 +245,8 @@ fn nothing_is_lost_when_the_service_or_the_worker_dies_mid_drain() {
     let _alone = DISRUPTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = service_session();
     let service = service_pid(&mut c);
-    // More rows than one batch (1,024), so that the kill comes between batches.
-    const N: i64 = 2500;
+    // More rows than one claim (1,024 entries), so that the kill comes between batches.
+    const N: i64 = 1300;
     fresh_table(&mut c, "ak_docs", N);
     c.batch_execute("SELECT embeddinggemma_async('ak_docs', 'body', 'v')").unwrap();
     let embedded = |c: &mut Client| -> i64 { c.query_one("SELECT count(v) FROM ak_docs", &[]).unwrap().get(0) };
@@ -337,7 +337,7 @@ fn nothing_is_lost_when_the_server_restarts_immediately_mid_drain() {
     );
     let mut c = service_session();
     service_pid(&mut c);
-    const N: i64 = 2500;
+    const N: i64 = 1300;
     fresh_table(&mut c, "ai_docs", N);
     c.batch_execute("SELECT embeddinggemma_async('ai_docs', 'body', 'v')").unwrap();
     let embedded = |c: &mut Client| -> i64 { c.query_one("SELECT count(v) FROM ai_docs", &[]).unwrap().get(0) };
