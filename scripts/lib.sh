@@ -127,8 +127,8 @@ install_extension() {
     (cd "$ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" \
         ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
     # The engine's binary, which the service (shared_preload_libraries) runs as `serve`.
-    (cd "$ROOT" && cargo build --release -p embeddinggemma-engine --bin embeddinggemma \
-        ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"})
+    "$ROOT/scripts/cargo-shared" build --release -p embeddinggemma-engine --bin embeddinggemma \
+        ${EMBEDDINGGEMMA_FEATURES:+--features "$EMBEDDINGGEMMA_FEATURES"}
     as_root install -m 0755 "$TARGET_DIR/release/embeddinggemma" "$("$PG_CONFIG" --bindir)/embeddinggemma"
     # Install scripts of earlier versions, so an install can start at one and be upgraded.
     as_root cp "$ROOT"/sql/history/*.sql "$("$PG_CONFIG" --sharedir)/extension/"

@@ -1,12 +1,14 @@
 //! A distributed table on the three-node Citus cluster of `scripts/citus` (a coordinator and
-//! two workers, each with its own embedding service and the real model): every write path
-//! embeds on the workers and gives the vectors a single server gives. Single-node references
-//! come from the main test server (`EMBEDDINGGEMMA_TEST_DSN`, same model).
+//! two workers, each with its own embedding service): every write path embeds on the workers
+//! and gives the vectors a single server gives. What is checked is plumbing (where each path
+//! embeds, what reaches the shards), so `scripts/test` has the nodes serve the tiny fixture
+//! model (48 dimensions); single-node references come from the main test server
+//! (`EMBEDDINGGEMMA_TEST_DSN`) in a session pointed at the same model.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use embeddinggemma_sql_tests::{connect, docstrings, expect_error, load::short_text};
+use embeddinggemma_sql_tests::{connect, docstrings, expect_error, load::short_text, use_tiny_model};
 use postgres::{Client, NoTls};
 
 /// The tests share the cluster's services, whose counters they read: one at a time.
@@ -27,6 +29,16 @@ fn workers() -> Vec<Client> {
         .iter()
         .map(|v| Client::connect(&node_dsn(v), NoTls).expect("cannot connect to a Citus worker"))
         .collect()
+}
+
+/// The tiny model's width: the vector columns, and `dim` wherever it is not the default 768.
+const DIM: i32 = 48;
+
+/// A session of the main test server with the tiny model (in-process): the single-node reference.
+fn single_node() -> Client {
+    let mut c = connect();
+    use_tiny_model(&mut c);
+    c
 }
 
 /// Texts each node's service has embedded so far: [coordinator, worker1, worker2].
@@ -64,10 +76,13 @@ fn vectors(c: &mut Client, table: &str, text: &str, vector: &str) -> Vec<VectorR
 
 /// Every row's vector is single-node embed() of its text (NULL for a NULL text).
 fn assert_single_node_vectors(rows: &[VectorRow], what: &str) {
-    let mut single = connect();
+    let mut single = single_node();
     let texts: Vec<Option<String>> = rows.iter().map(|r| r.1.clone()).collect();
     let expected: Vec<Option<Vec<f32>>> = single
-        .query("SELECT e.embedding::real[] FROM embed_batch($1::text[]) e ORDER BY e.ord", &[&texts])
+        .query(
+            "SELECT e.embedding::real[] FROM embed_batch($1::text[], 'document', $2) e ORDER BY e.ord",
+            &[&texts, &DIM],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -94,7 +109,7 @@ fn assert_single_node_chunks(c: &mut Client, docs: &str, chunks: &str, max_token
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut single = connect();
+    let mut single = single_node();
     let mut total = 0;
     for (id, body) in documents {
         let got: Vec<(i32, String, Vec<f32>)> = c
@@ -108,8 +123,8 @@ fn assert_single_node_chunks(c: &mut Client, docs: &str, chunks: &str, max_token
             .collect();
         let want: Vec<(i32, String, Vec<f32>)> = single
             .query(
-                "SELECT chunk, body, embedding::real[] FROM embed_chunks($1, $2, $3) ORDER BY chunk",
-                &[&body, &max_tokens, &overlap],
+                "SELECT chunk, body, embedding::real[] FROM embed_chunks($1, $2, $3, 'document', $4) ORDER BY chunk",
+                &[&body, &max_tokens, &overlap, &DIM],
             )
             .unwrap()
             .iter()
@@ -153,10 +168,10 @@ fn documents_with_chunk_trigger(c: &mut Client, docs: &str, distribution: &str) 
         c,
         &format!(
             "DROP TABLE IF EXISTS {chunks};\n\
-             CREATE TABLE {chunks} (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector(768), PRIMARY KEY (doc_id, chunk));\n\
+             CREATE TABLE {chunks} (doc_id bigint, chunk int, start_offset int, end_offset int, body text, embedding vector({DIM}), PRIMARY KEY (doc_id, chunk));\n\
              SELECT create_distributed_table('{chunks}', 'doc_id', {distribution});\n\
              CREATE TRIGGER c AFTER INSERT OR UPDATE OR DELETE ON {docs} FOR EACH ROW \
-               EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', '{chunks}', 'doc_id', '48', '8')"
+               EXECUTE FUNCTION embeddinggemma_chunk_trigger('id', 'body', '{chunks}', 'doc_id', '48', '8', 'document', '{DIM}')"
         ),
     );
 }
@@ -165,7 +180,7 @@ fn documents_with_chunk_trigger(c: &mut Client, docs: &str, distribution: &str) 
 fn a_distributed_update_embeds_on_the_workers_as_one_server_would() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = coordinator();
-    distributed_table(&mut c, "c_update", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
+    distributed_table(&mut c, "c_update", &format!("id bigint PRIMARY KEY, body text, v vector({DIM})"), 4);
     let texts = short_rows(60, 1000);
     c.execute(
         "INSERT INTO c_update (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)",
@@ -174,9 +189,9 @@ fn a_distributed_update_embeds_on_the_workers_as_one_server_would() {
     .unwrap();
     c.execute("UPDATE c_update SET body = NULL WHERE id = 7", &[]).unwrap();
     let before = served();
-    let n = c.execute("UPDATE c_update SET v = embed(body)", &[]).unwrap();
+    let n = c.execute("UPDATE c_update SET v = embed(body, 'document', $1)", &[&DIM]).unwrap();
     assert_eq!(n, 60);
-    assert_on_workers(before, "UPDATE c_update SET v = embed(body)");
+    assert_on_workers(before, "UPDATE c_update SET v = embed(body, 'document', 48)");
     assert_single_node_vectors(&vectors(&mut c, "c_update", "body", "v"), "distributed UPDATE");
     c.batch_execute("DROP TABLE c_update").unwrap();
 }
@@ -186,8 +201,8 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = coordinator();
     // The row trigger.
-    distributed_table(&mut c, "c_row", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
-    c.batch_execute("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_row FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')").unwrap();
+    distributed_table(&mut c, "c_row", &format!("id bigint PRIMARY KEY, body text, v vector({DIM})"), 4);
+    c.batch_execute(&format!("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_row FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v', 'document', '{DIM}')")).unwrap();
     let before = served();
     let texts = short_rows(24, 2000);
     c.execute("INSERT INTO c_row (id, body) SELECT i, t FROM unnest($1::text[]) WITH ORDINALITY AS x(t, i)", &[&texts])
@@ -198,13 +213,20 @@ fn row_statement_and_chunk_triggers_fire_on_the_shards() {
     assert_single_node_vectors(&vectors(&mut c, "c_row", "body", "v"), "row trigger");
 
     // The statement trigger (a distributed table's key cannot change: Citus refuses that).
-    distributed_table(&mut c, "c_stmt", "id bigint PRIMARY KEY, body text, n int DEFAULT 0, v vector(768)", 4);
+    distributed_table(
+        &mut c,
+        "c_stmt",
+        &format!("id bigint PRIMARY KEY, body text, n int DEFAULT 0, v vector({DIM})"),
+        4,
+    );
     each(
         &mut c,
-        "CREATE TRIGGER i AFTER INSERT ON c_stmt REFERENCING NEW TABLE AS new_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');
+        &format!(
+            "CREATE TRIGGER i AFTER INSERT ON c_stmt REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v', 'document', '{DIM}');
          CREATE TRIGGER u AFTER UPDATE ON c_stmt REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v');",
+            FOR EACH STATEMENT EXECUTE FUNCTION embeddinggemma_statement_trigger('id', 'body', 'v', 'document', '{DIM}');"
+        ),
     );
     let before = served();
     let texts = short_rows(24, 3000);
@@ -276,8 +298,8 @@ fn kill_midway(call: &str, progress: &str) -> i64 {
 fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kill() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = coordinator();
-    distributed_table(&mut c, "c_fill", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
-    c.batch_execute("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_fill FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v')").unwrap();
+    distributed_table(&mut c, "c_fill", &format!("id bigint PRIMARY KEY, body text, v vector({DIM})"), 4);
+    c.batch_execute(&format!("CREATE TRIGGER e BEFORE INSERT OR UPDATE ON c_fill FOR EACH ROW EXECUTE FUNCTION embeddinggemma_trigger('body', 'v', 'document', '{DIM}')")).unwrap();
     c.batch_execute("ALTER TABLE c_fill DISABLE TRIGGER e").unwrap();
     let texts = short_rows(600, 5000);
     c.execute(
@@ -287,7 +309,7 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
     .unwrap();
     c.batch_execute("ALTER TABLE c_fill ENABLE TRIGGER e").unwrap();
     let before = served();
-    let call = "CALL embeddinggemma_backfill('c_fill', 'body', 'v', batch_size => 4)";
+    let call = "CALL embeddinggemma_backfill('c_fill', 'body', 'v', dim => 48, batch_size => 4)";
     let done = kill_midway(call, "SELECT count(v) FROM c_fill");
     let after_kill: i64 = c.query_one("SELECT count(v) FROM c_fill", &[]).unwrap().get(0);
     eprintln!("killed with {done} rows done ({after_kill} once the shards' sessions were gone)");
@@ -343,7 +365,7 @@ fn both_backfills_run_from_the_coordinator_on_every_shard_and_resume_after_a_kil
 fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embedded_once() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = coordinator();
-    distributed_table(&mut c, "c_search", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
+    distributed_table(&mut c, "c_search", &format!("id bigint PRIMARY KEY, body text, v vector({DIM})"), 4);
     let passages = docstrings(350);
     let (corpus, queries) = passages.split_at(300);
     c.execute(
@@ -351,7 +373,7 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
         &[&corpus.to_vec()],
     )
     .unwrap();
-    c.execute("UPDATE c_search SET v = embed(body)", &[]).unwrap();
+    c.execute("UPDATE c_search SET v = embed(body, 'document', $1)", &[&DIM]).unwrap();
     each(
         &mut c,
         "CREATE INDEX ON c_search USING hnsw (v vector_cosine_ops);
@@ -367,7 +389,7 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
         // would be scanned, not searched, without enable_seqscan = off.
         t.batch_execute("SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL hnsw.ef_search = 200; SET LOCAL enable_seqscan = off").unwrap();
         let plan: String = t
-            .query("EXPLAIN SELECT id FROM c_search ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q])
+            .query("EXPLAIN SELECT id FROM c_search ORDER BY v <=> embed($1, 'query', 48) LIMIT 10", &[q])
             .unwrap()
             .iter()
             .map(|r| r.get::<_, String>(0))
@@ -375,14 +397,14 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
             .join("\n");
         assert!(plan.contains("hnsw") || plan.contains("Index Scan"), "the shards do not use the index:\n{plan}");
         let approx: Vec<i64> = t
-            .query("SELECT id FROM c_search ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q])
+            .query("SELECT id FROM c_search ORDER BY v <=> embed($1, 'query', 48) LIMIT 10", &[q])
             .unwrap()
             .iter()
             .map(|r| r.get(0))
             .collect();
         t.commit().unwrap();
         let exact: Vec<i64> = c
-            .query("SELECT id FROM c_search_single ORDER BY v <=> embed($1, 'query') LIMIT 10", &[q])
+            .query("SELECT id FROM c_search_single ORDER BY v <=> embed($1, 'query', 48) LIMIT 10", &[q])
             .unwrap()
             .iter()
             .map(|r| r.get(0))
@@ -404,8 +426,9 @@ fn hnsw_search_on_a_distributed_table_finds_the_exact_top_10_with_the_query_embe
 fn what_citus_cannot_do_is_refused_with_the_way_that_works() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = coordinator();
-    distributed_table(&mut c, "c_refused", "id bigint PRIMARY KEY, body text, v vector(768)", 4);
-    let (code, message, hint) = expect_error(&mut c, "SELECT embeddinggemma_async('c_refused', 'body', 'v')");
+    distributed_table(&mut c, "c_refused", &format!("id bigint PRIMARY KEY, body text, v vector({DIM})"), 4);
+    let (code, message, hint) =
+        expect_error(&mut c, "SELECT embeddinggemma_async('c_refused', 'body', 'v', dim => 48)");
     assert_eq!(code, "0A000", "{message}");
     assert!(message.contains("distributed"), "{message}");
     assert!(hint.unwrap_or_default().contains("embeddinggemma_trigger"));
