@@ -88,7 +88,8 @@ ensure_cargo_pgrx() {
     while read -r major path; do want[$major]=$path; done < <(sed -n 's/^pg\([0-9]*\) = "\(.*\)"$/\1 \2/p' "$config" 2>/dev/null)
     [ -z "${PG_CONFIG:-}" ] || want[18]=$PG_CONFIG
     [ ! -x "$PG15_CONFIG" ] || want[15]=$PG15_CONFIG
-    [ ! -x "$PG17_CONFIG" ] || want[17]=$PG17_CONFIG
+    # (only while the wrapper works: the root may have been removed)
+    [ ! -x "$PG17_CONFIG" ] || ! "$PG17_CONFIG" --version >/dev/null 2>&1 || want[17]=$PG17_CONFIG
     while [ $# -ge 2 ]; do
         want[$1]=$2
         shift 2

@@ -14,6 +14,7 @@ use std::ffi::CString;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use embeddinggemma_engine::with_signals_blocked;
 use pgrx::pg_sys;
 
 /// `STATEMENT_TIMEOUT` of `utils/timeout.h` (the same position from PostgreSQL 9.3 to 18),
@@ -79,21 +80,26 @@ impl Watchdog {
         // SAFETY: this thread's id, to signal it from the watchdog.
         let main = unsafe { libc::pthread_self() } as usize;
         let flag = stopped.clone();
-        let handle = std::thread::spawn(move || loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
-                if !*stopped {
-                    // SAFETY: a signal to this process's main thread, whose handler is `die`
-                    // until the watchdog is stopped (under the same lock).
-                    unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGTERM) };
+        // Signals blocked, as every thread of ours: a SIGTERM or SIGHUP delivered to this
+        // thread would run the worker's handler here, and pgrx aborts the process (the
+        // postmaster then restarts the cluster) when PostgreSQL is called off the main thread.
+        let handle = with_signals_blocked(|| {
+            std::thread::spawn(move || loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+                    if !*stopped {
+                        // SAFETY: a signal to this process's main thread, whose handler is `die`
+                        // until the watchdog is stopped (under the same lock).
+                        unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGTERM) };
+                    }
+                    return;
                 }
-                return;
-            }
-            std::thread::park_timeout(left);
-            if *flag.lock().unwrap_or_else(|e| e.into_inner()) {
-                return;
-            }
+                std::thread::park_timeout(left);
+                if *flag.lock().unwrap_or_else(|e| e.into_inner()) {
+                    return;
+                }
+            })
         });
         Watchdog { stopped, thread: handle.thread().clone() }
     }

@@ -4,7 +4,8 @@
 //! budget, retyped keys, failures shown past row-level security, advisory locks left held, a
 //! terminated launcher, a dropped database's worker started again; and the second red team's
 //! (DDL followed): a partition of another owner written with the target owner's rights, rows
-//! of an attached partition lost to a scan that overwrote the restart.
+//! of an attached partition lost to a scan that overwrote the restart; and CI's: a signal that
+//! reached a thread of the worker other than its main one aborted it.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -411,4 +412,72 @@ fn rows_of_partitions_attached_while_the_worker_scans_are_all_embedded() {
     assert!(wait(&mut admin, "atk_scan", "120 s"));
     assert_eq!(wrong(&mut admin, "atk_scan"), 0, "rows of an attached partition were left without a vector");
     admin.batch_execute("SELECT embeddinggemma_async_drop('atk_scan', 'v'); DROP TABLE atk_scan").unwrap();
+}
+
+extern "C" {
+    /// glibc's wrapper of the tgkill system call: a signal to one thread of a process.
+    fn tgkill(tgid: i32, tid: i32, sig: i32) -> i32;
+}
+
+/// Every thread the extension starts in the worker blocks PostgreSQL's signals. One delivered
+/// to such a thread runs the worker's handler there, and pgrx aborts the process when
+/// PostgreSQL is called off the main thread; the postmaster then restarts the whole cluster.
+/// Found by CI: the watchdog of owner code was started with signals unblocked, and a terminate
+/// that reached it crashed the server. Here SIGHUP, SIGINT and SIGTERM go to each other thread
+/// of the worker, again and again, while it runs a slow owner trigger (the watchdog alive).
+#[test]
+fn a_signal_to_any_thread_of_the_worker_never_crashes_the_cluster() {
+    const SIGNALS: [i32; 3] = [1, 2, 15]; // SIGHUP, SIGINT, SIGTERM
+    let mut c = connect();
+    let from = log_len();
+    c.batch_execute(
+        "DROP TABLE IF EXISTS sg_docs;
+         CREATE TABLE sg_docs (id bigint PRIMARY KEY, body text, v vector(768));
+         CREATE OR REPLACE FUNCTION sg_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.v IS NOT NULL THEN PERFORM pg_sleep(0.2); END IF; RETURN NEW; END $$;
+         CREATE TRIGGER sg_slow BEFORE UPDATE ON sg_docs FOR EACH ROW EXECUTE FUNCTION sg_slow();
+         INSERT INTO sg_docs SELECT i, 'a row written slowly ' || i FROM generate_series(1, 30) i;
+         SELECT embeddinggemma_async('sg_docs', 'body', 'v');",
+    )
+    .unwrap();
+    let embedded = |c: &mut Client| -> i64 { c.query_one("SELECT count(v) FROM sg_docs", &[]).unwrap().get(0) };
+    let mut signalled = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while embedded(&mut c) < 30 {
+        assert!(Instant::now() < deadline, "the rows were not all embedded");
+        let workers: Vec<i32> = c
+            .query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'embeddinggemma async'", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for pid in workers {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+            for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+                if tid == pid {
+                    continue;
+                }
+                for signal in SIGNALS {
+                    // SAFETY: a signal to one thread of the worker process.
+                    unsafe { tgkill(pid, tid, signal) };
+                }
+                signalled.insert(tid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("signalled {} threads of the worker", signalled.len());
+    assert!(!signalled.is_empty(), "the worker never had a thread besides its main one to signal");
+    // A panic that only ended its thread is a defect too (the worker lost its watchdog).
+    let log = log_since(from);
+    let panics: Vec<&str> = log.lines().filter(|l| l.contains("panicked at")).collect();
+    assert!(panics.is_empty(), "a signal made a thread of the worker panic: {panics:?}");
+    // (A worker or launcher that another test terminates exits with code 1: no crash.)
+    let crashes: Vec<String> =
+        crash_lines(&log).into_iter().filter(|l| !l.contains("exited with exit code 1")).collect();
+    assert!(crashes.is_empty(), "a signal crashed the server: {crashes:?}");
+    assert!(wait(&mut c, "sg_docs", "120 s"));
+    assert_eq!(wrong(&mut c, "sg_docs"), 0);
+    c.batch_execute("SELECT embeddinggemma_async_drop('sg_docs', 'v'); DROP TABLE sg_docs; DROP FUNCTION sg_slow()")
+        .unwrap();
 }

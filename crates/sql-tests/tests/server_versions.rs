@@ -149,7 +149,7 @@ fn a_chunk_table_is_kept_in_step_with_its_documents() {
 }
 
 #[test]
-fn an_asynchronous_target_drains_as_its_tables_owner() {
+fn an_asynchronous_target_drains() {
     let mut c = connect();
     c.batch_execute(
         "DROP TABLE IF EXISTS sv_async;
