@@ -249,3 +249,45 @@ pub fn connect_collecting_notices(dsn: &str) -> (Client, Notices) {
     config.notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()));
     (config.connect(NoTls).unwrap(), notices)
 }
+
+/// A new, empty database `name` on the test server (dropped first if there), and a superuser
+/// session in it.
+pub fn fresh_database(admin: &mut Client, name: &str) -> Client {
+    // One statement per call: several in one string form a transaction block.
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    Client::connect(&format!("{} dbname={name}", dsn()), NoTls).unwrap()
+}
+
+/// Registers an asynchronous target on `table` (key `id`, `body` into `v`, 768 dimensions) as
+/// 0.4.0's `embeddinggemma_async` recorded one: its row in the targets table (no column
+/// numbers) and its trigger. For installs of 0.4.0, whose registration the library refuses.
+pub fn record_target_as_0_4_0(c: &mut Client, table: &str) -> i32 {
+    let id: i32 = c
+        .query_one(
+            "INSERT INTO embeddinggemma_async_targets (relation, key_column, source, target, task, dim)
+             VALUES ($1::text::regclass, 'id', 'body', 'v', 'document', 768) RETURNING id",
+            &[&table],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "CREATE TRIGGER embeddinggemma_async_{id} BEFORE INSERT OR UPDATE ON {table}
+           FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_trigger('{id}')"
+    ))
+    .unwrap();
+    id
+}
+
+/// Every reference case through `embed()` on `client`, each within `tolerance` (cosine
+/// distance) of the reference; returns the worst distance.
+pub fn assert_reference_cases_through_embed(client: &mut Client, tolerance: f64) -> f64 {
+    let mut worst = 0f64;
+    for case in reference_cases() {
+        let v = embed(client, &case.text, case.task(), 768);
+        let d = cosine_distance(&v, &case.embedding);
+        assert!(d <= tolerance, "{}: cosine distance {d:e}", case.label());
+        worst = worst.max(d);
+    }
+    worst
+}

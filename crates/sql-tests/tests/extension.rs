@@ -25,14 +25,7 @@ fn forward_passes(client: &mut Client) -> i64 {
 
 #[test]
 fn every_reference_case_through_embed_matches() {
-    let mut client = connect();
-    let mut worst = 0f64;
-    for case in reference_cases() {
-        let v = embed(&mut client, &case.text, case.task(), 768);
-        let d = cosine_distance(&v, &case.embedding);
-        assert!(d <= F32_TOLERANCE, "{}: cosine distance {d:e}", case.label());
-        worst = worst.max(d);
-    }
+    let worst = assert_reference_cases_through_embed(&mut connect(), F32_TOLERANCE);
     eprintln!("embed(): worst cosine distance to the reference {worst:e}");
 }
 

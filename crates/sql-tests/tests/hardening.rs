@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use embeddinggemma_sql_tests::*;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 const TINY_DIM: i32 = 48;
 /// Same text embedded alone or in a batch: the engine's batch-invariance bound.
@@ -323,13 +323,6 @@ fn describe_extension(c: &mut Client) -> Vec<String> {
     c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
-fn fresh_database(admin: &mut Client, name: &str) -> Client {
-    // One statement per call: several in one string form a transaction block.
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    Client::connect(&format!("{} dbname={name}", dsn()), NoTls).unwrap()
-}
-
 /// The version `CREATE EXTENSION` installs now.
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
@@ -399,20 +392,8 @@ fn an_async_target_registered_on_0_4_0_keeps_working_after_the_upgrade() {
     .unwrap();
     let (code, _, hint) = expect_error(&mut db, "SELECT embeddinggemma_async('up_async', 'body', 'v')");
     assert_eq!((code.as_str(), hint.as_deref()), ("55000", Some("ALTER EXTENSION embeddinggemma UPDATE first.")));
-    let id: i32 = db
-        .query_one(
-            "INSERT INTO embeddinggemma_async_targets (relation, key_column, source, target, task, dim)
-             VALUES ('up_async', 'id', 'body', 'v', 'document', 768) RETURNING id",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    db.batch_execute(&format!(
-        "CREATE TRIGGER embeddinggemma_async_{id} BEFORE INSERT OR UPDATE ON up_async
-           FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_trigger('{id}');
-         INSERT INTO up_async SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i;"
-    ))
-    .unwrap();
+    record_target_as_0_4_0(&mut db, "up_async");
+    db.batch_execute("INSERT INTO up_async SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i").unwrap();
     db.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
     db.batch_execute("INSERT INTO up_async SELECT i, 'written on 0.5.0 ' || i FROM generate_series(9, 10) i").unwrap();
     let drained: bool = db.query_one("SELECT embeddinggemma_async_wait('up_async', 'v', '180 s')", &[]).unwrap().get(0);

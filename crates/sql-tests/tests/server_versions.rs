@@ -5,24 +5,11 @@
 //! release. `EMBEDDINGGEMMA_TEST_PG_MAJOR`, where set, is the major version the server must be.
 
 use embeddinggemma_sql_tests::*;
-use postgres::{Client, NoTls};
 
 const F32_TOLERANCE: f64 = 1e-5;
-/// Same text, same model, another batch or process: the engine's batch-invariance bound.
+/// Same text, same model, another batch or process: the engine's batch-invariance bound
+/// (`stale_vectors` uses it too).
 const SAME_TEXT: f64 = 1e-6;
-
-/// Rows of `table` whose vector `v` is not `embed(body)` within [`SAME_TEXT`] (none must be).
-fn wrong_vectors(c: &mut Client, table: &str) -> i64 {
-    c.query_one(
-        &format!(
-            "SELECT count(*) FROM {table}
-              WHERE (body IS NULL) <> (v IS NULL) OR v OPERATOR(public.<=>) embed(body) > {SAME_TEXT}"
-        ),
-        &[],
-    )
-    .unwrap()
-    .get(0)
-}
 
 #[test]
 fn the_server_is_the_version_under_test_with_the_service_serving() {
@@ -54,14 +41,8 @@ fn the_server_is_the_version_under_test_with_the_service_serving() {
 #[test]
 fn embed_and_embed_batch_match_the_reference() {
     let mut c = connect();
+    let mut worst = assert_reference_cases_through_embed(&mut c, F32_TOLERANCE);
     let cases = reference_cases();
-    let mut worst = 0f64;
-    for case in &cases {
-        let v = embed(&mut c, &case.text, case.task(), 768);
-        let d = cosine_distance(&v, &case.embedding);
-        assert!(d <= F32_TOLERANCE, "embed {}: cosine distance {d:e}", case.label());
-        worst = worst.max(d);
-    }
     let inputs: Vec<String> = cases.iter().map(|c| format!("{}{}", c.prompt, c.text)).collect();
     let rows = c
         .query("SELECT ord, embedding::real[] FROM embed_batch($1::text[], 'none', 768) ORDER BY ord", &[&inputs])
@@ -102,7 +83,7 @@ fn the_row_and_statement_triggers_and_the_backfill_fill_their_targets() {
     for table in ["sv_row", "sv_statement", "sv_backfill"] {
         let filled: i64 = c.query_one(&format!("SELECT count(v) FROM {table}"), &[]).unwrap().get(0);
         assert!(filled >= 12, "{table}: {filled} vectors");
-        assert_eq!(wrong_vectors(&mut c, table), 0, "{table}");
+        assert_eq!(stale_vectors(&mut c, table), 0, "{table}");
     }
     let done: i64 = c
         .query_one("SELECT rows_done FROM embeddinggemma_backfills WHERE relation = 'sv_backfill'::regclass", &[])
@@ -163,7 +144,7 @@ fn an_asynchronous_target_drains() {
     let drained: bool =
         c.query_one("SELECT embeddinggemma_async_wait('sv_async', 'v', timeout => '300 s')", &[]).unwrap().get(0);
     assert!(drained, "the queue did not drain");
-    assert_eq!(wrong_vectors(&mut c, "sv_async"), 0);
+    assert_eq!(stale_vectors(&mut c, "sv_async"), 0);
     let (pending, failed): (i64, i64) = {
         let r = c
             .query_one(
@@ -182,31 +163,16 @@ fn an_asynchronous_target_drains() {
 #[test]
 fn the_previous_release_updates_to_this_one() {
     let mut admin = connect();
-    // One statement per call: several in one string form a transaction block.
-    admin.batch_execute("DROP DATABASE IF EXISTS eg_versions_update WITH (FORCE)").unwrap();
-    admin.batch_execute("CREATE DATABASE eg_versions_update").unwrap();
-    let mut c = Client::connect(&format!("{} dbname=eg_versions_update", dsn()), NoTls).unwrap();
+    let mut c = fresh_database(&mut admin, "eg_versions_update");
     c.batch_execute(
         "CREATE EXTENSION vector;
          CREATE EXTENSION embeddinggemma VERSION '0.4.0';
-         CREATE TABLE docs (id int PRIMARY KEY, body text, v vector(768));
+         CREATE TABLE docs (id bigint PRIMARY KEY, body text, v vector(768));
          INSERT INTO docs SELECT i, 'present at registration ' || i FROM generate_series(1, 5) i;",
     )
     .unwrap();
-    let id: i32 = c
-        .query_one(
-            "INSERT INTO embeddinggemma_async_targets (relation, key_column, source, target, task, dim)
-             VALUES ('docs', 'id', 'body', 'v', 'document', 768) RETURNING id",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    c.batch_execute(&format!(
-        "CREATE TRIGGER embeddinggemma_async_{id} BEFORE INSERT OR UPDATE ON docs
-           FOR EACH ROW EXECUTE FUNCTION embeddinggemma_async_trigger('{id}');
-         INSERT INTO docs SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i;"
-    ))
-    .unwrap();
+    record_target_as_0_4_0(&mut c, "docs");
+    c.batch_execute("INSERT INTO docs SELECT i, 'written on 0.4.0 ' || i FROM generate_series(6, 8) i").unwrap();
     c.batch_execute("ALTER EXTENSION embeddinggemma UPDATE").unwrap();
     let version: String =
         c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'embeddinggemma'", &[]).unwrap().get(0);
@@ -216,7 +182,7 @@ fn the_previous_release_updates_to_this_one() {
     let drained: bool =
         c.query_one("SELECT embeddinggemma_async_wait('docs', 'v', timeout => '300 s')", &[]).unwrap().get(0);
     assert!(drained, "the target did not drain after the update");
-    assert_eq!(wrong_vectors(&mut c, "docs"), 0);
+    assert_eq!(stale_vectors(&mut c, "docs"), 0);
     drop(c);
     admin.batch_execute("DROP DATABASE eg_versions_update WITH (FORCE)").unwrap();
 }
