@@ -285,7 +285,9 @@ fn start_backfill(table: &'static str, batch: i32) -> (i32, thread::JoinHandle<R
 
 #[test]
 fn backfill_survives_terminations_and_embeds_every_row_once() {
-    const N: usize = 1000;
+    // Three terminations, each after at least one more committed batch of 50, and still rows
+    // left for the last run: 400 rows leave room for three batches a round.
+    const N: usize = 400;
     let mut c = connect();
     backfill_table(&mut c, "bf_docs", N);
     let mut done_before = 0;
@@ -330,7 +332,8 @@ fn backfill_survives_terminations_and_embeds_every_row_once() {
 
 #[test]
 fn two_sessions_backfill_one_table_without_overlap_and_a_third_sees_progress() {
-    const N: usize = 600;
+    // Six batches of 50 rows: each session claims several while the third one edits.
+    const N: usize = 300;
     let mut c = connect();
     backfill_table(&mut c, "bf_one", N);
     let started = Instant::now();
@@ -351,7 +354,8 @@ fn two_sessions_backfill_one_table_without_overlap_and_a_third_sees_progress() {
         }
         if edited < 20 {
             edited += 1;
-            c.execute("UPDATE bf_two SET body = body || ' (edited)' WHERE id = $1", &[&(edited * 29)]).unwrap();
+            c.execute("UPDATE bf_two SET body = body || ' (edited)' WHERE id = $1", &[&(1 + edited * 29 % N as i64)])
+                .unwrap();
         }
         thread::sleep(Duration::from_millis(200));
     }
