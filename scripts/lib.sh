@@ -81,7 +81,9 @@ ensure_reference_venv() {
 ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $CARGO_PGRX_VERSION\$"; then
         say "installing cargo-pgrx $CARGO_PGRX_VERSION (a few minutes)"
-        cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked
+        # Unoptimised: it only drives cargo and copies files (the SQL comes from the
+        # extension's own pgrx_embed binary), and it builds in half the time.
+        cargo install cargo-pgrx --version "=$CARGO_PGRX_VERSION" --locked --debug
     fi
     local config=${PGRX_HOME:-$HOME/.pgrx}/config.toml stale=0 major path args=()
     local -A want=()
@@ -113,11 +115,26 @@ ensure_pg_user() {
     as_root chown "$PG_USER:" "$PG_STATE"
 }
 
+# ensure_model: the model fetched and verified (scripts/fetch-model); MODEL_DIR its directory.
+# start_model_fetch and finish_model_fetch split it, so the download overlaps a build.
 ensure_model() {
+    start_model_fetch
+    finish_model_fetch
+}
+
+start_model_fetch() {
     say "model: checking $MODEL_DIR"
     as_root mkdir -p "$EMBEDDINGGEMMA_CACHE"
-    MODEL_DIR=$(as_root env EMBEDDINGGEMMA_CACHE="$EMBEDDINGGEMMA_CACHE" ${HF_TOKEN:+HF_TOKEN="$HF_TOKEN"} \
-        "$ROOT/scripts/fetch-model" | tail -n 1)
+    MODEL_FETCH_OUT=$(mktemp)
+    as_root env EMBEDDINGGEMMA_CACHE="$EMBEDDINGGEMMA_CACHE" ${HF_TOKEN:+HF_TOKEN="$HF_TOKEN"} \
+        "$ROOT/scripts/fetch-model" >"$MODEL_FETCH_OUT" &
+    MODEL_FETCH_PID=$!
+}
+
+finish_model_fetch() {
+    wait "$MODEL_FETCH_PID" || die "scripts/fetch-model failed (its messages are above)"
+    MODEL_DIR=$(tail -n 1 "$MODEL_FETCH_OUT")
+    rm -f "$MODEL_FETCH_OUT"
     export MODEL_DIR
 }
 
@@ -137,10 +154,12 @@ install_extension() {
 
 setup_all() {
     ensure_debian_packages
+    # The model downloads (network) while cargo-pgrx compiles (CPU).
+    start_model_fetch
     ensure_postgres
     ensure_cargo_pgrx
     ensure_pg_user
-    ensure_model
+    finish_model_fetch
     install_extension
 }
 
